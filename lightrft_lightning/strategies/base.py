@@ -1,0 +1,407 @@
+"""`StrategyBase`: the LightRFT API, written once and shared by every strategy.
+
+The LightRFT names collide with two Lightning ``Strategy`` methods, and both call shapes keep working:
+
+============================================  =============================================
+LightRFT shape (second argument is a module)  Lightning shape (what the Trainer calls)
+============================================  =============================================
+``backward(loss, model, optimizer)``          ``backward(loss, optimizer, *args)``
+``optimizer_step(optimizer, model, sched)``   ``optimizer_step(optimizer, closure, model)``
+============================================  =============================================
+
+The LightRFT shape gives LightRFT semantics: the loss is divided by the accumulation steps, and
+every ``accumulation_steps``-th call clips the global gradient norm to ``max_norm``, steps (or skips
+and counts the step when the norm is not finite), zeroes the gradients and steps the scheduler.
+The Lightning shape falls through to the Lightning strategy unchanged, so ``manual_backward`` and
+``LightningOptimizer.step`` behave as Lightning documents.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from lightrft_lightning import checkpoint
+from lightrft_lightning.config import StrategyConfig
+
+log = logging.getLogger(__name__)
+
+ReduceOp = str
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+@dataclass
+class TrainState:
+    """What the strategy knows about a model it trains: its optimizer, scheduler and step counts."""
+
+    optimizer: Optional[Optimizer] = None
+    scheduler: Any = None
+    micro_steps: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+    grad_norm: float = 0.0
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind a Lightning ``LightningOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+class StrategyBase:
+    """LightRFT's strategy API. Mixed into each Lightning strategy (``LightRFTFake``,
+    ``LightRFTFSDP``, ``LightRFTDeepSpeed``) before the Lightning base class.
+
+    Backends override the small hooks (``_prepare_model``, ``_no_gradient_sync``,
+    ``_clip_grad_norm``, ``_model_state_dict``...) rather than the public methods.
+    """
+
+    def __init__(self, config: Union[StrategyConfig, Any, None] = None) -> None:
+        self.config = StrategyConfig.from_args(config)
+        self._train_states: dict[int, TrainState] = {}
+        self._frozen_requires_grad: dict[int, dict[str, bool]] = {}
+        self.engines: list[Any] = []
+
+    @property
+    def args(self) -> Any:
+        """The object the config was read from (LightRFT code reads ``strategy.args.x``)."""
+        return self.config.args if self.config.args is not None else self.config
+
+    # ------------------------------------------------------------------ process group
+    def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
+        """Seed every RNG and, when launched with several processes, join the process group."""
+        seed_everything(self.config.seed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            timeout = timeout or timedelta(minutes=self.config.dist_timeout_minutes)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=timeout)
+
+    @property
+    def dp_world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.config.accumulation_steps(self.dp_world_size)
+
+    # ------------------------------------------------------------------ models and optimizers
+    def prepare(self, *models: Any, is_rlhf: bool = False) -> Any:
+        """Prepare models for this backend.
+
+        A ``(model, optimizer, scheduler)`` tuple is prepared for training; a bare model is prepared
+        for inference (frozen, eval mode) until :meth:`create_optimizer` is called for it. ``None``
+        passes through. Returns one item for one argument, else a list in the same order.
+        """
+        prepared: list[Any] = []
+        for item in models:
+            if item is None:
+                prepared.append(None)
+            elif isinstance(item, (tuple, list)):
+                model, optimizer, scheduler = (list(item) + [None, None])[:3]
+                model, optimizer = self._prepare_model(model, optimizer, train=True)
+                self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer), scheduler)
+                prepared.append((model, optimizer, scheduler))
+            else:
+                self._frozen_requires_grad[id(item)] = {n: p.requires_grad for n, p in item.named_parameters()}
+                model, _ = self._prepare_model(item, None, train=False)
+                model.eval().requires_grad_(False)
+                prepared.append(model)
+        return prepared[0] if len(prepared) == 1 else prepared
+
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        """AdamW over the model's trainable parameters; lr, betas and weight decay default to the
+        config (``actor_learning_rate``, ``adam_betas``, ``l2``). A model prepared for inference
+        becomes trainable again."""
+        flags = self._frozen_requires_grad.pop(id(model), None)
+        if flags is not None:
+            for name, param in model.named_parameters():
+                param.requires_grad_(flags.get(name, True))
+            model.train()
+        kwargs.setdefault("lr", self.config.actor_learning_rate)
+        kwargs.setdefault("betas", self.config.adam_betas)
+        kwargs.setdefault("weight_decay", self.config.l2)
+        optimizer = self._build_optimizer(model, **kwargs)
+        self._train_states[id(model)] = TrainState(optimizer)
+        return optimizer
+
+    def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+    def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
+        """Backend hook: shard or wrap ``model``; return it with its (possibly rebuilt) optimizer."""
+        return model, optimizer
+
+    def _state(self, model: nn.Module, optimizer: Any = None) -> TrainState:
+        state = self._train_states.get(id(model))
+        if state is None:
+            state = self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer))
+        elif optimizer is not None:
+            state.optimizer = unwrap_optimizer(optimizer)
+        return state
+
+    # ------------------------------------------------------------------ training step
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning)."""
+        if args and isinstance(args[0], nn.Module):
+            model, optimizer = args[0], (args[1] if len(args) > 1 else kwargs.pop("optimizer", None))
+            return self._lightrft_backward(loss, model, optimizer)
+        return super().backward(loss, *args, **kwargs)  # type: ignore[misc]
+
+    def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
+        state = self._state(model, optimizer)
+        steps = self.accumulation_steps
+        boundary = (state.micro_steps + 1) % steps == 0
+        if steps > 1:
+            loss = loss / steps
+        with self._no_gradient_sync(model, boundary):
+            loss.backward()
+        return loss
+
+    def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """``optimizer_step(optimizer, model, scheduler, name=...)`` (LightRFT) or
+        ``optimizer_step(optimizer, closure, model)`` (Lightning). The LightRFT shape returns
+        whether the optimizer stepped."""
+        if args and isinstance(args[0], nn.Module):
+            scheduler = args[1] if len(args) > 1 else kwargs.pop("scheduler", None)
+            return self._lightrft_optimizer_step(optimizer, args[0], scheduler, kwargs.get("name", "model"))
+        return super().optimizer_step(optimizer, *args, **kwargs)  # type: ignore[misc]
+
+    def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
+        state = self._state(model, optimizer)
+        if scheduler is not None:
+            state.scheduler = scheduler
+        state.micro_steps += 1
+        if state.micro_steps % self.accumulation_steps:
+            return False
+        opt = state.optimizer
+        norm = self._clip_grad_norm(model, opt, self.config.max_norm)
+        state.grad_norm = float(norm)
+        if not torch.isfinite(norm):
+            opt.zero_grad(set_to_none=True)
+            state.skipped_steps += 1
+            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
+            self._log_step(name, state)
+            return False
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if state.scheduler is not None:
+            state.scheduler.step()
+        state.steps += 1
+        self._log_step(name, state)
+        return True
+
+    def _no_gradient_sync(self, model: nn.Module, boundary: bool) -> AbstractContextManager:
+        """Backend hook: skip the gradient all-reduce/reduce-scatter on non-boundary micro-steps."""
+        return nullcontext()
+
+    def _clip_grad_norm(self, model: nn.Module, optimizer: Optimizer, max_norm: float) -> torch.Tensor:
+        """Backend hook: clip the global gradient norm (no clipping when ``max_norm`` is 0) and return it."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return torch.tensor(0.0)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def _log_step(self, name: str, state: TrainState) -> None:
+        module = getattr(self, "lightning_module", None)
+        if module is None or module._trainer is None or module._current_fx_name is None:
+            return
+        module.log(f"{name}/grad_norm", state.grad_norm if state.grad_norm == state.grad_norm else -1.0)
+        module.log(f"{name}/skipped_steps", float(state.skipped_steps))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because the gradient norm was not finite, over all models."""
+        return sum(s.skipped_steps for s in self._train_states.values())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_ckpt(
+        self,
+        model: nn.Module,
+        save_dir: str,
+        tag: Optional[str] = None,
+        max_num: int = 3,
+        max_mem: float = 1000,
+        client_state: Optional[dict] = None,
+        save_latest: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Save ``model`` with its optimizer and scheduler and ``client_state`` as a DCP directory
+        ``save_dir/tag`` (atomically: written aside, then renamed), keep at most ``max_num``
+        checkpoints and ``max_mem`` GB, and point ``save_dir/latest`` at it. Returns the path."""
+        state = self._state(model)
+        tag = tag or f"global_step{state.steps}"
+        return checkpoint.save(
+            save_dir,
+            tag,
+            self._model_state(model, state.optimizer),
+            extra={"scheduler": state.scheduler.state_dict() if state.scheduler else None,
+                   "train_state": {"micro_steps": state.micro_steps, "steps": state.steps,
+                                   "skipped_steps": state.skipped_steps},
+                   "client_state": client_state or {}},
+            max_num=max_num,
+            max_mem=max_mem,
+            save_latest=save_latest,
+            is_rank_0=self.is_rank_0(),
+            barrier=self._barrier,
+        )
+
+    def load_ckpt(
+        self,
+        model: nn.Module,
+        load_dir: str,
+        tag: Optional[str] = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        **kwargs: Any,
+    ) -> tuple[str, dict]:
+        """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into
+        ``model`` and its optimizer and scheduler. Returns ``(path, client_state)``."""
+        state = self._state(model)
+        optimizer = None if (load_module_only or not load_optimizer_states) else state.optimizer
+        path = checkpoint.resolve(load_dir, tag)
+        template = self._model_state(model, optimizer)
+        extra = checkpoint.load(path, template)
+        self._load_model_state(model, optimizer, template, strict=load_module_strict)
+        if state.scheduler is not None and load_lr_scheduler_states and not load_module_only and extra["scheduler"]:
+            state.scheduler.load_state_dict(extra["scheduler"])
+        if not load_module_only:
+            for key, value in extra.get("train_state", {}).items():
+                setattr(state, key, value)
+        return path, extra["client_state"]
+
+    def _model_state(self, model: nn.Module, optimizer: Optional[Optimizer]) -> dict[str, Any]:
+        """Backend hook: the (sharded where sharded) state of a model and its optimizer for DCP."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer is not None else [])
+        return {"model": model_sd, "optimizer": optim_sd} if optimizer is not None else {"model": model_sd}
+
+    def _load_model_state(self, model: nn.Module, optimizer: Optional[Optimizer], state: dict, strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            [optimizer] if optimizer is not None else [],
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optimizer", {}),
+            options=StateDictOptions(strict=strict),
+        )
+
+    # ------------------------------------------------------------------ collectives and logging
+    def is_rank_0(self) -> bool:
+        return self.dp_rank == 0
+
+    def print(self, *msg: Any, **kwargs: Any) -> None:
+        """``print`` on rank 0 only."""
+        if self.is_rank_0():
+            builtins.print(*msg, **kwargs)
+
+    def _barrier(self) -> None:
+        if self.dp_world_size > 1:
+            dist.barrier()
+
+    def all_reduce(self, data: Any, op: ReduceOp = "mean") -> Any:
+        """Reduce a tensor, a number or a (nested) dict of them over all ranks with ``op`` in
+        "mean", "sum" or "max". Numbers come back as numbers, tensors on their own device."""
+        if op not in _REDUCE_OPS:
+            raise ValueError(f"all_reduce: op={op!r} is invalid; accepted: 'mean', 'sum', 'max'")
+        if isinstance(data, dict):
+            return {k: self.all_reduce(v, op) for k, v in data.items()}
+        is_tensor = isinstance(data, torch.Tensor)
+        if self.dp_world_size == 1:
+            return data
+        tensor = data.clone() if is_tensor else torch.tensor(data, dtype=torch.float64)
+        device = self._collective_device()
+        out = tensor.to(device)
+        dist.all_reduce(out, op=_REDUCE_OPS[op])
+        if op == "mean":
+            out = out / self.dp_world_size
+        return out.to(tensor.device) if is_tensor else out.item()
+
+    def all_gather(self, data: Any) -> Any:
+        """Gather a tensor, a number or a (nested) dict of them from all ranks, concatenated along
+        dim 0 (numbers become a 1-D tensor of ``world_size`` values)."""
+        if isinstance(data, dict):
+            return {k: self.all_gather(v) for k, v in data.items()}
+        tensor = data if isinstance(data, torch.Tensor) else torch.tensor([data])
+        if tensor.dim() == 0:
+            tensor = tensor.unsqueeze(0)
+        if self.dp_world_size == 1:
+            return tensor
+        device = self._collective_device()
+        parts = [torch.empty_like(tensor, device=device) for _ in range(self.dp_world_size)]
+        dist.all_gather(parts, tensor.to(device))
+        return torch.cat(parts).to(tensor.device)
+
+    def _collective_device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ rollout engines
+    def engines_sleep(self, engines: Optional[Iterable[Any]] = None, level: Optional[int] = None) -> None:
+        """Put rollout engines (default: the registered ones) to sleep to free memory for training;
+        a no-op when ``enable_engine_sleep`` is false."""
+        if not self.config.enable_engine_sleep:
+            return
+        for engine in _engines(engines, self.engines):
+            engine.sleep(level=level or self.config.engine_sleep_level)
+
+    def engines_wake_up(self, engines: Optional[Iterable[Any]] = None, tags: Optional[Sequence[str]] = None) -> None:
+        """Wake rollout engines (default: the registered ones) before generation."""
+        if not self.config.enable_engine_sleep:
+            return
+        for engine in _engines(engines, self.engines):
+            engine.wake_up(tags=list(tags) if tags is not None else None)
+
+    # ------------------------------------------------------------------ Lightning integration
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the module's ``training_step``; under manual optimization ``global_step`` then moves
+        by exactly one, however many optimizers stepped (Lightning #17958)."""
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if module is None or module.automatic_optimization:
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        progress = module.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        target = progress.total.completed + 1
+        out = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        delta = target - progress.total.completed
+        for tracker in (progress.total, progress.current):
+            tracker.ready += delta
+            tracker.completed += delta
+        return out
+
+
+def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:
+    if engines is None:
+        return list(default)
+    return [engines] if hasattr(engines, "sleep") else [e for e in engines if e is not None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy ships with torch's deps
+        pass
+    torch.manual_seed(seed)
