@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -65,7 +67,8 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(dcp_state, checkpoint_id=str(tmp))
+    with _single_process_quiet():
+        dcp.save(dcp_state, checkpoint_id=str(tmp))
     if is_rank_0:
         torch.save(extra, tmp / EXTRA_STATE)
         _fsync_dir(tmp)
@@ -109,7 +112,8 @@ def resolve(load_dir: str, tag: Optional[str] = None) -> str:
 def load(path: str, dcp_state: dict[str, Any]) -> dict[str, Any]:
     """Load DCP shards into ``dcp_state`` in place (pickle-safe) and return the extra state."""
     try:
-        dcp.load(dcp_state, checkpoint_id=path, planner=SafeLoadPlanner())
+        with _single_process_quiet():
+            dcp.load(dcp_state, checkpoint_id=path, planner=SafeLoadPlanner())
     except Exception as err:  # DCP wraps per-rank failures; name the checkpoint in the message
         raise RuntimeError(f"loading checkpoint {path} failed: {err}") from err
     return torch.load(Path(path) / EXTRA_STATE, weights_only=True)
@@ -144,3 +148,12 @@ def _fsync_dir(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
