@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) examples/basic_usage.py
+	$(PY) examples/grpo_demo.py
 
 test: install
 	$(PY) -m pytest -q -x --durations=10

@@ -154,6 +154,8 @@ def test_collectives_in_one_process():
     assert strategy.all_reduce({"a": 2.0, "b": torch.tensor([1.0, 3.0])}, op="max")["a"] == 2.0
     assert torch.equal(strategy.all_gather(torch.tensor([1, 2])), torch.tensor([1, 2]))
     assert torch.equal(strategy.all_gather(5), torch.tensor([5]))
+    # Lightning's call shape (LightningModule.all_gather passes group= and sync_grads=)
+    assert torch.equal(strategy.all_gather(torch.tensor(3.0), group=None, sync_grads=False), torch.tensor(3.0))
     with pytest.raises(ValueError, match="'mean', 'sum', 'max'"):
         strategy.all_reduce(1.0, op="min")
 

@@ -336,9 +336,14 @@ class StrategyBase:
             out = out / self.dp_world_size
         return out.to(tensor.device) if is_tensor else out.item()
 
-    def all_gather(self, data: Any) -> Any:
+    def all_gather(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         """Gather a tensor, a number or a (nested) dict of them from all ranks, concatenated along
-        dim 0 (numbers become a 1-D tensor of ``world_size`` values)."""
+        dim 0 (numbers become a 1-D tensor of ``world_size`` values).
+
+        Called with Lightning's ``group=``/``sync_grads=`` (as ``LightningModule.all_gather`` does),
+        it is Lightning's ``all_gather``, which stacks along a new dim 0."""
+        if args or kwargs:
+            return super().all_gather(data, *args, **kwargs)  # type: ignore[misc]
         if isinstance(data, dict):
             return {k: self.all_gather(v) for k, v in data.items()}
         tensor = data if isinstance(data, torch.Tensor) else torch.tensor([data])

@@ -1,0 +1,302 @@
+# LEAD NOTE: moved here from lightrft_lightning/callbacks/ (that folder shadowed the package-dir mapping and broke `lightrft_lightning.callbacks`). Edit THIS file: /work/main/callbacks/dcp_checkpoint.py. Never create lightrft_lightning/callbacks/.
+"""`DCPCheckpoint`: periodic, atomic, rotating checkpoints through the strategy, with automatic
+resume from ``latest`` and exact RNG restore."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.strategies import Strategy
+
+from lightrft_lightning import checkpoint
+from lightrft_lightning.strategies.base import StrategyBase
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"global_step(\d+)")
+_COUNTERS = ("micro_steps", "steps", "skipped_steps")
+
+
+class DCPCheckpoint(Checkpoint):
+    """Save the whole training state every ``every_n_train_steps`` steps and at the end of training
+    into ``dirpath/global_step<N>``, and resume from ``dirpath/latest`` when ``fit`` starts.
+
+    The strategy writes the files: DCP directories under ``LightRFTFSDP`` and single-process
+    strategies (``LightRFTFake``, through :class:`~lightrft_lightning.checkpoint.DCPCheckpointIO`),
+    DeepSpeed's own format under ``LightRFTDeepSpeed``. A checkpoint is written into a hidden
+    directory and renamed once every rank is done; ``latest`` moves only after that, so a crash
+    mid-save leaves the previous checkpoint and ``latest`` untouched.
+
+    Saved and restored: every model and optimizer, the schedulers, the loops' step counters, the
+    strategy's step counters, the datamodule's state (the prompt sampler position of
+    ``PromptDataModule``) and each rank's torch, numpy and python RNG states. The RNG states are
+    applied just before the first training step after resuming, so a resumed run draws the same
+    numbers as an uninterrupted one (exactly, when a save does not fall on the last batch of an
+    epoch: the DataLoader draws a seed from the torch RNG when a new epoch starts). After a resume
+    the rollout engine gets the restored weights on its next generation, as after any step.
+
+    Args:
+        dirpath: the checkpoint directory (created if missing).
+        every_n_train_steps: save when ``trainer.global_step`` is a multiple of it; 0 saves only at the end.
+        max_num: keep at most this many checkpoints (the one resumed from is never deleted).
+        max_mem: keep at most this many GB of checkpoints.
+        save_on_train_end: save when training ends (unless this step was just saved).
+        resume: resume from ``dirpath/latest`` when ``fit`` starts without ``ckpt_path``.
+        async_save: write with ``torch.distributed.checkpoint.async_save`` while training goes on;
+            the next save (and the end of training) waits for the previous one. DCP strategies only.
+    """
+
+    def __init__(
+        self,
+        dirpath: Union[str, os.PathLike],
+        every_n_train_steps: int = 100,
+        max_num: int = 3,
+        max_mem: float = 1000,
+        save_on_train_end: bool = True,
+        resume: bool = True,
+        async_save: bool = False,
+    ) -> None:
+        if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
+            raise TypeError(f"DCPCheckpoint.dirpath must be a non-empty path, got {dirpath!r}")
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("max_num", max_num)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "every_n_train_steps" else 1):
+                raise ValueError(f"DCPCheckpoint.{name}={value!r} is invalid; accepted: an integer >= "
+                                 f"{0 if name == 'every_n_train_steps' else 1}")
+        if isinstance(max_mem, bool) or not isinstance(max_mem, (int, float)) or not max_mem > 0:
+            raise ValueError(f"DCPCheckpoint.max_mem={max_mem!r} is invalid; accepted: a number of GB > 0")
+        for name, value in (("save_on_train_end", save_on_train_end), ("resume", resume), ("async_save", async_save)):
+            if not isinstance(value, bool):
+                raise TypeError(f"DCPCheckpoint.{name} must be a bool, got {value!r}")
+        self.dirpath = Path(dirpath)
+        if self.dirpath.exists() and not self.dirpath.is_dir():
+            raise NotADirectoryError(f"DCPCheckpoint.dirpath={str(dirpath)!r} is a file; accepted: a directory")
+        self.every_n_train_steps = every_n_train_steps
+        self.max_num = max_num
+        self.max_mem = max_mem
+        self.save_on_train_end = save_on_train_end
+        self.resume = resume
+        self.async_save = async_save
+        self.resumed_from: Optional[str] = None
+        self.last_saved: Optional[str] = None
+        self._last_step: Optional[int] = None
+        self._pending = checkpoint._Pending()
+        self._to_restore: Optional[dict[str, Any]] = None
+        self._trainer: Optional[pl.Trainer] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=str(self.dirpath))
+
+    # ------------------------------------------------------------------ setup and resume
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if _writes_through_checkpoint_io(strategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = checkpoint.DCPCheckpointIO()
+        writes_dcp = _is_dcp_strategy(strategy) or (
+            _writes_through_checkpoint_io(strategy) and isinstance(strategy.checkpoint_io, checkpoint.DCPCheckpointIO))
+        if self.async_save and not writes_dcp:
+            raise ValueError(
+                f"DCPCheckpoint(async_save=True) needs a strategy that writes DCP (LightRFTFake, LightRFTFSDP); "
+                f"{type(strategy).__name__} writes its own format synchronously; accepted: async_save=False"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        connector = trainer._checkpoint_connector
+        if not self.resume or connector._loaded_checkpoint or trainer.ckpt_path:
+            return  # an explicit fit(ckpt_path=...) wins
+        tag = checkpoint.read_latest(self.dirpath)
+        if tag is None:
+            return
+        path = self.dirpath / tag
+        if not path.is_dir():
+            raise FileNotFoundError(f"DCPCheckpoint: {self.dirpath / checkpoint.LATEST} names {tag!r} but {path} "
+                                    "does not exist; accepted: remove the latest file or restore the checkpoint")
+        rank_zero_log(trainer, f"DCPCheckpoint: resuming from {path}")
+        # Lightning restores loops, optimizers and schedulers from what this loads, right after this hook
+        connector._restore_modules_and_callbacks(str(path))
+        self.resumed_from = tag
+        self._last_step = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's RNG states (gathered: this runs on every rank while saving), the strategy's
+        step counters and the schedulers the strategy steps that Lightning does not save."""
+        rng = _rng_state()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        return {"rng": states, "counters": _counters(self._trainer) if self._trainer is not None else {}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._to_restore is None:
+            return
+        state, self._to_restore = self._to_restore, None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if state.get("rng"):
+            _set_rng_state(state["rng"][rank % len(state["rng"])])
+        strategy = trainer.strategy
+        if isinstance(strategy, StrategyBase):
+            for name, values in state.get("counters", {}).items():
+                module = _submodule(pl_module, name)
+                if module is None:
+                    continue
+                train_state = strategy._state(module)
+                for key in _COUNTERS:
+                    setattr(train_state, key, values[key])
+                if values.get("scheduler") is not None and train_state.scheduler is not None:
+                    train_state.scheduler.load_state_dict(values["scheduler"])
+
+    # ------------------------------------------------------------------ saving
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
+        if (periodic or (self.save_on_train_end and _is_last_step(trainer))) and step != self._last_step:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # training stopped early (EarlyStopping, should_stop): a resume starts the next epoch
+        if self.save_on_train_end and trainer.global_step != self._last_step:
+            self.save(trainer)
+        self.wait()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.world_size > 1:
+            return  # finishing a save takes every rank; the previous checkpoint stays the latest
+        try:  # a save whose files are complete is still worth keeping
+            self.wait()
+        except Exception as err:  # the original exception is the one to raise
+            log.error("DCPCheckpoint: the pending save failed too: %s", err)
+
+    def save(self, trainer: pl.Trainer) -> str:
+        """Save now as ``global_step<N>`` (every rank must call it). Returns the final path."""
+        self.wait()
+        step = trainer.global_step
+        tag = f"global_step{step}"
+        tmp, final = self.dirpath / f".tmp-{tag}", self.dirpath / tag
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            for stale in self.dirpath.glob(".tmp-*"):  # left by a run that died mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+        trainer.strategy.barrier("DCPCheckpoint.save")
+        if self.async_save:
+            with checkpoint.async_saves(self._pending):
+                trainer.save_checkpoint(tmp)
+            self._pending.finishers.append(lambda: self._publish(trainer, tag, tmp, final))
+        else:
+            trainer.save_checkpoint(tmp)
+            self._publish(trainer, tag, tmp, final)
+        self._last_step = step
+        return str(final)
+
+    def wait(self) -> None:
+        """Finish the pending asynchronous save, if any."""
+        if self._pending:
+            self._pending.wait()
+
+    def _publish(self, trainer: pl.Trainer, tag: str, tmp: Path, final: Path) -> None:
+        trainer.strategy.barrier("DCPCheckpoint.publish")
+        if trainer.is_global_zero:
+            checkpoint._replace_dir(tmp, final)
+            checkpoint.write_latest(self.dirpath, tag)
+            keep = {tag} | ({self.resumed_from} if self.resumed_from else set())
+            checkpoint.rotate(self.dirpath, self.max_num, self.max_mem, keep=keep,
+                              is_checkpoint=lambda p: _TAG.fullmatch(p.name) is not None)
+        trainer.strategy.barrier("DCPCheckpoint.published")
+        self.last_saved = tag
+        rank_zero_log(trainer, f"DCPCheckpoint: saved {final}")
+
+
+def rank_zero_log(trainer: pl.Trainer, message: str) -> None:
+    if trainer.is_global_zero:
+        log.info(message)
+
+
+def _is_last_step(trainer: pl.Trainer) -> bool:
+    """Whether the step that just ended is the last one (``max_steps``, or the last batch of the
+    last epoch). Saving here rather than in ``on_train_end`` keeps the loops mid-epoch, so a resume
+    with a larger ``max_steps`` continues the same epoch."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and max_epochs not in (None, -1)
+            and trainer.current_epoch + 1 >= max_epochs)
+
+
+def _writes_through_checkpoint_io(strategy: Strategy) -> bool:
+    """Strategies whose ``save_checkpoint`` is Lightning's (one process writes through ``checkpoint_io``)."""
+    return type(strategy).save_checkpoint is Strategy.save_checkpoint
+
+
+def _is_dcp_strategy(strategy: Strategy) -> bool:
+    from lightrft_lightning.strategies.fsdp import LightRFTFSDP
+
+    return isinstance(strategy, LightRFTFSDP)
+
+
+def _counters(trainer: pl.Trainer) -> dict[str, dict[str, int]]:
+    strategy, module = trainer.strategy, trainer.lightning_module
+    if not isinstance(strategy, StrategyBase) or module is None:
+        return {}
+    lightning_schedulers = {id(c.scheduler) for c in trainer.lr_scheduler_configs}
+    out = {}
+    for name, sub in module.named_modules():
+        state = strategy._train_states.get(id(sub))
+        if state is not None:
+            out[name] = {k: getattr(state, k) for k in _COUNTERS}
+            # a scheduler given to strategy.prepare/optimizer_step that Lightning does not know about
+            scheduler = state.scheduler if id(state.scheduler) not in lightning_schedulers else None
+            out[name]["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    return out
+
+
+def _submodule(module: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

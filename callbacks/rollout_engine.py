@@ -1,0 +1,169 @@
+"""`RolloutEngineCallback`: owns a rollout engine during ``Trainer.fit`` and runs each rollout's
+wake -> push -> generate -> sleep cycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, _check_level
+from lightrft_lightning.engines.hf import HFEngine
+from lightrft_lightning.engines.weight_sync import push_weights
+
+log = logging.getLogger(__name__)
+
+
+class RolloutEngineCallback(Callback):
+    """Keeps a rollout engine asleep while the actor trains and awake only for rollouts.
+
+    ``generate`` wakes the weights, pushes the actor's weights when an optimizer stepped since the
+    last push (or the engine lost them), wakes the KV cache, generates and puts the engine back to
+    sleep. Pushes are collectives for a sharded actor: every rank calls ``generate`` together.
+    The engine is registered in ``trainer.strategy.engines`` so the strategy's ``engines_sleep`` /
+    ``engines_wake_up`` reach it. Times (``rollout/wake_s``, ``sync_s``, ``generate_s``,
+    ``sleep_s``) and ``rollout/sync_bytes`` are logged, and kept in :attr:`stats`.
+
+    Args:
+        engine: the engine to drive; ``None`` builds an :class:`HFEngine` on each rank at fit start
+            from ``pl_module.<actor_attr>``'s config, filled by the first push.
+        sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout).
+        bucket_bytes: the byte budget of one weight-streaming bucket.
+        actor_attr: the attribute of the LightningModule holding the actor.
+        pad_token_id, eos_token_id: for the built ``HFEngine`` (default: the actor's config).
+    """
+
+    def __init__(self, engine: Optional[RolloutEngine] = None, sleep_level: int = 1, bucket_bytes: int = 64 << 20,
+                 actor_attr: str = "actor", pad_token_id: Optional[int] = None,
+                 eos_token_id: Optional[int | list[int]] = None) -> None:
+        if bucket_bytes < 1:
+            raise ValueError(f"RolloutEngineCallback: bucket_bytes={bucket_bytes!r} is invalid; accepted: an integer >= 1")
+        self.sleep_level = _check_level(sleep_level)
+        self.engine = engine
+        self._owns_engine = engine is None
+        self.bucket_bytes = bucket_bytes
+        self.actor_attr = actor_attr
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.stats: dict[str, float] = {"pushes": 0, "bytes_pushed": 0}
+        self._optimizer_steps = 0  # Lightning-shape steps (opt.step(), automatic optimization)
+        self._pushed_version: Optional[int] = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.engine is None:
+            self.engine = self._build_engine(pl_module)
+        self._pushed_version = None
+        engines = getattr(trainer.strategy, "engines", None)
+        if engines is not None and self.engine not in engines:
+            engines.append(self.engine)
+        self._timed("sleep_s", self.engine.sleep, self.sleep_level)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        engines = getattr(trainer.strategy, "engines", None)
+        if engines is not None and self.engine in engines:
+            engines.remove(self.engine)
+        if self._owns_engine:
+            self.engine = None  # a new fit builds a fresh engine (and frees this one's memory)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._optimizer_steps += 1
+
+    # ------------------------------------------------------------------ the rollout
+    def generate(self, pl_module: LightningModule, prompt_token_ids: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[Completion]:
+        """Run one rollout with the actor's current weights; see the class docstring for the order."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("RolloutEngineCallback.generate: no engine yet; call it inside Trainer.fit "
+                               "(the engine is built at fit start)")
+        start = time.perf_counter()
+        engine.wake_up(["weights"])
+        wake_s = time.perf_counter() - start
+        version = self._actor_version(pl_module.trainer)
+        try:
+            if version != self._pushed_version or not getattr(engine, "weights_valid", True):
+                start = time.perf_counter()
+                nbytes = push_weights(self._actor(pl_module), engine, self.bucket_bytes, dtype=engine.dtype)
+                self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
+                self.stats["pushes"] += 1
+                self.stats["bytes_pushed"] += nbytes
+                self._pushed_version = version
+            else:
+                self.stats.update(sync_s=0.0, sync_bytes=0.0)
+            self._timed("wake_s", engine.wake_up, ["kv_cache"])
+            self.stats["wake_s"] += wake_s
+            completions = self._timed("generate_s", engine.generate, prompt_token_ids, params)
+        finally:
+            self._timed("sleep_s", engine.sleep, self.sleep_level)
+        self._log(pl_module)
+        return completions
+
+    # ------------------------------------------------------------------ helpers
+    def _actor(self, pl_module: LightningModule) -> nn.Module:
+        actor = getattr(pl_module, self.actor_attr, None)
+        if not isinstance(actor, nn.Module):
+            raise ValueError(f"RolloutEngineCallback: actor_attr={self.actor_attr!r} does not name a module of "
+                             f"{type(pl_module).__name__}; accepted: the attribute holding the actor model")
+        return hf_model(actor)
+
+    def _build_engine(self, pl_module: LightningModule) -> HFEngine:
+        actor = self._actor(pl_module)
+        config = actor.config
+        eos = self.eos_token_id if self.eos_token_id is not None else config.eos_token_id
+        pad = self.pad_token_id
+        if pad is None:
+            pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+        dtype = next(actor.parameters()).dtype
+        return HFEngine.from_config(config, dtype=dtype, pad_token_id=pad or 0, eos_token_id=eos,
+                                    sleep_level=self.sleep_level, device=pl_module.device)
+
+    def _actor_version(self, trainer: Trainer) -> int:
+        # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step
+        states = getattr(trainer.strategy, "_train_states", {})
+        return self._optimizer_steps + sum(state.steps for state in states.values())
+
+    def _timed(self, key: str, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args)
+        self.stats[key] = time.perf_counter() - start
+        return out
+
+    def _log(self, pl_module: LightningModule) -> None:
+        keys = ("wake_s", "sync_s", "sync_bytes", "generate_s", "sleep_s")
+        log.debug("rollout: %s", {k: self.stats.get(k) for k in keys})
+        if pl_module._trainer is None or pl_module._current_fx_name is None:
+            return
+        for key in keys:
+            pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
+
+
+def hf_model(module: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``module``: unwraps DeepSpeed/DDP ``.module`` and LightRFT-style
+    actors' ``.model``."""
+    from transformers import PreTrainedModel
+
+    current = module
+    while not isinstance(current, PreTrainedModel):
+        inner = getattr(current, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(current, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        current = inner
+    if getattr(current, "config", None) is None:
+        raise ValueError(f"RolloutEngineCallback: the actor ({type(module).__name__}) holds no Hugging Face model with "
+                         "a config; pass engine=... or make the actor a transformers causal LM")
+    return current
+
+
+def find_rollout_callback(trainer: Trainer) -> RolloutEngineCallback:
+    """The trainer's :class:`RolloutEngineCallback`, or a clear error when it has none."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RolloutEngineCallback):
+            return callback
+    raise RuntimeError("no RolloutEngineCallback in the Trainer's callbacks; add one: "
+                       "Trainer(callbacks=[RolloutEngineCallback(...)]) (or trainer.callbacks in a LightningCLI config)")

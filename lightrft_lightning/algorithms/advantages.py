@@ -1,0 +1,140 @@
+"""Advantage estimators and KL estimators shared by GRPO and PPO.
+
+Token tensors are ``[batch, time]`` with a 0/1 ``mask`` marking response tokens; sequence tensors
+are ``[batch]`` with the ``n`` samples of a prompt next to each other.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+SumFn = Callable[[Tensor], Tensor]
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ESTIMATORS = ("gae", "group_norm", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1, k2, k3)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimator={estimator!r} is invalid; accepted: {', '.join(KL_ESTIMATORS)}")
+
+
+def _groups(rewards: Tensor, n: int) -> Tensor:
+    if rewards.numel() % n:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of n_samples_per_prompt={n}")
+    return rewards.view(-1, n)
+
+
+def group_norm(rewards: Tensor, n: int, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO: ``(r - mean(group)) / (std(group) + eps)``; Dr.GRPO (``std_normalize=False``) drops the std."""
+    g = _groups(rewards, n)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if std_normalize:
+        adv = adv / (g.std(dim=1, keepdim=True) + eps) if n > 1 else adv
+    return adv.view(-1)
+
+
+def rloo(rewards: Tensor, n: int) -> Tensor:
+    """REINFORCE leave-one-out: ``r_i - mean(r_j, j != i)`` within each group."""
+    if n < 2:
+        raise ValueError("advantage_estimator='rloo' needs n_samples_per_prompt >= 2")
+    g = _groups(rewards, n)
+    return (g - (g.sum(dim=1, keepdim=True) - g) / (n - 1)).view(-1)
+
+
+def masked_sum(x: Tensor, mask: Tensor, reduce: Optional[SumFn] = None) -> Tensor:
+    s = (x * mask).sum()
+    return reduce(s) if reduce is not None else s
+
+
+def whiten(x: Tensor, mask: Tensor, reduce: Optional[SumFn] = None, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / std`` over the masked entries (over all ranks when ``reduce`` sums across them)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum().to(x.dtype)])
+    if reduce is not None:
+        stats = reduce(stats)
+    total, sq, count = stats
+    mean = total / count
+    var = (sq / count - mean**2) * count / (count - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var.clamp(min=0) + eps) * mask
+
+
+def token_rewards(rewards: Tensor, mask: Tensor, kl: Optional[Tensor] = None, kl_coef: float = 0.0) -> Tensor:
+    """Put each sequence reward on its last response token; subtract ``kl_coef * kl`` on every token."""
+    out = torch.zeros_like(mask, dtype=rewards.dtype)
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+    out[torch.arange(len(rewards)), last] = rewards
+    if kl is not None and kl_coef:
+        out = out - kl_coef * kl
+    return out * mask
+
+
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}`` over response tokens."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        out[:, t] = running
+    return out * mask
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation; returns ``(advantages, returns)`` with returns = adv + values."""
+    values, rewards = values * mask, rewards * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    return adv * mask, (adv + values) * mask
+
+
+def compute_advantages(
+    estimator: str,
+    rewards: Tensor,
+    mask: Tensor,
+    n: int,
+    kl: Optional[Tensor] = None,
+    kl_coef: float = 0.0,
+    values: Optional[Tensor] = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    reduce: Optional[SumFn] = None,
+) -> tuple[Tensor, Tensor]:
+    """Token-level ``(advantages, returns)`` for ``estimator`` from sequence ``rewards``.
+
+    ``kl`` with ``kl_coef`` (KL in the reward) is subtracted per token for gae and reinforce++, and as
+    a per-sequence sum for the group estimators. ``reduce`` sums a tensor over ranks (whitening).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"advantage_estimator={estimator!r} is invalid; accepted: {', '.join(ESTIMATORS)}")
+    mask = mask.to(rewards.dtype)
+    if estimator in ("gae", "reinforce++", "reinforce++_baseline"):
+        if estimator == "reinforce++_baseline":
+            rewards = group_norm(rewards, n, std_normalize=False)
+        per_token = token_rewards(rewards, mask, kl, kl_coef)
+        if estimator == "gae":
+            if values is None:
+                raise ValueError("advantage_estimator='gae' needs values from a critic (use PPO)")
+            return gae(per_token, values, mask, gamma, lam)
+        returns = returns_to_go(per_token, mask, gamma)
+        return whiten(returns, mask, reduce), returns
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * (kl * mask).sum(dim=1)
+    if estimator == "rloo":
+        seq = rloo(rewards, n)
+    else:
+        seq = group_norm(rewards, n, std_normalize=estimator == "group_norm")
+    adv = seq[:, None] * mask
+    return adv, adv

@@ -1,0 +1,321 @@
+"""`RLModule`: what GRPO and PPO share: models, rollouts through the rollout-engine callback,
+rewards, micro-batching through the strategy, and metrics."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, kl_penalty
+from lightrft_lightning.algorithms.losses import LOSS_AGGS
+from lightrft_lightning.algorithms.rewards import CombinedReward
+from lightrft_lightning.callbacks.rollout_engine import hf_model
+from lightrft_lightning.engines.base import Completion, SamplingParams
+from lightrft_lightning.strategies.base import StrategyBase
+from lightrft_lightning.tokenizer import load_tokenizer
+
+_GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
+DEFAULT_REWARDS = {"lightrft_lightning.tasks:counting_reward": 1.0}
+
+
+@dataclass
+class Experience:
+    """One rollout: ``[N, L]`` sequences (prompt + response, right-padded) and ``[N, L-1]`` per-token
+    tensors aligned with the tokens they predict (``action_mask`` marks response tokens)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    old_logp: Optional[Tensor] = None
+    ref_logp: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    advantages: Optional[Tensor] = None
+    returns: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, stop: int) -> "Experience":
+        return Experience(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
+                             for f in dataclasses.fields(self)})
+
+
+def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None) -> nn.Module:
+    """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else a local HF directory."""
+    if model == "tiny":
+        from lightrft_lightning.tiny_models import tiny_causal_lm
+
+        return tiny_causal_lm(**{"vocab_size": vocab_size, **(model_config or {})})
+    if not os.path.isdir(model):
+        raise ValueError(f"model={model!r} is neither 'tiny' nor a local directory; accepted: 'tiny' or the path "
+                         "of a Hugging Face causal-LM directory")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+
+
+class RLModule(pl.LightningModule):
+    """Base of the RLHF modules (manual optimization through the LightRFT strategy API).
+
+    Each ``training_step`` takes a batch of prompt rows, samples ``n_samples_per_prompt`` completions per
+    prompt with the rollout engine, scores them, and runs ``epochs`` passes of micro-batches of
+    ``micro_train_batch_size`` samples; the strategy accumulates gradients and steps the optimizer every
+    ``train_batch_size`` samples (over all ranks; default: once per pass). The module writes these
+    sizes into ``trainer.strategy.config`` at setup, so the strategy and the module always agree.
+
+    Args:
+        model: ``"tiny"`` (random-init tiny Qwen2) or a local Hugging Face directory.
+        tokenizer: ``"char"`` (built-in character tokenizer) or a local Hugging Face directory.
+        tokenizer_chars: the characters of the ``"char"`` tokenizer.
+        model_config: overrides of the tiny model's config (``hidden_size``, ``num_hidden_layers``...).
+        rewards: ``{"package.module:function" or reward-model directory: weight}``.
+        n_samples_per_prompt: completions sampled per prompt.
+        max_new_tokens, temperature, top_p: sampling.
+        micro_train_batch_size: samples per forward/backward.
+        train_batch_size: samples per optimizer step over all ranks (None: a whole rollout).
+        epochs: optimization passes over each rollout.
+        actor_learning_rate: AdamW learning rate of the policy.
+        kl_coef: weight of KL(policy || reference); 0 builds no reference model.
+        kl_estimator: "k1", "k2" or "k3".
+        kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
+        loss_agg: "token" (DAPO: mean over all tokens of the optimizer step), "sequence" (mean of
+            per-sequence means) or "constant" (Dr.GRPO: token sums / max_new_tokens).
+    """
+
+    advantage_estimators: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        tokenizer: str = "char",
+        tokenizer_chars: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        rewards: Optional[dict[str, float]] = None,
+        n_samples_per_prompt: int = 8,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        micro_train_batch_size: int = 8,
+        train_batch_size: Optional[int] = None,
+        epochs: int = 1,
+        actor_learning_rate: float = 1e-6,
+        advantage_estimator: str = "group_norm",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        kl_in_reward: bool = False,
+        loss_agg: str = "token",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_choice("advantage_estimator", advantage_estimator, self.advantage_estimators)
+        self._check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        self._check_choice("loss_agg", loss_agg, LOSS_AGGS)
+        for name in ("n_samples_per_prompt", "max_new_tokens", "micro_train_batch_size", "epochs"):
+            if getattr(self.hparams, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self.hparams, name)!r} is invalid; "
+                                 "accepted: an integer >= 1")
+        if kl_coef < 0:
+            raise ValueError(f"{type(self).__name__}.kl_coef={kl_coef!r} is invalid; accepted: a number >= 0")
+        SamplingParams(n=n_samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        self.automatic_optimization = False
+        self.tokenizer = load_tokenizer(tokenizer, tokenizer_chars)
+        self.actor = load_causal_lm(model, len(self.tokenizer), model_config)
+        self.actor.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.actor.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False) if kl_coef > 0 else None
+        self.reward_fn = CombinedReward(rewards or DEFAULT_REWARDS)
+
+    def _check_choice(self, name: str, value: str, accepted: tuple[str, ...]) -> None:
+        if value not in accepted:
+            raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid; accepted: {', '.join(accepted)}")
+
+    # ------------------------------------------------------------------ setup
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Add a rollout-engine callback (an in-process HF engine) unless the Trainer has one."""
+        from lightrft_lightning.callbacks import RolloutEngineCallback
+
+        if any(isinstance(cb, RolloutEngineCallback) for cb in self.trainer.callbacks):
+            return []
+        return [RolloutEngineCallback(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)]
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, StrategyBase):
+            raise ValueError(f"{type(self).__name__} needs a LightRFT strategy, got {type(strategy).__name__}; "
+                             "accepted: 'lightrft_fake', 'lightrft_fsdp', 'lightrft_deepspeed' or a StrategyBase subclass")
+        if stage != "fit":
+            return
+        world = strategy.dp_world_size
+        train_batch_size = self.hparams.train_batch_size
+        prompts = getattr(self.trainer.datamodule, "batch_size", None)
+        if train_batch_size is None:
+            if prompts is None:
+                raise ValueError(f"{type(self).__name__}.train_batch_size is None and the prompts' batch size is "
+                                 "unknown (no datamodule with batch_size); accepted: an integer")
+            train_batch_size = prompts * self.hparams.n_samples_per_prompt * world
+        # the module's sizes are the ones the strategy accumulates with (and DeepSpeed is configured with)
+        strategy.config = dataclasses.replace(
+            strategy.config,
+            micro_train_batch_size=self.hparams.micro_train_batch_size,
+            train_batch_size=train_batch_size,
+            n_samples_per_prompt=self.hparams.n_samples_per_prompt,
+            actor_learning_rate=self.hparams.actor_learning_rate,
+            kl_estimator=self.hparams.kl_estimator,
+            init_kl_coef=self.hparams.kl_coef,
+        )
+        steps = strategy.config.accumulation_steps(world)  # raises if the sizes do not divide
+        if prompts is not None:
+            self._check_rollout_size(prompts * self.hparams.n_samples_per_prompt, steps)
+        if strategy.accumulation_steps != steps:
+            raise ValueError(f"{type(strategy).__name__} accumulates {strategy.accumulation_steps} micro-batches, not the "
+                             f"{steps} of the module's batch sizes; build the strategy with a config "
+                             "(trainer.strategy.init_args.config) so that it follows StrategyConfig")
+
+    def configure_optimizers(self) -> Any:
+        # under a Trainer the strategy wraps the module's children itself (shards them, or builds
+        # DeepSpeed engines for them), frozen ones (reference, reward models) for inference
+        return self.trainer.strategy.create_optimizer(self.actor, lr=self.hparams.actor_learning_rate)
+
+    # ------------------------------------------------------------------ rollout
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.all_reduce(tensor, op="sum")
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
+        from lightrft_lightning.callbacks import find_rollout_callback
+
+        return find_rollout_callback(self.trainer).generate(self, prompt_ids, params)
+
+    def _pack(self, prompt_ids: list[list[int]], completions: list[Completion]) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded prompt+response ids, attention mask and the ``[N, L-1]`` response mask."""
+        seqs = [prompt_ids[c.prompt_index] + list(c.token_ids) for c in completions]
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        action = torch.zeros((len(seqs), length - 1), dtype=torch.float32)
+        for i, (seq, c) in enumerate(zip(seqs, completions)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attn[i, : len(seq)] = 1
+            start = len(prompt_ids[c.prompt_index]) - 1
+            action[i, start: start + len(c.token_ids)] = 1
+        return ids.to(self.device), attn.to(self.device), action.to(self.device)
+
+    def _micro_batches(self, exp: Experience) -> Iterator[Experience]:
+        size = self.hparams.micro_train_batch_size
+        for start in range(0, len(exp), size):
+            yield exp.slice(start, start + size)
+
+    def log_probs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                  entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
+        and the entropy of each next-token distribution when asked."""
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        if self.hparams.temperature > 0 and self.hparams.temperature != 1.0:
+            logits = logits / self.hparams.temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
+        return logp, ent
+
+    @torch.no_grad()
+    def _score(self, exp: Experience, model: nn.Module) -> Tensor:
+        return torch.cat([self.log_probs(model, mb.input_ids, mb.attention_mask)[0]
+                          for mb in self._micro_batches(exp)])
+
+    def _decode(self, completions: list[Completion]) -> list[str]:
+        return self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def _rollout(self, batch: dict[str, Any]) -> tuple[Experience, Tensor, dict[str, float]]:
+        """Generate, score with the actor (and reference), and compute rewards. Returns the experience,
+        the sequence rewards and timings."""
+        batch = batch["rows"]
+        n = self.hparams.n_samples_per_prompt
+        prompts = [row["prompt"] for row in batch]
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        t0 = time.perf_counter()
+        params = SamplingParams(n=n, temperature=self.hparams.temperature, top_p=self.hparams.top_p,
+                                max_new_tokens=self.hparams.max_new_tokens)
+        completions = self._generate(prompt_ids, params)
+        t1 = time.perf_counter()
+        if len(completions) != len(prompts) * n:
+            raise RuntimeError(f"the rollout engine returned {len(completions)} completions for {len(prompts)} "
+                               f"prompts x n={n}")
+        ids, attn, action = self._pack(prompt_ids, completions)
+        exp = Experience(ids, attn, action)
+        if not self._on_policy(len(exp)):
+            self.actor.eval()
+            exp.old_logp = self._score(exp, self.actor)
+            self.actor.train()
+        if self.ref is not None:
+            exp.ref_logp = self._score(exp, self.ref)
+        meta = [{k: v for k, v in batch[c.prompt_index].items() if k != "prompt"} for c in completions]
+        rewards = self.reward_fn([prompts[c.prompt_index] for c in completions], self._decode(completions), meta)
+        return exp, rewards.to(self.device), {"time/generate": t1 - t0, "time/score": time.perf_counter() - t1}
+
+    # ------------------------------------------------------------------ training
+    def _on_policy(self, samples: int) -> bool:
+        """One pass and one optimizer step per rollout: the rollout policy is the policy being
+        trained, so its log-probs are the detached ones of the training forward (one forward saved)."""
+        strategy = self.trainer.strategy
+        kl_in_reward = self.ref is not None and self.hparams.kl_in_reward
+        return (self.hparams.epochs == 1 and not kl_in_reward
+                and samples == strategy.accumulation_steps * self.hparams.micro_train_batch_size)
+
+    def _check_rollout_size(self, samples: int, accumulation: int) -> int:
+        step_size = accumulation * self.hparams.micro_train_batch_size
+        if samples % step_size:
+            raise ValueError(f"a rollout of {samples} samples per rank does not split into optimizer steps of "
+                             f"{step_size} (micro_train_batch_size x accumulation); accepted: a train_batch_size "
+                             "that divides prompts per step x n_samples_per_prompt x ranks")
+        return step_size
+
+    def _token_normalizer(self, exp: Experience) -> float:
+        """Tokens per micro-batch over the optimizer step, so that summing micro-batch losses (as the
+        strategy does, after dividing by accumulation steps and averaging over ranks) gives the
+        exact token mean of the step."""
+        strategy = self.trainer.strategy
+        accumulation = strategy.accumulation_steps
+        step_size = self._check_rollout_size(len(exp), accumulation)
+        counts = exp.action_mask.view(-1, step_size, exp.action_mask.shape[1]).sum(dim=(1, 2))
+        counts = self._all_reduce_sum(counts)
+        return counts / (accumulation * strategy.dp_world_size)
+
+    def _kl(self, logp: Tensor, ref_logp: Optional[Tensor]) -> Optional[Tensor]:
+        return None if ref_logp is None else kl_penalty(logp, ref_logp, self.hparams.kl_estimator)
+
+    def _stats(self, name: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Mean and std of the masked entries of ``x`` over all ranks (``name`` and ``name_std``)."""
+        s = self._all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).float())
+        mean = s[0] / s[2]
+        return {name: mean, f"{name}_std": (s[1] / s[2] - mean**2).clamp(min=0).sqrt()}
+
+    def _log_metrics(self, metrics: dict[str, Any]) -> None:
+        """Log ``metrics`` (the mean over ranks; reward and advantage stats are already global)."""
+        values = {k: float(v) for k, v in metrics.items()}
+        local = {k: v for k, v in values.items() if k not in _GLOBAL_METRICS}
+        values.update(self.trainer.strategy.all_reduce(local, op="mean"))
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key in ("reward", "kl"), batch_size=1)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mean reward of greedy completions (one per prompt), generated by the actor itself (no engine
+        is needed, so ``validate`` runs outside ``fit``)."""
+        rows = batch["rows"]
+        prompts = [row["prompt"] for row in rows]
+        enc = self.tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(self.device)
+        out = hf_model(self.actor).generate(**enc, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                                           pad_token_id=self.tokenizer.pad_token_id,
+                                           eos_token_id=self.tokenizer.eos_token_id)
+        completions = self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        meta = [{k: v for k, v in row.items() if k != "prompt"} for row in rows]
+        rewards = self.reward_fn(prompts, completions, meta)
+        self.log("val/reward", rewards.mean().item(), prog_bar=True, batch_size=len(rows), sync_dist=False)

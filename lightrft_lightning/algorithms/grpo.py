@@ -1,0 +1,88 @@
+"""`GRPO`: group-relative policy optimization as a LightningModule (manual optimization)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lightrft_lightning.algorithms.advantages import ESTIMATORS, compute_advantages
+from lightrft_lightning.algorithms.base import Experience, RLModule
+from lightrft_lightning.algorithms.losses import kl_loss, policy_loss
+
+
+class GRPO(RLModule):
+    """GRPO and its variants on a causal LM, with any LightRFT strategy.
+
+    Per step: ``n_samples_per_prompt`` completions per prompt, advantages from ``advantage_estimator``
+    ("group_norm": GRPO; "dr_grpo": no std normalization (use with ``loss_agg="constant"``); "rloo";
+    "reinforce++"; "reinforce++_baseline"), then ``epochs`` passes of the clipped policy loss with
+    separate ``clip_low``/``clip_high`` (DAPO's clip-higher), plus ``kl_coef`` x KL to the frozen
+    reference (in the loss, or in the reward with ``kl_in_reward``).
+
+    Args:
+        clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
+        **kwargs: the arguments of :class:`~lightrft_lightning.algorithms.base.RLModule`.
+    """
+
+    advantage_estimators = tuple(e for e in ESTIMATORS if e != "gae")
+
+    def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if clip_low < 0 or clip_high < 0:
+            raise ValueError(f"GRPO clip_low={clip_low!r}, clip_high={clip_high!r}; accepted: numbers >= 0")
+        self.clip_low, self.clip_high = clip_low, clip_high
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        start = time.perf_counter()
+        exp, rewards, metrics = self._rollout(batch)
+        kl = self._kl(exp.old_logp, exp.ref_logp) if hp.kl_in_reward else None
+        exp.advantages, exp.returns = compute_advantages(
+            hp.advantage_estimator, rewards, exp.action_mask, hp.n_samples_per_prompt,
+            kl=kl, kl_coef=hp.kl_coef, reduce=self._all_reduce_sum)
+        train_start = time.perf_counter()
+        metrics.update(self._train(exp))
+        end = time.perf_counter()
+        tokens = exp.action_mask.sum()
+        metrics.update(self._stats("reward", rewards, torch.ones_like(rewards)))
+        metrics.update(self._stats("adv", exp.advantages, exp.action_mask))
+        metrics.update({"response_length": tokens / len(exp), "time/train": end - train_start,
+                        "perf/tokens_per_s": tokens / (end - start)})
+        self._log_metrics(metrics)
+
+    def _train(self, exp: Experience) -> dict[str, Any]:
+        hp = self.hparams
+        strategy = self.trainer.strategy
+        optimizer = self.optimizers()
+        accumulation = strategy.accumulation_steps
+        normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
+        use_kl_loss = self.ref is not None and not hp.kl_in_reward
+        sums: dict[str, float] = {"loss/policy": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        if self.ref is not None:
+            sums["kl"] = 0.0
+        count = 0
+        for _ in range(hp.epochs):
+            for i, mb in enumerate(self._micro_batches(exp)):
+                agg: dict[str, Any] = {}
+                if normalizer is not None:
+                    agg["num_tokens"] = normalizer[i // accumulation]
+                elif hp.loss_agg == "constant":
+                    agg["max_len"] = hp.max_new_tokens
+                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
+                old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
+                                              self.clip_low, self.clip_high, hp.loss_agg, **agg)
+                sums["loss/policy"] += loss.item()
+                if self.ref is not None:
+                    kl_term = kl_loss(logp, mb.ref_logp, mb.action_mask, hp.kl_estimator, hp.loss_agg, **agg)
+                    sums["kl"] += kl_term.item()
+                    if use_kl_loss:
+                        loss = loss + hp.kl_coef * kl_term
+                strategy.backward(loss, self.actor, optimizer)
+                strategy.optimizer_step(optimizer, self.actor, None, name="actor")
+                sums["clip_frac"] += clip_frac.item()
+                sums["entropy"] += ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
+                count += 1
+        return {k: v / count for k, v in sums.items()}

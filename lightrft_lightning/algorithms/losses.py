@@ -1,0 +1,63 @@
+"""Policy, value and KL losses on ``[batch, time]`` token tensors with a response ``mask``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightrft_lightning.algorithms.advantages import kl_penalty
+
+LOSS_AGGS = ("token", "sequence", "constant")
+
+
+def aggregate(loss: Tensor, mask: Tensor, mode: str = "token", num_tokens: Optional[float] = None,
+              max_len: Optional[int] = None) -> Tensor:
+    """Reduce per-token ``loss`` to a scalar.
+
+    - ``"token"``: sum over all response tokens / ``num_tokens`` (default: the tokens in ``mask``;
+      pass the tokens per micro-batch of the whole optimizer step for DAPO's exact token mean);
+    - ``"sequence"``: mean over sequences of each sequence's token mean (GRPO);
+    - ``"constant"``: mean over sequences of token sums / ``max_len`` (Dr.GRPO; default: ``time``).
+    """
+    mask = mask.to(loss.dtype)
+    if mode == "token":
+        return (loss * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
+    if mode == "sequence":
+        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if mode == "constant":
+        return ((loss * mask).sum(1) / (max_len or mask.shape[1])).mean()
+    raise ValueError(f"loss_agg={mode!r} is invalid; accepted: {', '.join(LOSS_AGGS)}")
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2,
+                clip_high: float = 0.2, agg: str = "token", **agg_kwargs) -> tuple[Tensor, Tensor]:
+    """PPO clipped surrogate with separate lower and upper clip ranges (DAPO's clip-higher).
+
+    Returns ``(loss, clip_fraction)``: the fraction of response tokens whose clipped term was chosen.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    m = mask.to(loss.dtype)
+    clip_frac = ((clipped < unclipped).to(loss.dtype) * m).sum() / m.sum().clamp(min=1)
+    return aggregate(loss, mask, agg, **agg_kwargs), clip_frac.detach()
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float] = 0.2,
+               agg: str = "token", **agg_kwargs) -> Tensor:
+    """``0.5 * max((v - R)^2, (v_clipped - R)^2)`` with ``v_clipped`` within ``clip`` of the old value
+    (plain squared error when ``clip`` is None)."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (v_clipped - returns) ** 2)
+    return 0.5 * aggregate(loss, mask, agg, **agg_kwargs)
+
+
+def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3", agg: str = "token",
+            **agg_kwargs) -> Tensor:
+    """KL(policy || reference) as a loss term (GRPO's "KL in the loss")."""
+    return aggregate(kl_penalty(logp, ref_logp, estimator), mask, agg, **agg_kwargs)

@@ -1,0 +1,119 @@
+"""`PPO`: actor-critic RLHF (GAE, value clipping) as a LightningModule (manual optimization)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightrft_lightning.algorithms.advantages import compute_advantages, whiten
+from lightrft_lightning.algorithms.base import Experience, RLModule
+from lightrft_lightning.algorithms.losses import policy_loss, value_loss
+
+
+class CriticModel(nn.Module):
+    """A value head on a causal LM's backbone: one value per position, ``[N, L]``."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.model = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden.float()).squeeze(-1)
+
+
+class PPO(RLModule):
+    """PPO with an actor, a critic (the actor's backbone plus a value head), an optional frozen reference
+    and rule or reward-model rewards. Advantages by GAE on per-token rewards (the sequence reward on
+    the last token minus ``kl_coef`` x KL on every token), whitened over all ranks.
+
+    Args:
+        critic_learning_rate: the critic's AdamW learning rate (its own optimizer).
+        clip_low, clip_high: policy ratio clip range ``[1 - clip_low, 1 + clip_high]``.
+        value_clip: values move at most this far from the rollout's values (None: no clipping).
+        gamma, lam: GAE discount and lambda.
+        n_samples_per_prompt, kl_in_reward, advantage_estimator: as in ``RLModule``, with PPO's defaults
+            (1 sample, KL in the per-token reward, "gae", the only estimator PPO takes).
+        **kwargs: the other arguments of :class:`~lightrft_lightning.algorithms.base.RLModule`.
+    """
+
+    advantage_estimators = ("gae",)
+
+    def __init__(self, critic_learning_rate: float = 9e-6, clip_low: float = 0.2, clip_high: float = 0.2,
+                 value_clip: Optional[float] = 0.2, gamma: float = 1.0, lam: float = 0.95,
+                 n_samples_per_prompt: int = 1, kl_in_reward: bool = True, advantage_estimator: str = "gae",
+                 **kwargs: Any) -> None:
+        super().__init__(n_samples_per_prompt=n_samples_per_prompt, kl_in_reward=kl_in_reward,
+                         advantage_estimator=advantage_estimator, **kwargs)
+        self.clip_low, self.clip_high, self.value_clip = clip_low, clip_high, value_clip
+        self.gamma, self.lam = gamma, lam
+        self.critic = CriticModel(copy.deepcopy(self.actor.base_model), self.actor.config.hidden_size)
+
+    def configure_optimizers(self) -> Any:
+        critic_optimizer = self.trainer.strategy.create_optimizer(self.critic, lr=self.hparams.critic_learning_rate)
+        return [super().configure_optimizers(), critic_optimizer]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        start = time.perf_counter()
+        exp, rewards, metrics = self._rollout(batch)
+        with torch.no_grad():
+            self.critic.eval()
+            exp.values = torch.cat([self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+                                    for mb in self._micro_batches(exp)])
+            self.critic.train()
+        kl = self._kl(exp.old_logp, exp.ref_logp)
+        adv, exp.returns = compute_advantages("gae", rewards, exp.action_mask, hp.n_samples_per_prompt, kl=kl,
+                                              kl_coef=hp.kl_coef if hp.kl_in_reward else 0.0, values=exp.values,
+                                              gamma=self.gamma, lam=self.lam)
+        exp.advantages = whiten(adv, exp.action_mask, self._all_reduce_sum)
+        train_start = time.perf_counter()
+        metrics.update(self._train(exp))
+        end = time.perf_counter()
+        tokens = exp.action_mask.sum()
+        metrics.update(self._stats("reward", rewards, torch.ones_like(rewards)))
+        metrics.update(self._stats("adv", exp.advantages, exp.action_mask))
+        metrics.update({"response_length": tokens / len(exp),
+                        "time/train": end - train_start, "perf/tokens_per_s": tokens / (end - start)})
+        if kl is not None:
+            metrics["kl"] = (kl * exp.action_mask).sum() / tokens
+        self._log_metrics(metrics)
+
+    def _train(self, exp: Experience) -> dict[str, Any]:
+        hp = self.hparams
+        strategy = self.trainer.strategy
+        actor_opt, critic_opt = self.optimizers()
+        accumulation = strategy.accumulation_steps
+        normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
+        sums = {"loss/policy": 0.0, "loss/value": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        count = 0
+        for _ in range(hp.epochs):
+            for i, mb in enumerate(self._micro_batches(exp)):
+                agg: dict[str, Any] = {}
+                if normalizer is not None:
+                    agg["num_tokens"] = normalizer[i // accumulation]
+                elif hp.loss_agg == "constant":
+                    agg["max_len"] = hp.max_new_tokens
+                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
+                old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
+                                              self.clip_low, self.clip_high, hp.loss_agg, **agg)
+                strategy.backward(loss, self.actor, actor_opt)
+                strategy.optimizer_step(actor_opt, self.actor, None, name="actor")
+                values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+                v_loss = value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, hp.loss_agg, **agg)
+                strategy.backward(v_loss, self.critic, critic_opt)
+                strategy.optimizer_step(critic_opt, self.critic, None, name="critic")
+                sums["loss/policy"] += loss.item()
+                sums["loss/value"] += v_loss.item()
+                sums["clip_frac"] += clip_frac.item()
+                sums["entropy"] += ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
+                count += 1
+        return {k: v / count for k, v in sums.items()}

@@ -1,0 +1,70 @@
+"""`SGLangEngine`: an in-process ``sglang.Engine`` with the memory saver, driven through its documented calls."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams, _require
+
+# our pools -> SGLang's memory tags (the CUDA graphs are released with the KV cache and come back with it)
+_TAGS = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
+
+
+class SGLangEngine(LifecycleEngine):
+    """A ``sglang.Engine`` built with ``enable_memory_saver=True``.
+
+    ``sleep`` releases all its GPU memory; the weights survive it only with
+    ``enable_weights_cpu_backup`` (default: on for ``sleep_level=1``, off for 2). Weight pushes use
+    ``update_weights_from_tensor``, flushing the cache only with the last bucket.
+
+    Args:
+        model_path: a local Hugging Face model directory (ignored when ``engine`` is given).
+        engine: an existing ``sglang.Engine`` (built with the memory saver) to wrap.
+        sleep_level: 1 (weights backed up in CPU memory) or 2 (weights dropped).
+        weights_cpu_backup: override what ``sleep_level`` implies for an ``engine`` built elsewhere.
+        engine_kwargs: any other ``sglang.Engine`` argument (``tp_size``, ``mem_fraction_static``...).
+    """
+
+    def __init__(self, model_path: Optional[str] = None, *, engine: Any = None, sleep_level: int = 1,
+                 weights_cpu_backup: Optional[bool] = None, **engine_kwargs: Any) -> None:
+        super().__init__(sleep_level)
+        self.weights_cpu_backup = sleep_level == 1 if weights_cpu_backup is None else weights_cpu_backup
+        if engine is None:
+            if model_path is None:
+                raise ValueError("SGLangEngine: pass model_path= (a local Hugging Face directory) or engine= (a sglang.Engine)")
+            sglang = _require("sglang", "sglang")
+            engine = sglang.Engine(model_path=model_path, enable_memory_saver=True,
+                                   enable_weights_cpu_backup=self.weights_cpu_backup, **engine_kwargs)
+        self.engine = engine
+
+    def _survives(self, level: int) -> bool:
+        return self.weights_cpu_backup  # SGLang has no levels: the CPU backup decides
+
+    def _sleep(self, level: int) -> None:
+        self.engine.release_memory_occupation(tags=None)
+
+    def _wake(self, tags: list[str]) -> None:
+        self.engine.resume_memory_occupation(tags=[t for tag in tags for t in _TAGS[tag]])
+
+    def _load(self, named_tensors: list[tuple[str, torch.Tensor]], last_bucket: bool) -> None:
+        self.engine.update_weights_from_tensor(named_tensors=named_tensors, load_format=None, flush_cache=last_bucket)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        sampling: Any = {
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_new_tokens": params.max_new_tokens, "ignore_eos": not params.stop_at_eos,
+        }
+        rows = [p for p in prompts for _ in range(params.n)]  # n samples per prompt, grouped by prompt
+        if params.seed is not None:  # one seed per row, or the n samples of a prompt would be equal
+            sampling = [{**sampling, "sampling_seed": params.seed + i} for i in range(len(rows))]
+        outputs = self.engine.generate(input_ids=rows, sampling_params=sampling, return_logprob=True)
+        completions = []
+        for row, out in enumerate(outputs):
+            meta = out["meta_info"]
+            logprobs = [float(step[0]) for step in meta.get("output_token_logprobs", [])]
+            reason = meta.get("finish_reason") or {}
+            completions.append(Completion(row // params.n, list(out["output_ids"]), logprobs,
+                                          "eos" if reason.get("type") == "stop" else "length"))
+        return completions

@@ -1,0 +1,634 @@
+"""`LightRFTDeepSpeed`: DeepSpeed ZeRO-0/1/2/3 with the LightRFT API, on CPU (gloo) and CUDA (nccl),
+with one DeepSpeed engine per model (actor and critic train, ref and reward models infer).
+
+Lightning's ``DeepSpeedStrategy`` refuses CPU and wraps the whole ``LightningModule`` in one engine.
+This one wraps each child module that an optimizer trains (``self.actor``, ``self.critic``) in its
+own training engine, and each frozen child (``self.ref``) in an inference engine (ZeRO-3
+partitioned, or stage 0 since ZeRO-1/2 engines need an optimizer). ``manual_backward(loss)`` goes to
+the engine whose parameters the loss depends on, ``optimizer.step()`` to the engine of that optimizer.
+
+Accumulation scaling, gradient clipping, non-finite step skipping and (standalone) the scheduler
+step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.optim import Optimizer
+
+from lightrft_lightning import checkpoint
+from lightrft_lightning.strategies.base import StrategyBase, seed_everything, unwrap_optimizer
+
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = "install the `deepspeed` extra: pip install 'lightrft-lightning[deepspeed]'"
+
+
+class DeepSpeedModel(nn.Module):
+    """A model prepared by :class:`LightRFTDeepSpeed`: calls go through its DeepSpeed engine, which is
+    built on first use (so ``create_optimizer`` may still turn a model prepared for inference into
+    a training engine). ``.module`` is the original model, ``.engine`` the ``DeepSpeedEngine``;
+    other attributes (``generate``, ``config``...) are read from the original model."""
+
+    def __init__(self, module: nn.Module, strategy: "LightRFTDeepSpeed", optimizer: Optional[Optimizer] = None) -> None:
+        super().__init__()
+        self.module = module
+        self.__dict__["_strategy"] = strategy
+        self.__dict__["_optimizer"] = optimizer
+        self.__dict__["_engine"] = None
+        self.train(optimizer is not None)
+
+    @property
+    def is_training_engine(self) -> bool:
+        return self._optimizer is not None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self.__dict__["_engine"] = self._strategy._build_engine(self.module, self._optimizer)
+        return self._engine
+
+    @property
+    def built(self) -> bool:
+        return self._engine is not None
+
+    def _set_optimizer(self, optimizer: Optimizer) -> None:
+        if self.built:
+            raise RuntimeError(
+                "create_optimizer: this model already ran as a DeepSpeed inference engine; call "
+                "create_optimizer before its first forward (or prepare it with (model, optimizer, scheduler))"
+            )
+        self.__dict__["_optimizer"] = optimizer
+
+    def train(self, mode: bool = True) -> "DeepSpeedModel":
+        # a frozen model stays in eval mode when Lightning puts the LightningModule in train mode
+        return super().train(mode and self.is_training_engine)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
+    """DeepSpeed ZeRO with the LightRFT API and several engines, usable standalone or in a ``Trainer``.
+
+    Args:
+        config: a ``StrategyConfig`` or anything ``StrategyConfig.from_args`` reads. ``None`` (as when
+            the strategy is built by name) keeps LightRFT's defaults but lets the Trainer's
+            ``precision`` and ``accumulate_grad_batches`` decide precision and accumulation.
+        ds_config: a DeepSpeed config dict or JSON path merged over the one built from ``config``
+            (its values win).
+        **lightning_kwargs: ``DeepSpeedStrategy`` arguments for the process group and devices
+            (``accelerator``, ``parallel_devices``, ``cluster_environment``, ``process_group_backend``,
+            ``timeout``...); ``stage`` sets ``zero_stage``.
+    """
+
+    strategy_name = "lightrft_deepspeed"
+
+    def __init__(self, config: Any = None, ds_config: Union[dict, str, Path, None] = None, **lightning_kwargs: Any) -> None:
+        if not _DEEPSPEED_AVAILABLE:
+            raise ImportError(f"LightRFTDeepSpeed needs DeepSpeed, which is not installed; {_INSTALL_HINT}")
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        stage = lightning_kwargs.pop("stage", None)
+        self._follow_trainer = config is None and ds_config is None
+        DeepSpeedStrategy.__init__(self, config={}, **lightning_kwargs)
+        StrategyBase.__init__(self, config)  # `self.config` is the StrategyConfig from here on
+        if stage is not None:
+            self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
+        self.user_ds_config = _load_ds_config(ds_config)
+        self._handles: list[tuple[str, DeepSpeedModel]] = []
+
+    # ------------------------------------------------------------------ DeepSpeed config
+    def _precision(self) -> str:
+        if self._follow_trainer and self._lightning_module is not None:
+            flag = str(self.precision_plugin.precision)
+            return "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
+        return "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
+
+    @property
+    def accumulation_steps(self) -> int:
+        if self._follow_trainer and self._lightning_module is not None:
+            return self._lightning_module.trainer.accumulate_grad_batches
+        return super().accumulation_steps
+
+    def ds_config(self, train: bool = True) -> dict[str, Any]:
+        """The DeepSpeed config of a training engine (``train``) or an inference engine."""
+        c = self.config
+        zero: dict[str, Any] = {"stage": c.zero_stage, "overlap_comm": c.overlap_comm}
+        if c.zero_stage == 3 and c.zpg > 1:
+            zero["zero_hpz_partition_size"] = c.zpg
+        if c.adam_offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": c.micro_train_batch_size,
+            "gradient_accumulation_steps": self.accumulation_steps,
+            "gradient_clipping": c.max_norm,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        precision = self._precision()
+        if precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        elif precision == "fp16":
+            cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                           "hysteresis": 2, "min_loss_scale": 1}
+        if c.grad_accum_dtype is not None:
+            cfg["data_types"] = {"grad_accum_dtype": c.grad_accum_dtype}
+        cfg = _merge(cfg, self.user_ds_config)
+        if not train:
+            zero = {k: v for k, v in cfg["zero_optimization"].items() if k != "offload_optimizer"}
+            zero["stage"] = 3 if zero.get("stage") == 3 else 0
+            cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler", "gradient_accumulation_steps")}
+            cfg["zero_optimization"] = zero
+        return cfg
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.user_ds_config.get("zero_optimization", {}).get("stage", self.config.zero_stage))
+
+    @property
+    def zero_stage_3(self) -> bool:
+        return self.zero_stage == 3
+
+    # ------------------------------------------------------------------ process group
+    def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
+        """Seed every RNG and join the process group through ``deepspeed.init_distributed`` (gloo on
+        CPU, nccl on CUDA). Under a Trainer, Lightning's cluster environment gives the ranks."""
+        if self.cluster_environment is not None:  # called by Lightning's setup_environment
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+            return
+        seed_everything(self.config.seed)
+        self._init_process_group(timeout)
+
+    def _init_process_group(self, timeout: Optional[timedelta] = None) -> None:
+        import deepspeed
+
+        if dist.is_initialized():
+            return
+        if "MASTER_ADDR" not in os.environ:  # one process without a launcher: DeepSpeed still needs a group
+            from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()), RANK="0",
+                              WORLD_SIZE="1", LOCAL_RANK="0")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timeout or timedelta(minutes=self.config.dist_timeout_minutes),
+        )
+
+    def setup_environment(self) -> None:
+        # Lightning's DeepSpeedStrategy refuses anything but CUDA; DeepSpeed's CPU accelerator works
+        from deepspeed.accelerator import get_accelerator
+
+        on_cuda = self.root_device.type == "cuda"
+        if not on_cuda and get_accelerator().device_name() != "cpu":
+            raise RuntimeError("LightRFTDeepSpeed on CPU needs DeepSpeed's CPU accelerator: set DS_ACCELERATOR=cpu")
+        DDPStrategy.setup_environment(self)
+
+    # ------------------------------------------------------------------ engines
+    def _build_engine(self, module: nn.Module, optimizer: Optional[Optimizer]) -> Any:
+        import deepspeed
+
+        train = optimizer is not None
+        self._init_process_group()
+        engine, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            model_parameters=None if train else [],
+            config=self.ds_config(train=train),
+            dist_init_required=False,
+        )
+        if not train:
+            engine.eval()
+        return engine
+
+    def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        if not self.config.adam_offload:
+            return super()._build_optimizer(model, **kwargs)
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam([p for p in model.parameters() if p.requires_grad], adamw_mode=True, **kwargs)
+        except Exception as err:  # the op is JIT-built; a missing compiler or headers fail here
+            raise RuntimeError(
+                f"StrategyConfig.adam_offload=True needs DeepSpeed's cpu_adam op, which failed to build: {err}; "
+                "accepted: adam_offload=False, or a machine where `ds_report` shows cpu_adam compatible"
+            ) from err
+
+    def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
+        if isinstance(model, DeepSpeedModel):
+            raise ValueError("prepare: this model is already prepared by LightRFTDeepSpeed")
+        if train and optimizer is None:
+            optimizer = self.create_optimizer(model)
+        handle = DeepSpeedModel(model, self, unwrap_optimizer(optimizer) if train else None)
+        if train:
+            return handle, handle.engine.optimizer  # built now: the caller gets DeepSpeed's optimizer
+        return handle, None
+
+    def prepare(self, *models: Any, is_rlhf: bool = False) -> Any:
+        """As ``StrategyBase.prepare``; each model comes back as a :class:`DeepSpeedModel`, and the
+        scheduler of a ``(model, optimizer, scheduler)`` tuple is stepped by its engine."""
+        prepared = super().prepare(*models, is_rlhf=is_rlhf)
+        for item in prepared if len(models) > 1 else [prepared]:
+            if isinstance(item, tuple) and item[2] is not None:
+                item[0].engine.lr_scheduler = item[2]
+        return prepared
+
+    def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
+        """As ``StrategyBase.create_optimizer``; a model prepared for inference becomes a training
+        engine (built on its first use)."""
+        if not isinstance(model, DeepSpeedModel):
+            return super().create_optimizer(model, **kwargs)
+        optimizer = super().create_optimizer(model.module, **kwargs)
+        model._set_optimizer(optimizer)
+        model.train()
+        self._train_states[id(model)] = self._train_states.pop(id(model.module))
+        return optimizer
+
+    def _engine(self, model: nn.Module) -> Any:
+        if isinstance(model, DeepSpeedModel):
+            return model.engine
+        if hasattr(model, "backward") and hasattr(model, "module"):  # a bare DeepSpeedEngine
+            return model
+        raise TypeError(f"{type(model).__name__} was not prepared by LightRFTDeepSpeed: pass the model prepare() returned")
+
+    # ------------------------------------------------------------------ LightRFT training step
+    def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
+        self._state(model, optimizer)
+        self._engine(model).backward(loss)
+        return loss
+
+    def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
+        if scheduler is not None:
+            self._engine(model).lr_scheduler = scheduler
+        return self._engine_step(model, optimizer, scheduler, name)
+
+    def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str) -> bool:
+        """``engine.step()``: a real step on accumulation boundaries (clip, step, zero grads and,
+        when the engine holds one, scheduler step), skipped when the gradient norm is not finite."""
+        engine = self._engine(model)
+        state = self._state(model, optimizer)
+        if scheduler is not None:
+            state.scheduler = scheduler
+        boundary = engine.is_gradient_accumulation_boundary()
+        skipped = engine.skipped_steps
+        engine.step()
+        state.micro_steps += 1
+        if not boundary:
+            return False
+        norm = engine.get_global_grad_norm()
+        state.grad_norm = float(norm) if norm is not None else float("nan")
+        if engine.skipped_steps > skipped:
+            state.skipped_steps += 1
+            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
+            self._log_step(name, state)
+            return False
+        state.steps += 1
+        self._log_step(name, state)
+        return True
+
+    # ------------------------------------------------------------------ Lightning training step
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning,
+        ``manual_backward``): the engine is the optimizer's, or the one the loss depends on."""
+        if args and isinstance(args[0], nn.Module):
+            return super().backward(loss, *args, **kwargs)
+        optimizer = args[0] if args else kwargs.pop("optimizer", None)
+        module = self.lightning_module
+        self.pre_backward(loss)
+        loss = self.precision_plugin.pre_backward(loss, module)
+        handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
+        handle.engine.backward(loss, *args[1:], **kwargs)
+        loss = self.precision_plugin.post_backward(loss, module)
+        self.post_backward(loss)
+        return loss
+
+    def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """``optimizer_step(optimizer, model, scheduler)`` (LightRFT) or
+        ``optimizer_step(optimizer, closure, model)`` (Lightning): steps the optimizer's engine."""
+        if (args and isinstance(args[0], nn.Module)) or "scheduler" in kwargs:
+            return super().optimizer_step(optimizer, *args, **kwargs)
+        closure = args[0] if args else kwargs.pop("closure")
+        model = (args[1] if len(args) > 1 else kwargs.pop("model", None)) or self.lightning_module
+        closure()
+        self.precision_plugin._after_closure(model, optimizer)
+        handle = self._handle_for_optimizer(optimizer)
+        name = next(n for n, h in self._handles if h is handle)
+        return self._engine_step(handle, unwrap_optimizer(optimizer), None, name)
+
+    def _handle_for_optimizer(self, optimizer: Any) -> DeepSpeedModel:
+        optimizer = unwrap_optimizer(optimizer)
+        for _, handle in self._handles:
+            if handle.built and handle.is_training_engine and handle.engine.optimizer is optimizer:
+                return handle
+        raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
+
+    def _handle_for_loss(self, loss: torch.Tensor) -> DeepSpeedModel:
+        training = self._training_handles()
+        if len(training) == 1:
+            return training[0][1]
+        owner = {id(p): (name, h) for name, h in self._handles if h.is_training_engine for p in h.parameters()}
+        found = {name: h for name, h in _graph_parameters(loss, owner)}
+        if len(found) != 1:
+            names = ", ".join(sorted(found)) or "none of " + ", ".join(n for n, _ in self._handles)
+            raise RuntimeError(
+                f"manual_backward: the loss depends on the parameters of {names}; each backward must reach exactly "
+                "one DeepSpeed training engine (call manual_backward once per model's loss)"
+            )
+        return next(iter(found.values()))
+
+    # ------------------------------------------------------------------ Lightning setup
+    def setup(self, trainer: Any) -> None:
+        """Wrap each child of the ``LightningModule`` that an optimizer trains in a training engine
+        and each frozen child in an inference engine (children are replaced by
+        :class:`DeepSpeedModel` s); ``trainer.strategy.optimizers`` are the engines' optimizers."""
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self.model = self.precision_plugin.convert_module(self.model)
+        optimizers, schedulers = [], []
+        if trainer.state.fn == TrainerFn.FITTING:
+            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+        owners = _optimizer_children(module, optimizers)
+        self._handles = []
+        for name, child in list(module.named_children()):
+            params = list(child.parameters())
+            if name in owners:
+                handle = DeepSpeedModel(child, self, owners[name])
+            elif params and not any(p.requires_grad for p in params):
+                handle = DeepSpeedModel(child, self)
+            else:
+                continue
+            handle.engine  # build now, so every rank builds the engines in the same order
+            setattr(module, name, handle)
+            self._handles.append((name, handle))
+            if handle.is_training_engine:
+                self._state(handle, handle.engine.optimizer)
+        by_client = {id(h._optimizer): h.engine.optimizer for _, h in self._handles if h.is_training_engine}
+        self.optimizers = [by_client[id(opt)] for opt in optimizers]
+        self.lr_scheduler_configs = schedulers  # stepped by Lightning (manual optimization: by the module)
+        self.setup_precision_plugin()
+        self.barrier()
+
+    def model_sharded_context(self) -> AbstractContextManager:
+        # engines partition their models at setup; no deepspeed.zero.Init around configure_model
+        return nullcontext()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}  # DeepSpeed saves the weights itself, partitioned
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return {}  # DeepSpeed saves the optimizer states itself, partitioned
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_ckpt(
+        self,
+        model: nn.Module,
+        save_dir: str,
+        tag: Optional[str] = None,
+        max_num: int = 3,
+        max_mem: float = 1000,
+        client_state: Optional[dict] = None,
+        save_latest: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Save ``model``'s engine (weights, optimizer and scheduler, partitioned as trained) with
+        ``client_state`` as a DeepSpeed checkpoint ``save_dir/tag`` (``latest`` names it), keeping
+        at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
+        state = self._state(model)
+        tag = tag or f"global_step{state.steps}"
+        extra = {"client_state": client_state or {}, "train_state": {
+            "micro_steps": state.micro_steps, "steps": state.steps, "skipped_steps": state.skipped_steps}}
+        engine = self._engine(model)
+        engine.save_checkpoint(save_dir, tag=tag, client_state=extra, save_latest=save_latest,
+                               exclude_frozen_parameters=kwargs.get("exclude_frozen_parameters", False))
+        if self.is_rank_0():
+            checkpoint.rotate(Path(save_dir), max_num=max_num, max_mem=max_mem, keep={tag}, is_checkpoint=_is_ds_tag)
+        self._barrier()
+        return str(Path(save_dir) / tag)
+
+    def load_ckpt(
+        self,
+        model: nn.Module,
+        load_dir: str,
+        tag: Optional[str] = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        **kwargs: Any,
+    ) -> tuple[str, dict]:
+        """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
+        engine. Returns ``(path, client_state)``."""
+        if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
+            raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
+        engine = self._engine(model)
+        if load_module_only and engine.zero_optimization_partition_weights():
+            return _load_zero3_weights(engine, load_dir, tag), {}
+        path, extra = engine.load_checkpoint(
+            load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+        if path is None:
+            raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
+        extra = extra or {}
+        if not load_module_only:
+            state = self._state(model)
+            for key, value in extra.get("train_state", {}).items():
+                setattr(state, key, value)
+        return path, extra.get("client_state", {})
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Lightning checkpoint: a directory with one DeepSpeed checkpoint per training engine
+        (``filepath/<child name>/``, weights, optimizer and engine state); the first also holds the
+        Trainer's state (loops, schedulers, callbacks) as client state. Frozen models do not change
+        and are not saved."""
+        if storage_options is not None:
+            raise TypeError("LightRFTDeepSpeed.save_checkpoint: storage_options is not supported (DeepSpeed writes the files)")
+        filepath = self.broadcast(str(filepath))
+        client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        for i, (name, handle) in enumerate(self._training_handles()):
+            handle.engine.save_checkpoint(os.path.join(filepath, name), tag="checkpoint",
+                                          client_state=client if i == 0 else {},
+                                          exclude_frozen_parameters=self.exclude_frozen_parameters)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        client: dict[str, Any] = {}
+        for i, (name, handle) in enumerate(self._training_handles()):
+            directory = os.path.join(checkpoint_path, name)
+            if not os.path.isfile(os.path.join(directory, checkpoint.LATEST)):
+                raise FileNotFoundError(f"{checkpoint_path} is not a LightRFTDeepSpeed checkpoint: {directory}/latest is missing")
+            path, state = handle.engine.load_checkpoint(
+                directory, load_optimizer_states=fitting,
+                load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {directory}")
+            if i == 0:
+                client = state or {}
+        return client
+
+    def _training_handles(self) -> list[tuple[str, DeepSpeedModel]]:
+        return [(name, handle) for name, handle in self._handles if handle.is_training_engine]
+
+    # ------------------------------------------------------------------ weights
+    def named_parameter_buckets(self, model: nn.Module, bucket_bytes: int = 256 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """``(name, full tensor)`` buckets of ``model``'s parameters, ZeRO-3 partitions gathered one
+        bucket at a time with ``deepspeed.zero.GatheredParameters`` (the engines' weight sync does
+        the same). Every rank must consume the whole iterator; a tensor is valid until the next bucket."""
+        from lightrft_lightning.engines.weight_sync import iter_weight_buckets
+
+        module = model.module if isinstance(model, DeepSpeedModel) else model
+        yield from iter_weight_buckets(module, bucket_bytes)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full (gathered) weights and persistent buffers of ``model`` as CPU tensors, on every rank."""
+        module = model.module if isinstance(model, DeepSpeedModel) else model
+        state = {name: t.detach().to("cpu", copy=True) for bucket in self.named_parameter_buckets(module) for name, t in bucket}
+        for name, buf in module.named_buffers():
+            if name.rpartition(".")[2] not in _non_persistent(module, name):
+                state[name] = buf.detach().to("cpu", copy=True)
+        return state
+
+    def save_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
+        """Export full weights (ZeRO-3 gathered) as a Hugging Face directory with safetensors; rank 0
+        writes. ``kwargs`` go to ``save_pretrained``."""
+        module = model.module if isinstance(model, DeepSpeedModel) else model
+        state = self.full_state_dict(module)
+        if self.is_rank_0():
+            module.save_pretrained(output_dir, state_dict=state, safe_serialization=True, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
+        self._barrier()
+
+
+def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir: str, tag: Optional[str] = None) -> None:
+    """Convert a DeepSpeed checkpoint of ``model`` (any ZeRO stage, any world size) to a Hugging Face
+    safetensors directory with DeepSpeed's ``zero_to_fp32``, in one process, without a process group.
+    ``model`` gives the architecture and config (its weights are not used)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+
+
+def _load_zero3_weights(engine: Any, load_dir: str, tag: Optional[str]) -> str:
+    """ZeRO-3 keeps the weights of a checkpoint in its optimizer shards, which DeepSpeed's
+    ``load_module_only`` does not read: rebuild them with ``zero_to_fp32`` and copy them in."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
+    state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if dist.get_rank() == 0:
+                param.data.copy_(state[name])
+    engine.optimizer._restore_from_bit16_weights()  # the fp32 master partitions follow the new weights
+    return str(Path(load_dir) / tag)
+
+
+def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
+    owner = module.get_submodule(buffer_name.rpartition(".")[0]) if "." in buffer_name else module
+    return owner._non_persistent_buffers_set
+
+
+def _graph_parameters(loss: torch.Tensor, owner: dict[int, tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """The owners of the parameters ``loss`` was computed from (a walk of its autograd graph)."""
+    seen, stack, found = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in owner and id(variable) not in found:
+            found.add(id(variable))
+            yield owner[id(variable)]
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+
+def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Optimizer]:
+    """Map each optimizer to the child module whose trainable parameters it holds."""
+    owners: dict[str, Optimizer] = {}
+    children = {name: {id(p) for p in child.parameters() if p.requires_grad} for name, child in module.named_children()}
+    for i, optimizer in enumerate(optimizers):
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        name = next((n for n, ids in children.items() if ids and ids == params), None)
+        if name is None:
+            raise ValueError(
+                f"LightRFTDeepSpeed: optimizer {i} of configure_optimizers must hold exactly the trainable parameters "
+                f"of one child module of the LightningModule (one of: {', '.join(n for n, ids in children.items() if ids)}); "
+                "each becomes its own DeepSpeed engine"
+            )
+        owners[name] = optimizer
+    return owners
+
+
+def _is_ds_tag(path: Path) -> bool:
+    return any(path.glob("*model_states.pt"))
+
+
+def _load_ds_config(ds_config: Union[dict, str, Path, None]) -> dict[str, Any]:
+    if ds_config is None:
+        return {}
+    if isinstance(ds_config, dict):
+        return copy.deepcopy(ds_config)
+    if isinstance(ds_config, (str, Path)):
+        if not os.path.isfile(ds_config):
+            raise FileNotFoundError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} is not a file; accepted: a dict or a JSON file path")
+        with open(ds_config) as f:
+            return json.load(f)
+    raise TypeError(f"LightRFTDeepSpeed: ds_config must be a dict, a JSON file path or None, got {type(ds_config).__name__}")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _register() -> None:
+    names = {
+        "lightrft_deepspeed": ({}, "LightRFT DeepSpeed (ZeRO stage from the config), several engines, CPU and CUDA"),
+        "lightrft_deepspeed_stage_1": ({"stage": 1}, "LightRFT DeepSpeed ZeRO-1"),
+        "lightrft_deepspeed_stage_2": ({"stage": 2}, "LightRFT DeepSpeed ZeRO-2"),
+        "lightrft_deepspeed_stage_3": ({"stage": 3}, "LightRFT DeepSpeed ZeRO-3"),
+    }
+    for name, (init, description) in names.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, LightRFTDeepSpeed, description=description, **init)
+
+
+_register()

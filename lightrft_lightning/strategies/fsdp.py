@@ -1,0 +1,311 @@
+"""`LightRFTFSDP`: the LightRFT API on FSDP2 (``fully_shard``), sharding every model itself, on CUDA
+(nccl) and CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from lightrft_lightning import checkpoint
+from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.strategies.base import StrategyBase, unwrap_optimizer
+
+# Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy
+_PRECISIONS: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
+    "32-true": (None, None),
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+    "bf16-true": (None, torch.float32),
+    "16-mixed": (torch.float16, torch.float32),
+    "16-true": (None, torch.float32),
+}
+_TRAIN_COUNTERS = ("micro_steps", "steps", "skipped_steps")
+
+
+class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
+    """FSDP2 strategy with the LightRFT API; registered with Lightning as ``"lightrft_fsdp"``.
+
+    Every model is sharded on its own: ``fully_shard`` on each transformer block (the classes named
+    in a Hugging Face model's ``_no_split_modules``, or ``wrap_classes``), then on the model. Under a
+    ``Trainer`` each child module of the ``LightningModule`` that holds parameters is such a model,
+    unless ``configure_model`` already applied ``fully_shard``.
+
+    Precision: under a ``Trainer`` its ``precision`` ("32-true", "bf16-mixed", "bf16-true",
+    "16-mixed") picks the ``MixedPrecisionPolicy``; standalone, ``StrategyConfig.bf16``/``fp16`` do.
+    Gradients are always reduced in fp32. ``StrategyConfig.shard_size`` shards inside groups of that
+    many ranks and replicates across groups (HSDP); ``fsdp_cpu_offload`` keeps parameters, gradients
+    and optimizer state in CPU memory.
+
+    Args:
+        config: a ``StrategyConfig`` or anything ``StrategyConfig.from_args`` reads.
+        wrap_classes: module classes (or class names) to shard one by one, instead of ``_no_split_modules``.
+        accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend:
+            as in Lightning's strategies (the ``Trainer`` fills them in).
+        timeout: process group timeout; defaults to ``StrategyConfig.dist_timeout_minutes``.
+    """
+
+    strategy_name = "lightrft_fsdp"
+
+    def __init__(
+        self,
+        config: Union[StrategyConfig, Any, None] = None,
+        wrap_classes: Optional[Sequence[Union[type, str]]] = None,
+        accelerator: Any = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = None,
+    ) -> None:
+        StrategyBase.__init__(self, config)
+        ModelParallelStrategy.__init__(
+            self,
+            process_group_backend=process_group_backend,
+            timeout=timeout or timedelta(minutes=self.config.dist_timeout_minutes),
+        )
+        self.accelerator = accelerator
+        self.parallel_devices = parallel_devices
+        self.cluster_environment = cluster_environment
+        self.precision_plugin = precision_plugin  # type: ignore[assignment]
+        self._wrap_classes = list(wrap_classes or [])
+
+    # ------------------------------------------------------------------ process group and mesh
+    def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
+        """Seed every RNG, join the process group (nccl on CUDA, gloo on CPU) and build the mesh."""
+        self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
+        super().setup_distributed(timeout)
+        self._device_mesh = self._build_mesh()
+
+    def setup_environment(self) -> None:
+        self._check_shard_size(self.num_nodes * self.num_processes)
+        self._setup_distributed()
+        self._device_mesh = self._build_mesh()
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def _check_shard_size(self, world_size: int) -> None:
+        size = self.config.shard_size
+        if size is not None and world_size % size:
+            raise ValueError(
+                f"StrategyConfig.shard_size={size} is invalid for world_size={world_size}; "
+                "accepted: None (shard over all ranks) or a divisor of the world size"
+            )
+
+    def _build_mesh(self) -> DeviceMesh:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if not dist.is_initialized():  # one process without a process group: FSDP2 still wants a mesh
+            backend = "nccl" if self.root_device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        size = self.config.shard_size or world
+        if size == world:
+            return init_device_mesh(self.root_device.type, (world,), mesh_dim_names=("shard",))
+        return init_device_mesh(self.root_device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices is not None:
+            return self.parallel_devices[self.local_rank]
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def local_rank(self) -> int:
+        if self.cluster_environment is not None:
+            return self.cluster_environment.local_rank()
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    # ------------------------------------------------------------------ sharding
+    @property
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        """The ``MixedPrecisionPolicy`` every model is sharded with."""
+        if self._precision_plugin is not None:
+            precision = str(self._precision_plugin.precision)
+        else:
+            precision = "bf16-mixed" if self.config.bf16 else "16-mixed" if self.config.fp16 else "32-true"
+        if precision not in _PRECISIONS:
+            raise ValueError(f"{type(self).__name__}: precision={precision!r} is not supported; accepted: "
+                             + ", ".join(map(repr, _PRECISIONS)))
+        param_dtype, reduce_dtype = _PRECISIONS[precision]
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` each transformer block of ``model`` (bottom-up), then ``model`` itself;
+        a model that is already sharded is returned unchanged."""
+        if isinstance(model, FSDPModule):
+            return model
+        if self._device_mesh is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup_distributed() before prepare() (a Trainer does it)")
+        kwargs = self._fully_shard_kwargs()
+        if not self.config.fsdp_cpu_offload:
+            model.to(self.root_device)
+        blocks = self._block_classes(model)
+        for module in reversed(list(model.modules())):
+            if module is not model and isinstance(module, blocks) and not isinstance(module, FSDPModule):
+                fully_shard(module, **kwargs)
+        return fully_shard(model, **kwargs)
+
+    def _fully_shard_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh, "mp_policy": self.mp_policy}
+        if self.config.fsdp_cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type == "cuda")
+        return kwargs
+
+    def _block_classes(self, model: nn.Module) -> tuple[type, ...]:
+        names = {c if isinstance(c, str) else c.__name__ for c in self._wrap_classes}
+        if not self._wrap_classes:
+            for module in model.modules():
+                names.update(getattr(module, "_no_split_modules", None) or ())
+        classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+        if self._wrap_classes and not classes:
+            raise ValueError(f"{type(self).__name__}: wrap_classes={sorted(names)} match no module of "
+                             f"{type(model).__name__}; accepted: classes of its submodules")
+        return classes
+
+    def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
+        if optimizer is None:
+            return self.shard(model), None
+        opt = unwrap_optimizer(optimizer)
+        if opt.state:
+            raise ValueError("LightRFTFSDP.prepare: the optimizer has already stepped; prepare the model before "
+                             "training so its state can be sharded with the parameters")
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.shard(model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for group in opt.param_groups:  # rebind in place: schedulers keep pointing at this optimizer
+            group["params"] = [params[names[id(p)]] for p in group["params"]]
+        return model, optimizer
+
+    # ------------------------------------------------------------------ training step hooks
+    def _no_gradient_sync(self, model: nn.Module, boundary: bool) -> AbstractContextManager:
+        if boundary or not isinstance(model, FSDPModule):
+            return nullcontext()
+        return _without_gradient_sync(model)
+
+    def _clip_grad_norm(self, model: nn.Module, optimizer: Optimizer, max_norm: float) -> torch.Tensor:
+        norm = super()._clip_grad_norm(model, optimizer, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    # ------------------------------------------------------------------ full weights (export, weight sync)
+    def iter_full_params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, full tensor)`` for every entry of ``model.state_dict()``, gathering one
+        parameter at a time. A collective: every rank must consume the whole iterator."""
+        for name, tensor in model.state_dict().items():
+            yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The unsharded state dict of ``model`` on CPU, on rank 0 (empty on the other ranks)."""
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ------------------------------------------------------------------ Lightning integration
+    def setup(self, trainer: Any) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        if not self.config.fsdp_cpu_offload:
+            self.model_to_device()
+        if not any(isinstance(m, FSDPModule) for m in self.model.modules()):  # else configure_model sharded it
+            self._shard_lightning_module(self.model)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard_lightning_module(self, module: nn.Module) -> None:
+        for child in module.children():
+            if any(True for _ in child.parameters()):
+                self.shard(child)
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, **self._fully_shard_kwargs())
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.model is not None
+        return get_model_state_dict(self.model)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        assert self.model is not None
+        return get_optimizer_state_dict(self.model, unwrap_optimizer(optimizer))
+
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write a Lightning checkpoint as a DCP directory ``filepath`` (model and optimizers sharded,
+        the rest in its ``extra_state.pt``)."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        path = Path(self.broadcast(str(filepath)))
+        checkpoint_dict["lightrft_train_states"] = {
+            name: {k: getattr(state, k) for k in _TRAIN_COUNTERS} for name, state in self._named_train_states()
+        }
+        dcp_state = {"state_dict": checkpoint_dict.pop("state_dict")}
+        for idx, state in enumerate(checkpoint_dict.pop("optimizer_states", [])):
+            dcp_state[f"optimizer_{idx}"] = state
+        checkpoint.save(str(path.parent), path.name, dcp_state, extra=checkpoint_dict, max_num=sys.maxsize,
+                        max_mem=float("inf"), save_latest=False, is_rank_0=self.is_global_zero, barrier=self.barrier)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`save_checkpoint` into the sharded model and optimizers
+        (with any world size) and return the rest of it."""
+        assert self.model is not None
+        path = str(self.broadcast(str(checkpoint_path)))
+        optimizers = [unwrap_optimizer(o) for o in self.optimizers]
+        template: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        for idx, opt in enumerate(optimizers):
+            template[f"optimizer_{idx}"] = get_optimizer_state_dict(self.model, opt)
+        extra = checkpoint.load(path, template)
+        strict = self.lightning_module.strict_loading if self.lightning_module is not None else True
+        set_model_state_dict(self.model, template["state_dict"], options=StateDictOptions(strict=strict))
+        for idx, opt in enumerate(optimizers):
+            set_optimizer_state_dict(self.model, opt, template[f"optimizer_{idx}"])
+        for name, counters in extra.pop("lightrft_train_states", {}).items():
+            for key, value in counters.items():
+                setattr(self._state(self.model.get_submodule(name)), key, value)
+        return extra
+
+    def _named_train_states(self) -> Iterator[tuple[str, Any]]:
+        assert self.model is not None
+        for name, module in self.model.named_modules():
+            if id(module) in self._train_states:
+                yield name, self._train_states[id(module)]
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(cls.strategy_name, cls, description="LightRFT API on FSDP2 (CPU and GPU)")
+
+
+@contextmanager
+def _without_gradient_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+LightRFTFSDP.register_strategies(StrategyRegistry)

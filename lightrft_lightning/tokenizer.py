@@ -1,0 +1,43 @@
+"""Tokenizers: the built-in character tokenizer (built in code, no files) or a local Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Optional
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+DEFAULT_CHARS = string.digits + string.ascii_lowercase + " +-*=:?.,"
+
+
+def char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars`` plus ``<pad>`` (0), ``<eos>`` (1) and ``<unk>`` (2).
+
+    Decoding joins characters back without spaces; padding is on the left (for generation).
+    """
+    if len(set(chars)) != len(chars):
+        raise ValueError(f"char_tokenizer: chars={chars!r} has repeated characters; accepted: distinct characters")
+    vocab = {PAD: 0, EOS: 1, UNK: 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+
+
+def load_tokenizer(name_or_path: str = "char", chars: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """``"char"`` gives :func:`char_tokenizer` (over ``chars`` if given); anything else must be a
+    local Hugging Face directory (no hub access). A tokenizer without a pad token pads with EOS."""
+    if name_or_path == "char":
+        return char_tokenizer(chars) if chars else char_tokenizer()
+    if not os.path.isdir(name_or_path):
+        raise ValueError(f"tokenizer={name_or_path!r} is neither 'char' nor a local directory; "
+                         "accepted: 'char' or the path of a Hugging Face model/tokenizer directory")
+    tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,60 @@
+"""An example YAML (GRPO, built by the LightningCLI) run for 2 steps; writes each step's logged metrics.
+
+    torchrun --nproc_per_node=2 grpo_strategies.py examples/grpo_tiny_fsdp.yaml OUT.json
+
+Greedy rollouts (temperature 0) make every prompt's completions independent of how prompts are
+split over ranks, so 2 ranks and 1 process must log the same loss and gradient norm. Also imported
+by tests/test_grpo.py (``run``) for the one-process reference with examples/grpo_tiny_fake.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightrft_lightning.cli import LightRFTCLI
+
+PROMPTS_PER_STEP = 8  # over all ranks
+STEPS = 2
+
+
+def digit_reward(prompts, completions, metadata):
+    """A dense reward (mean digit / 9) so that greedy rollouts of a random model differ in reward."""
+    return [sum(map(int, c)) / (9 * max(len(c), 1)) for c in completions]
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def run(config: str, world: int = 1) -> list[dict[str, float]]:
+    m = "--model.init_args."
+    args = ["--config", config, f"--trainer.devices={world}", f"--trainer.max_steps={STEPS}", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
+            f"--data.batch_size={PROMPTS_PER_STEP // world}", "--data.val_path=null", "--data.shuffle=false",
+            f"{m}temperature=0", f"{m}n_samples_per_prompt=2", f"{m}micro_train_batch_size=4", f"{m}epochs=2",
+            f"{m}advantage_estimator=reinforce++", f"{m}kl_coef=0.05", f"{m}kl_estimator=k2",
+            f"{m}actor_learning_rate=0.01", f'{m}rewards={{"grpo_strategies:digit_reward": 1.0}}']
+    cli = LightRFTCLI(args=args, run=False, save_config_callback=None)
+    recorder = Recorder()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return recorder.steps
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    steps = run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(steps, f)

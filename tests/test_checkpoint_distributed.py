@@ -1,0 +1,97 @@
+"""Checkpoints on 2 gloo ranks, each rank its own process: exact resume with DCPCheckpoint under
+LightRFTFSDP and LightRFTDeepSpeed (a manual-optimization module, and GRPO with sampling), SIGKILL
+of a rank during a save (the previous checkpoint loads and the run resumes exactly), and a peer
+that dies mid-training (the survivor fails within the configured timeout instead of hanging)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lightrft_lightning import checkpoint
+from tests.launch import SCRIPTS, free_port, torchrun
+
+
+def run(strategy: str, root, phase: str = "all", kill: str = "", check: bool = True, asynchronous: bool = False):
+    env = {"KILL": kill, "ASYNC": "1" if asynchronous else ""}
+    proc = torchrun("ckpt_resume.py", 2, strategy, str(root), phase, timeout=420, check=check, env=env)
+    found = re.search(r"^RESUME (.*)$", proc.stdout, re.M)
+    return proc, (json.loads(found.group(1)) if found else None)
+
+
+@pytest.fixture(scope="module")
+def fsdp_straight(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    _, out = run("fsdp", root, "all")
+    return root, out
+
+
+def test_fsdp_exact_resume(fsdp_straight):
+    _, out = fsdp_straight
+    assert out["first"] == out["straight"][:2]
+    assert out["resumed_from"] == "global_step2"
+    assert out["resumed"] == out["straight"][2:]
+    assert out["max_param_diff"] == 0.0
+
+
+def test_fsdp_exact_resume_with_async_save(tmp_path):
+    _, out = run("fsdp", tmp_path, "all", asynchronous=True)
+    assert out["resumed_from"] == "global_step2"
+    assert out["resumed"] == out["straight"][2:]
+    assert out["max_param_diff"] == 0.0
+
+
+def test_deepspeed_exact_resume(tmp_path):
+    _, out = run("deepspeed", tmp_path, "all")
+    assert out["resumed_from"] == "global_step2"
+    assert out["resumed"] == out["straight"][2:]
+    assert out["max_param_diff"] == 0.0
+
+
+@pytest.mark.parametrize("point", ["write", "publish"])
+def test_sigkill_during_save_keeps_the_previous_checkpoint(fsdp_straight, tmp_path, point):
+    straight_root, straight = fsdp_straight
+    shutil.copy(straight_root / "straight.pt", tmp_path / "straight.pt")
+    proc, _ = run("fsdp", tmp_path, "first", kill=point, check=False)
+    assert proc.returncode != 0  # rank 1 died during the save of step 4
+    assert checkpoint.read_latest(tmp_path / "b") == "global_step2"
+    assert not (tmp_path / "b" / "global_step4").exists()
+    _, out = run("fsdp", tmp_path, "resume")
+    assert out["resumed_from"] == "global_step2"  # the previous checkpoint loads
+    assert out["resumed"] == straight["straight"][2:] and out["max_param_diff"] == 0.0
+
+
+def test_peer_death_fails_within_the_timeout():
+    timeout_minutes = 0.25
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / "ckpt_peer_death.py"), str(timeout_minutes)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out, err = procs[0].communicate(timeout=300)
+    procs[1].wait(timeout=60)
+    ended = time.time()
+    assert procs[1].returncode == -9
+    assert procs[0].returncode != 0 and "finished without noticing" not in out
+    died_at = float(re.search(r"PEER_DEATH rank0 step1 at (\S+)", out).group(1))
+    assert ended - died_at < timeout_minutes * 60 + 30  # the configured timeout, plus process teardown
+    assert re.search(r"Timed out|Connection closed by peer|Connection reset by peer", err), err[-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_grpo_with_sampling_resumes_exactly(strategy, tmp_path):
+    out = torchrun("ckpt_grpo.py", 2, strategy, str(tmp_path), timeout=420).stdout
+    result = json.loads(re.search(r"^GRPO_RESUME (.*)$", out, re.M).group(1))
+    assert result["resumed_from"] == "global_step2"
+    assert result["resumed_rewards"] == result["straight_rewards"][2:]
+    assert result["resumed_losses"] == result["straight_losses"][2:]
+    assert result["max_param_diff"] == 0.0

@@ -1,0 +1,175 @@
+"""GRPO and PPO as LightningModules under Trainer.fit: learning, batching, resume, strategies."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightrft_lightning import LightRFTFake
+from lightrft_lightning.algorithms import GRPO, PPO
+from lightrft_lightning.data import PromptDataModule
+from lightrft_lightning.tasks import counting_prompts
+from tests.launch import torchrun
+
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import grpo_strategies  # noqa: E402  (also the 2-rank script)
+
+torch.set_num_threads(1)
+
+
+class Recorder(Callback):
+    """Keeps the logged metrics and the prompt indices of every step."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.indices.append(batch["index"].tolist())
+
+
+def fit(model, data, steps, callbacks=(), ckpt_path=None, **kwargs):
+    recorder = Recorder()
+    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), max_steps=steps, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+                         callbacks=[recorder, *callbacks], **kwargs)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, recorder
+
+
+def tiny_grpo(**kwargs):
+    defaults = dict(tokenizer_chars="0123456789", model_config={"hidden_size": 64, "intermediate_size": 128},
+                    n_samples_per_prompt=8, max_new_tokens=4, micro_train_batch_size=64,
+                    actor_learning_rate=3e-3, clip_high=0.28)
+    return GRPO(**{**defaults, **kwargs})
+
+
+def test_grpo_learns_the_counting_task():
+    pl.seed_everything(0, verbose=False)
+    _, rec = fit(tiny_grpo(), PromptDataModule(prompts=counting_prompts(1024, seed=0), batch_size=8), 60)
+    rewards = [m["reward"] for m in rec.metrics]
+    start, end = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert start < 0.15, rewards[:10]  # about 1/13: a random model over 13 tokens
+    assert end > start + 0.15, (start, end)
+    assert 1.0 <= rec.metrics[-1]["response_length"] <= 4.0
+    for key in ("entropy", "clip_frac", "adv_std", "reward_std", "perf/tokens_per_s", "time/generate",
+                "time/train", "rollout/sync_s", "rollout/generate_s", "actor/grad_norm"):
+        assert key in rec.metrics[-1], key
+
+
+@pytest.mark.parametrize("variant", [
+    dict(advantage_estimator="dr_grpo", loss_agg="constant"),
+    dict(advantage_estimator="rloo", loss_agg="sequence", kl_coef=0.1, kl_estimator="k1"),
+    dict(advantage_estimator="reinforce++_baseline", kl_coef=0.1, kl_in_reward=True, kl_estimator="k3"),
+])
+def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant):
+    # 4 prompts x 8 samples = 32 per step; micro 8, train_batch_size 16 -> 2 optimizer steps per pass, 2 passes
+    pl.seed_everything(0, verbose=False)
+    model = tiny_grpo(micro_train_batch_size=8, train_batch_size=16, epochs=2, **variant)
+    before = {n: p.detach().clone() for n, p in model.actor.named_parameters()}
+    trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(64), batch_size=4), 3)
+    state = trainer.strategy._state(model.actor)
+    assert (state.steps, state.micro_steps) == (3 * 2 * 2, 3 * 4 * 2)
+    assert trainer.global_step == 3
+    assert trainer.strategy.config.accumulation_steps(1) == 2
+    assert any(not torch.equal(before[n], p) for n, p in model.actor.named_parameters())
+    if variant.get("kl_coef"):
+        assert rec.metrics[-1]["kl"] != 0  # the policy moved away from the frozen reference (k1 may be < 0)
+        assert all(not p.requires_grad for p in model.ref.parameters())
+
+
+def test_sizes_that_do_not_divide_are_refused():
+    with pytest.raises(ValueError, match="train_batch_size=20 is not divisible by micro_train_batch_size=8"):
+        fit(tiny_grpo(micro_train_batch_size=8, train_batch_size=20), PromptDataModule(prompts=counting_prompts(64),
+                                                                                     batch_size=4), 1)
+    # 24 = 3 micro-batches of 8, but a 32-sample rollout is not a whole number of such steps
+    with pytest.raises(ValueError, match="rollout of 32 samples per rank does not split into optimizer steps of 24"):
+        fit(tiny_grpo(micro_train_batch_size=8, train_batch_size=24), PromptDataModule(prompts=counting_prompts(64),
+                                                                                     batch_size=4), 1)
+
+
+def test_needs_a_lightrft_strategy():
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="needs a LightRFT strategy.*lightrft_fake"):
+        trainer.fit(tiny_grpo(), PromptDataModule(prompts=counting_prompts(64), batch_size=4))
+
+
+def test_bad_hyperparameters_name_the_field():
+    with pytest.raises(ValueError, match="GRPO.advantage_estimator='gae' is invalid; accepted: group_norm"):
+        GRPO(advantage_estimator="gae")
+    with pytest.raises(ValueError, match="GRPO.loss_agg='sum' is invalid"):
+        GRPO(loss_agg="sum")
+    with pytest.raises(ValueError, match="SamplingParams.top_p"):
+        GRPO(top_p=0.0)
+
+
+def test_resume_neither_replays_nor_skips_prompts(tmp_path):
+    # 20 prompts, 4 per step: an epoch is 5 steps; stop after 3, resume, run to 8 (across an epoch)
+    data = lambda: PromptDataModule(prompts=counting_prompts(20), batch_size=4, seed=5)  # noqa: E731
+    pl.seed_everything(0, verbose=False)
+    _, full = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    _, first = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 3,
+                   callbacks=[ckpt], enable_checkpointing=True)
+    path = next(tmp_path.glob("*step=3*.ckpt"))
+    _, second = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8, ckpt_path=str(path))
+    assert first.indices + second.indices == full.indices
+    assert sorted(i for step in full.indices[:5] for i in step) == list(range(20))
+
+
+def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path):
+    from transformers import Qwen2ForSequenceClassification
+
+    from lightrft_lightning.tiny_models import tiny_qwen2_config
+    from lightrft_lightning.tokenizer import char_tokenizer
+
+    tok = char_tokenizer("0123456789")
+    torch.manual_seed(1)
+    Qwen2ForSequenceClassification(tiny_qwen2_config(vocab_size=len(tok), num_labels=1,
+                                                     pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    pl.seed_everything(0, verbose=False)
+    model = PPO(tokenizer_chars="0123456789", n_samples_per_prompt=2, max_new_tokens=4, micro_train_batch_size=8,
+                epochs=2, kl_coef=0.05, actor_learning_rate=1e-3, critic_learning_rate=1e-2,
+                rewards={"lightrft_lightning.tasks:counting_reward": 1.0, str(tmp_path): 0.5})
+    head = model.critic.value_head.weight.detach().clone()
+    trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(32), batch_size=4), 2)
+    assert trainer.global_step == 2
+    actor, critic = trainer.strategy._state(model.actor), trainer.strategy._state(model.critic)
+    assert actor.steps == critic.steps == 2 * 2  # one optimizer step per pass, for each model
+    assert not torch.equal(head, model.critic.value_head.weight)
+    assert len(trainer.optimizers) == 2
+    assert trainer.optimizers[1].param_groups[0]["lr"] == 1e-2
+    last = rec.metrics[-1]
+    assert torch.isfinite(torch.tensor([last["loss/value"], last["loss/policy"], last["kl"]])).all()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, tmp_path, monkeypatch):
+    """examples/grpo_tiny_{fsdp,deepspeed}.yaml on 2 ranks against examples/grpo_tiny_fake.yaml."""
+    module = f"lightrft_lightning.strategies.{strategy}"
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not in this checkout yet")
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "steps.json"
+    torchrun("grpo_strategies.py", 2, f"examples/grpo_tiny_{strategy}.yaml", str(out), env={"PYTHONPATH": ROOT},
+             timeout=300)
+    ranks = json.loads(out.read_text())
+    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml")
+    assert len(ranks) == len(one) == grpo_strategies.STEPS
+    for got, ref in zip(ranks, one):
+        for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    assert one[0]["loss/policy"] != 0 and one[0]["actor/grad_norm"] > 0
