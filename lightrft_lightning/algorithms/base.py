@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, kl_penalty
-from lightrft_lightning.algorithms.losses import LOSS_AGGS
+from lightrft_lightning.algorithms.losses import LOSS_AGGS, policy_loss
 from lightrft_lightning.algorithms.rewards import CombinedReward
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.engines.base import Completion, SamplingParams
@@ -60,6 +60,18 @@ def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = N
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+
+
+@dataclass
+class PolicyTerms:
+    """One micro-batch's policy-loss terms (see ``RLModule._policy_terms``)."""
+
+    mb: Experience
+    agg: dict[str, Any]
+    logp: Tensor
+    loss: Tensor
+    clip_frac: float
+    entropy: float
 
 
 class RLModule(pl.LightningModule):
@@ -206,6 +218,26 @@ class RLModule(pl.LightningModule):
             start = len(prompt_ids[c.prompt_index]) - 1
             action[i, start: start + len(c.token_ids)] = 1
         return ids.to(self.device), attn.to(self.device), action.to(self.device)
+
+    def _policy_terms(self, exp: Experience) -> Iterator[PolicyTerms]:
+        """For each micro-batch of each optimization epoch: the actor's log-probs and entropy and the
+        clipped policy loss, aggregated so that accumulated micro-batches add up to the step's loss."""
+        hp = self.hparams
+        accumulation = self.trainer.strategy.accumulation_steps
+        normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
+        for _ in range(hp.epochs):
+            for i, mb in enumerate(self._micro_batches(exp)):
+                agg: dict[str, Any] = {}
+                if normalizer is not None:
+                    agg["num_tokens"] = normalizer[i // accumulation]
+                elif hp.loss_agg == "constant":
+                    agg["max_len"] = hp.max_new_tokens
+                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
+                old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
+                                              self.clip_low, self.clip_high, hp.loss_agg, **agg)
+                mean_entropy = ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
+                yield PolicyTerms(mb, agg, logp, loss, clip_frac.item(), mean_entropy)
 
     def _micro_batches(self, exp: Experience) -> Iterator[Experience]:
         size = self.hparams.micro_train_batch_size

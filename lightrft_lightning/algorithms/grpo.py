@@ -9,7 +9,7 @@ import torch
 
 from lightrft_lightning.algorithms.advantages import ESTIMATORS, compute_advantages
 from lightrft_lightning.algorithms.base import Experience, RLModule
-from lightrft_lightning.algorithms.losses import kl_loss, policy_loss
+from lightrft_lightning.algorithms.losses import kl_loss
 
 
 class GRPO(RLModule):
@@ -56,33 +56,22 @@ class GRPO(RLModule):
         hp = self.hparams
         strategy = self.trainer.strategy
         optimizer = self.optimizers()
-        accumulation = strategy.accumulation_steps
-        normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
         use_kl_loss = self.ref is not None and not hp.kl_in_reward
         sums: dict[str, float] = {"loss/policy": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         if self.ref is not None:
             sums["kl"] = 0.0
         count = 0
-        for _ in range(hp.epochs):
-            for i, mb in enumerate(self._micro_batches(exp)):
-                agg: dict[str, Any] = {}
-                if normalizer is not None:
-                    agg["num_tokens"] = normalizer[i // accumulation]
-                elif hp.loss_agg == "constant":
-                    agg["max_len"] = hp.max_new_tokens
-                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
-                old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
-                                              self.clip_low, self.clip_high, hp.loss_agg, **agg)
-                sums["loss/policy"] += loss.item()
-                if self.ref is not None:
-                    kl_term = kl_loss(logp, mb.ref_logp, mb.action_mask, hp.kl_estimator, hp.loss_agg, **agg)
-                    sums["kl"] += kl_term.item()
-                    if use_kl_loss:
-                        loss = loss + hp.kl_coef * kl_term
-                strategy.backward(loss, self.actor, optimizer)
-                strategy.optimizer_step(optimizer, self.actor, None, name="actor")
-                sums["clip_frac"] += clip_frac.item()
-                sums["entropy"] += ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
-                count += 1
+        for t in self._policy_terms(exp):
+            loss = t.loss
+            sums["loss/policy"] += loss.item()
+            if self.ref is not None:
+                kl_term = kl_loss(t.logp, t.mb.ref_logp, t.mb.action_mask, hp.kl_estimator, hp.loss_agg, **t.agg)
+                sums["kl"] += kl_term.item()
+                if use_kl_loss:
+                    loss = loss + hp.kl_coef * kl_term
+            strategy.backward(loss, self.actor, optimizer)
+            strategy.optimizer_step(optimizer, self.actor, None, name="actor")
+            sums["clip_frac"] += t.clip_frac
+            sums["entropy"] += t.entropy
+            count += 1
         return {k: v / count for k, v in sums.items()}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightrft_lightning.algorithms.advantages import compute_advantages, whiten
 from lightrft_lightning.algorithms.base import Experience, RLModule
-from lightrft_lightning.algorithms.losses import policy_loss, value_loss
+from lightrft_lightning.algorithms.losses import value_loss
 
 
 class CriticModel(nn.Module):
@@ -90,30 +90,19 @@ class PPO(RLModule):
         hp = self.hparams
         strategy = self.trainer.strategy
         actor_opt, critic_opt = self.optimizers()
-        accumulation = strategy.accumulation_steps
-        normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
         sums = {"loss/policy": 0.0, "loss/value": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         count = 0
-        for _ in range(hp.epochs):
-            for i, mb in enumerate(self._micro_batches(exp)):
-                agg: dict[str, Any] = {}
-                if normalizer is not None:
-                    agg["num_tokens"] = normalizer[i // accumulation]
-                elif hp.loss_agg == "constant":
-                    agg["max_len"] = hp.max_new_tokens
-                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
-                old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
-                                              self.clip_low, self.clip_high, hp.loss_agg, **agg)
-                strategy.backward(loss, self.actor, actor_opt)
-                strategy.optimizer_step(actor_opt, self.actor, None, name="actor")
-                values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-                v_loss = value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, hp.loss_agg, **agg)
-                strategy.backward(v_loss, self.critic, critic_opt)
-                strategy.optimizer_step(critic_opt, self.critic, None, name="critic")
-                sums["loss/policy"] += loss.item()
-                sums["loss/value"] += v_loss.item()
-                sums["clip_frac"] += clip_frac.item()
-                sums["entropy"] += ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
-                count += 1
+        for t in self._policy_terms(exp):
+            mb = t.mb
+            strategy.backward(t.loss, self.actor, actor_opt)
+            strategy.optimizer_step(actor_opt, self.actor, None, name="actor")
+            values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
+            v_loss = value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, hp.loss_agg, **t.agg)
+            strategy.backward(v_loss, self.critic, critic_opt)
+            strategy.optimizer_step(critic_opt, self.critic, None, name="critic")
+            sums["loss/policy"] += t.loss.item()
+            sums["loss/value"] += v_loss.item()
+            sums["clip_frac"] += t.clip_frac
+            sums["entropy"] += t.entropy
+            count += 1
         return {k: v / count for k, v in sums.items()}
