@@ -1,4 +1,3 @@
-# LEAD NOTE: moved here from lightrft_lightning/callbacks/ (that folder shadowed the package-dir mapping and broke `lightrft_lightning.callbacks`). Edit THIS file: /work/main/callbacks/dcp_checkpoint.py. Never create lightrft_lightning/callbacks/.
 """`DCPCheckpoint`: periodic, atomic, rotating checkpoints through the strategy, with automatic
 resume from ``latest`` and exact RNG restore."""
 
