@@ -219,6 +219,19 @@ class RLModule(pl.LightningModule):
             action[i, start: start + len(c.token_ids)] = 1
         return ids.to(self.device), attn.to(self.device), action.to(self.device)
 
+    def _train_and_log(self, exp: Experience, rewards: Tensor, metrics: dict[str, Any], start: float) -> None:
+        """Run the optimization epochs (``self._train``) on a scored rollout, then log reward,
+        advantage, response-length and timing metrics with the training metrics."""
+        train_start = time.perf_counter()
+        metrics.update(self._train(exp))
+        end = time.perf_counter()
+        tokens = exp.action_mask.sum()
+        metrics.update(self._stats("reward", rewards, torch.ones_like(rewards)))
+        metrics.update(self._stats("adv", exp.advantages, exp.action_mask))
+        metrics.update({"response_length": tokens / len(exp), "time/train": end - train_start,
+                        "perf/tokens_per_s": tokens / (end - start)})
+        self._log_metrics(metrics)
+
     def _policy_terms(self, exp: Experience) -> Iterator[PolicyTerms]:
         """For each micro-batch of each optimization epoch: the actor's log-probs and entropy and the
         clipped policy loss, aggregated so that accumulated micro-batches add up to the step's loss."""

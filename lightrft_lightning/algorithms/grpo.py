@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 
 from lightrft_lightning.algorithms.advantages import ESTIMATORS, compute_advantages
 from lightrft_lightning.algorithms.base import Experience, RLModule
@@ -42,15 +41,7 @@ class GRPO(RLModule):
         exp.advantages, exp.returns = compute_advantages(
             hp.advantage_estimator, rewards, exp.action_mask, hp.n_samples_per_prompt,
             kl=kl, kl_coef=hp.kl_coef, reduce=self._all_reduce_sum)
-        train_start = time.perf_counter()
-        metrics.update(self._train(exp))
-        end = time.perf_counter()
-        tokens = exp.action_mask.sum()
-        metrics.update(self._stats("reward", rewards, torch.ones_like(rewards)))
-        metrics.update(self._stats("adv", exp.advantages, exp.action_mask))
-        metrics.update({"response_length": tokens / len(exp), "time/train": end - train_start,
-                        "perf/tokens_per_s": tokens / (end - start)})
-        self._log_metrics(metrics)
+        self._train_and_log(exp, rewards, metrics, start)
 
     def _train(self, exp: Experience) -> dict[str, Any]:
         hp = self.hparams

@@ -74,17 +74,9 @@ class PPO(RLModule):
                                               kl_coef=hp.kl_coef if hp.kl_in_reward else 0.0, values=exp.values,
                                               gamma=self.gamma, lam=self.lam)
         exp.advantages = whiten(adv, exp.action_mask, self._all_reduce_sum)
-        train_start = time.perf_counter()
-        metrics.update(self._train(exp))
-        end = time.perf_counter()
-        tokens = exp.action_mask.sum()
-        metrics.update(self._stats("reward", rewards, torch.ones_like(rewards)))
-        metrics.update(self._stats("adv", exp.advantages, exp.action_mask))
-        metrics.update({"response_length": tokens / len(exp),
-                        "time/train": end - train_start, "perf/tokens_per_s": tokens / (end - start)})
         if kl is not None:
-            metrics["kl"] = (kl * exp.action_mask).sum() / tokens
-        self._log_metrics(metrics)
+            metrics["kl"] = (kl * exp.action_mask).sum() / exp.action_mask.sum()
+        self._train_and_log(exp, rewards, metrics, start)
 
     def _train(self, exp: Experience) -> dict[str, Any]:
         hp = self.hparams
