@@ -40,9 +40,9 @@ class DCPCheckpoint(Checkpoint):
     Saved and restored: every model and optimizer, the schedulers, the loops' step counters, the
     strategy's step counters, the datamodule's state (the prompt sampler position of
     ``PromptDataModule``) and each rank's torch, numpy and python RNG states. The RNG states are
-    applied just before the first training step after resuming, so a resumed run draws the same
-    numbers as an uninterrupted one (exactly, when a save does not fall on the last batch of an
-    epoch: the DataLoader draws a seed from the torch RNG when a new epoch starts). After a resume
+    applied just before the first training step after resuming (before the next epoch's DataLoader
+    iterator draws its seed when the save ended an epoch), so a resumed run draws the same numbers
+    as an uninterrupted one. After a resume
     the rollout engine gets the restored weights on its next generation, as after any step.
 
     Args:
@@ -129,6 +129,11 @@ class DCPCheckpoint(Checkpoint):
         connector._restore_modules_and_callbacks(str(path))
         self.resumed_from = tag
         self._last_step = trainer.global_step
+        if self._to_restore is not None and self._to_restore.get("at_epoch_end"):
+            # the next epoch's DataLoader iterator is created (and draws from the torch RNG) before
+            # its first batch, as in the uninterrupted run: restore the RNG before that
+            rng = self._to_restore.pop("rng")
+            _set_rng_state(rng[_rank() % len(rng)])
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's RNG states (gathered: this runs on every rank while saving), the strategy's
@@ -139,7 +144,10 @@ class DCPCheckpoint(Checkpoint):
             dist.all_gather_object(states, rng)
         else:
             states = [rng]
-        return {"rng": states, "counters": _counters(self._trainer) if self._trainer is not None else {}}
+        trainer = self._trainer
+        at_epoch_end = trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"rng": states, "counters": _counters(trainer) if trainer is not None else {},
+                "at_epoch_end": at_epoch_end}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict
@@ -148,9 +156,8 @@ class DCPCheckpoint(Checkpoint):
         if self._to_restore is None:
             return
         state, self._to_restore = self._to_restore, None
-        rank = dist.get_rank() if dist.is_initialized() else 0
         if state.get("rng"):
-            _set_rng_state(state["rng"][rank % len(state["rng"])])
+            _set_rng_state(state["rng"][_rank() % len(state["rng"])])
         strategy = trainer.strategy
         if isinstance(strategy, StrategyBase):
             for name, values in state.get("counters", {}).items():
@@ -272,6 +279,10 @@ def _submodule(module: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
         return module.get_submodule(name)
     except AttributeError:
         return None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _rng_state() -> dict[str, Any]:

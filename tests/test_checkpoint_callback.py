@@ -104,3 +104,21 @@ def test_grpo_with_sampling_resumes_exactly(tmp_path):
     assert callback.resumed_from == "global_step2"
     assert metrics == straight_metrics[2:]
     assert max_diff(params(resumed.actor), params(straight.actor)) == 0.0
+
+
+def test_resume_from_the_last_batch_of_an_epoch_is_bitwise_exact(tmp_path):
+    """4 prompts in batches of 2: step 2 ends epoch 0, so the resumed run starts a new epoch, whose
+    DataLoader iterator draws from the torch RNG before the first batch."""
+    def fit_small(max_steps, callbacks, seed=0):
+        pl.seed_everything(123, verbose=False)
+        module, recorder = NoisyLM(seed=seed), LossRecorder()
+        trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(CONFIG), max_steps=max_steps, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, *callbacks])
+        trainer.fit(module, prompts(4))
+        return module, recorder.losses
+
+    straight, straight_losses = fit_small(4, [DCPCheckpoint(tmp_path / "a", every_n_train_steps=2)])
+    fit_small(2, [DCPCheckpoint(tmp_path / "b", every_n_train_steps=2)])
+    resumed, second = fit_small(4, [DCPCheckpoint(tmp_path / "b", every_n_train_steps=2)], seed=99)
+    assert second == straight_losses[2:]
+    assert max_diff(params(resumed), params(straight)) == 0.0
