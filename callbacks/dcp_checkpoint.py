@@ -24,7 +24,6 @@ from lightrft_lightning.strategies.base import StrategyBase
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"global_step(\d+)")
-_COUNTERS = ("micro_steps", "steps", "skipped_steps")
 
 
 class DCPCheckpoint(Checkpoint):
@@ -165,8 +164,7 @@ class DCPCheckpoint(Checkpoint):
                 if module is None:
                     continue
                 train_state = strategy._state(module)
-                for key in _COUNTERS:
-                    setattr(train_state, key, values[key])
+                train_state.load_counters(values)
                 if values.get("scheduler") is not None and train_state.scheduler is not None:
                     train_state.scheduler.load_state_dict(values["scheduler"])
 
@@ -267,7 +265,7 @@ def _counters(trainer: pl.Trainer) -> dict[str, dict[str, int]]:
     for name, sub in module.named_modules():
         state = strategy._train_states.get(id(sub))
         if state is not None:
-            out[name] = {k: getattr(state, k) for k in _COUNTERS}
+            out[name] = state.counters()
             # a scheduler given to strategy.prepare/optimizer_step that Lightning does not know about
             scheduler = state.scheduler if id(state.scheduler) not in lightning_schedulers else None
             out[name]["scheduler"] = scheduler.state_dict() if scheduler is not None else None

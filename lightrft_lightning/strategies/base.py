@@ -52,6 +52,15 @@ class TrainState:
     skipped_steps: int = 0
     grad_norm: float = 0.0
 
+    def counters(self) -> dict[str, int]:
+        """The step counters a checkpoint keeps."""
+        return {"micro_steps": self.micro_steps, "steps": self.steps, "skipped_steps": self.skipped_steps}
+
+    def load_counters(self, counters: dict[str, int]) -> None:
+        for key in ("micro_steps", "steps", "skipped_steps"):
+            if key in counters:
+                setattr(self, key, counters[key])
+
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer behind a Lightning ``LightningOptimizer`` (or the optimizer itself)."""
@@ -251,8 +260,7 @@ class StrategyBase:
             tag,
             self._model_state(model, state.optimizer),
             extra={"scheduler": state.scheduler.state_dict() if state.scheduler else None,
-                   "train_state": {"micro_steps": state.micro_steps, "steps": state.steps,
-                                   "skipped_steps": state.skipped_steps},
+                   "train_state": state.counters(),
                    "client_state": client_state or {}},
             max_num=max_num,
             max_mem=max_mem,
@@ -283,8 +291,7 @@ class StrategyBase:
         if state.scheduler is not None and load_lr_scheduler_states and not load_module_only and extra["scheduler"]:
             state.scheduler.load_state_dict(extra["scheduler"])
         if not load_module_only:
-            for key, value in extra.get("train_state", {}).items():
-                setattr(state, key, value)
+            state.load_counters(extra.get("train_state", {}))
         return path, extra["client_state"]
 
     def _model_state(self, model: nn.Module, optimizer: Optional[Optimizer]) -> dict[str, Any]:

@@ -428,8 +428,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
         state = self._state(model)
         tag = tag or f"global_step{state.steps}"
-        extra = {"client_state": client_state or {}, "train_state": {
-            "micro_steps": state.micro_steps, "steps": state.steps, "skipped_steps": state.skipped_steps}}
+        extra = {"client_state": client_state or {}, "train_state": state.counters()}
         engine = self._engine(model)
         engine.save_checkpoint(save_dir, tag=tag, client_state=extra, save_latest=save_latest,
                                exclude_frozen_parameters=kwargs.get("exclude_frozen_parameters", False))
@@ -464,8 +463,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         extra = extra or {}
         if not load_module_only:
             state = self._state(model)
-            for key, value in extra.get("train_state", {}).items():
-                setattr(state, key, value)
+            state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:

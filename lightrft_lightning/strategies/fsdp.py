@@ -40,7 +40,6 @@ _PRECISIONS: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
     "16-mixed": (torch.float16, torch.float32),
     "16-true": (None, torch.float32),
 }
-_TRAIN_COUNTERS = ("micro_steps", "steps", "skipped_steps")
 
 
 class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
@@ -260,7 +259,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
         path = Path(self.broadcast(str(filepath)))
         checkpoint_dict["lightrft_train_states"] = {
-            name: {k: getattr(state, k) for k in _TRAIN_COUNTERS} for name, state in self._named_train_states()
+            name: state.counters() for name, state in self._named_train_states()
         }
         dcp_state = {"state_dict": checkpoint_dict.pop("state_dict")}
         for idx, state in enumerate(checkpoint_dict.pop("optimizer_states", [])):
@@ -283,8 +282,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         for idx, opt in enumerate(optimizers):
             set_optimizer_state_dict(self.model, opt, template[f"optimizer_{idx}"])
         for name, counters in extra.pop("lightrft_train_states", {}).items():
-            for key, value in counters.items():
-                setattr(self._state(self.model.get_submodule(name)), key, value)
+            self._state(self.model.get_submodule(name)).load_counters(counters)
         return extra
 
     def _named_train_states(self) -> Iterator[tuple[str, Any]]:
