@@ -2,11 +2,13 @@
 
 1. step time of ``Trainer + LightRFTDeepSpeed`` (manual optimization) against a hand-written
    DeepSpeed engine loop (``engine(...)``, ``engine.backward``, ``engine.step``) on the same model,
-   data and DeepSpeed config; the two are interleaved (A B A B ...) to share the machine's noise.
+   data and DeepSpeed config, in one fit: each Trainer step is followed by one hand-written step on
+   the same batch (A B A B ...), so each pair shares the machine's load; the ratio is the median
+   per pair.
 2. per-rank training state bytes (parameters + fp32 master copies + Adam moments) per ZeRO stage,
    against one process with torch AdamW.
 
-    python bench/bench_deepspeed.py [--steps 30] [--rounds 2]     (re-launches itself with torchrun)
+    python bench/bench_deepspeed.py [--steps 60] [--stage 2]     (re-launches itself with torchrun)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -58,23 +61,44 @@ def batches(steps: int) -> torch.Tensor:
     return torch.randint(0, MODEL["vocab_size"], (steps * MICRO * 2, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def hand_loop(steps: int, stage: int) -> list[float]:
+def hand_engine(stage: int) -> Any:
     """The reference: a DeepSpeed engine driven by hand, with the strategy's own DeepSpeed config."""
     import deepspeed
 
-    ds_config = LightRFTDeepSpeed(config(stage)).ds_config()
     model = tiny_causal_lm(seed=0, **MODEL)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                      config=ds_config, dist_init_required=False)
-    data = batches(steps)
-    rank, starts = dist.get_rank(), []
-    for step in range(steps):
-        starts.append(time.perf_counter())
-        ids = data[(2 * step + rank) * MICRO:(2 * step + rank + 1) * MICRO]
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-    return [b - a for a, b in zip(starts, starts[1:])]  # start to start: everything a step costs
+                                      config=LightRFTDeepSpeed(config(stage)).ds_config(), dist_init_required=False)
+    return engine
+
+
+def hand_step(engine: Any, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return time.perf_counter() - start
+
+
+class PairedHandStep(L.Callback):
+    """Right after each Trainer step, one hand-written engine step on the same batch, so the pair
+    shares the machine's load. A Trainer step is timed from one ``on_train_batch_start`` to the
+    next (data loading and all of Lightning's per-step work included), less its paired hand step."""
+
+    def __init__(self, stage: int) -> None:
+        self.engine = hand_engine(stage)
+        self.starts: list[float] = []
+        self.hand: list[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, ids: torch.Tensor,
+                           batch_idx: int) -> None:
+        self.hand.append(hand_step(self.engine, ids))
+
+    def pairs(self) -> list[tuple[float, float]]:
+        """(Trainer step, hand step) seconds for every step but the last (which has no next start)."""
+        return [(b - a - h, h) for a, b, h in zip(self.starts, self.starts[1:], self.hand)]
 
 
 class Actor(L.LightningModule):
@@ -82,29 +106,37 @@ class Actor(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.actor = tiny_causal_lm(seed=0, **MODEL)
-        self.starts: list[float] = []
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self.starts.append(time.perf_counter())  # start to start: data loading and loop overhead included
-
-    def training_step(self, ids, batch_idx) -> None:
+    def training_step(self, ids: torch.Tensor, batch_idx: int) -> None:
         loss = self.actor(input_ids=ids, labels=ids).loss
         self.manual_backward(loss)
         self.optimizers().step()
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.actor.parameters(), lr=1e-4)
 
 
-def trainer_loop(steps: int, stage: int) -> list[float]:
+def paired_steps(steps: int, stage: int) -> list[tuple[float, float]]:
     data = batches(steps)
-    module = Actor()
     loader = DataLoader(data, batch_size=MICRO, sampler=DistributedSampler(data, 2, dist.get_rank(), shuffle=False))
+    timer = PairedHandStep(stage)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=LightRFTDeepSpeed(config(stage)), max_steps=steps,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[timer],
                         enable_model_summary=False, use_distributed_sampler=False)
-    trainer.fit(module, loader)
-    return [b - a for a, b in zip(module.starts, module.starts[1:])]
+    trainer.fit(Actor(), loader)
+    return timer.pairs()
+
+
+def null_pairs(steps: int, stage: int) -> list[tuple[float, float]]:
+    """The method's noise floor: two identical hand-written engines paired the same way."""
+    first, second, data, rank = hand_engine(stage), hand_engine(stage), batches(steps), dist.get_rank()
+    starts, hand = [], []
+    for step in range(steps):
+        starts.append(time.perf_counter())
+        ids = data[(2 * step + rank) * MICRO:(2 * step + rank + 1) * MICRO]
+        hand_step(first, ids)
+        hand.append(hand_step(second, ids))
+    return [(b - a - h, h) for a, b, h in zip(starts, starts[1:], hand)]
 
 
 def state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -157,28 +189,28 @@ def one_process_bytes() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--stage", type=int, default=2)
     args = ap.parse_args()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    hand, lightning = [], []
-    for _ in range(args.rounds):
-        hand += hand_loop(args.steps, args.stage)[args.warmup:]
-        lightning += trainer_loop(args.steps, args.stage)[args.warmup:]
+    pairs = paired_steps(args.steps, args.stage)[args.warmup:]
+    null = null_pairs(args.steps, args.stage)[args.warmup:]
     sizes = {stage: stage_bytes(stage) for stage in (1, 2, 3)}
     single = one_process_bytes() if dist.get_rank() == 0 else 0
     if dist.get_rank() == 0:
-        h, t = statistics.median(hand), statistics.median(lightning)
+        t, h = (statistics.median(column) for column in zip(*pairs))
+        ratio = statistics.median(a / b for a, b in pairs)
         print(f"\nStep time, 2 CPU ranks, ZeRO-{args.stage}, fp32, Qwen2 {MODEL['hidden_size']}x{MODEL['num_hidden_layers']}"
               f" ({sum(p.numel() for p in tiny_causal_lm(**MODEL).parameters()) / 1e6:.2f} M params), micro batch {MICRO}x{SEQ},"
-              f" {args.rounds} x {args.steps - args.warmup} timed steps each (median)")
+              f" {len(pairs)} paired steps (median; ratio: median per pair)")
         print("| loop | step time (ms) | ratio |\n|---|---|---|")
         print(f"| hand-written DeepSpeed engine loop | {h * 1e3:.1f} | 1.000 |")
-        print(f"| Trainer + LightRFTDeepSpeed | {t * 1e3:.1f} | {t / h:.3f} |")
+        print(f"| Trainer + LightRFTDeepSpeed | {t * 1e3:.1f} | {ratio:.3f} |")
+        print(f"| hand-written loop paired with itself (noise floor) | {statistics.median(a for a, _ in null) * 1e3:.1f}"
+              f" | {statistics.median(a / b for a, b in null):.3f} |")
         print("\nPer-rank training state (params + fp32 master + Adam moments; gradients, which ZeRO-2 also"
               " partitions, are transient and not counted), rank 0 of 2, vs one process")
         print("| setup | MiB | ratio |\n|---|---|---|")

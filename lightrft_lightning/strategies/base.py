@@ -205,14 +205,14 @@ class StrategyBase:
             opt.zero_grad(set_to_none=True)
             state.skipped_steps += 1
             log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
-            self._log_step(name, state)
+            self._log_step(name, state, skipped=True)
             return False
         opt.step()
         opt.zero_grad(set_to_none=True)
         if state.scheduler is not None:
             state.scheduler.step()
         state.steps += 1
-        self._log_step(name, state)
+        self._log_step(name, state, skipped=False)
         return True
 
     def _no_gradient_sync(self, model: nn.Module, boundary: bool) -> AbstractContextManager:
@@ -226,9 +226,14 @@ class StrategyBase:
             return torch.tensor(0.0)
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
-    def _log_step(self, name: str, state: TrainState) -> None:
+    def _log_step(self, name: str, state: TrainState, skipped: bool) -> None:
+        """``self.log`` the gradient norm and skipped-step count of ``name`` on the steps where Lightning
+        writes logs (every ``log_every_n_steps``) and on a skipped step. Loggers never see the other
+        steps' values, and each ``self.log`` call costs about a millisecond."""
         module = getattr(self, "lightning_module", None)
         if module is None or module._trainer is None or module._current_fx_name is None:
+            return
+        if not (skipped or module._trainer._logger_connector.should_update_logs):
             return
         module.log(f"{name}/grad_norm", state.grad_norm if state.grad_norm == state.grad_norm else -1.0)
         module.log(f"{name}/skipped_steps", float(state.skipped_steps))

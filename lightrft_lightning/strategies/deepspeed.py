@@ -312,10 +312,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if engine.skipped_steps > skipped:
             state.skipped_steps += 1
             log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
-            self._log_step(name, state)
+            self._log_step(name, state, skipped=True)
             return False
         state.steps += 1
-        self._log_step(name, state)
+        self._log_step(name, state, skipped=False)
         return True
 
     # ------------------------------------------------------------------ Lightning training step

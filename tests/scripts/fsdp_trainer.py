@@ -69,7 +69,7 @@ def fit(root: Path, ckpt_path=None, module=None, max_steps=4):
     module = module or ActorCritic()
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy=LightRFTFSDP(dict(CONFIG)), max_steps=max_steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root), log_every_n_steps=2,
         callbacks=[ModelCheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=2, save_top_k=-1)],
     )
     trainer.fit(module, ckpt_path=ckpt_path)
