@@ -54,7 +54,7 @@ def _diff(run: Path, ref: Path) -> tuple[float, float, dict, dict]:
     return loss, param, result, expected
 
 
-@pytest.mark.parametrize("run", ["z1-lightrft", "z2-lightrft", "z3-lightrft", "z3-openrlhf"])
+@pytest.mark.parametrize("run", ["z1-lightrft", "z2-lightrft", "z3-lightrft", "z3-openrlhf", "z2-offload"])
 def test_zero_stages_on_2_ranks_match_one_process(suite, single_process, run):
     loss, param, result, expected = _diff(suite[0] / "train" / f"deepspeed-{run}", single_process)
     print(f"ZeRO {run}: max |loss diff| = {loss:.2e}, max |param diff| = {param:.2e}")

@@ -204,7 +204,8 @@ class StrategyBase:
         if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
             state.skipped_steps += 1
-            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
+            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
+                        state.skipped_steps)
             self._log_step(name, state, skipped=True)
             return False
         opt.step()

@@ -311,7 +311,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         state.grad_norm = float(norm) if norm is not None else float("nan")
         if engine.skipped_steps > skipped:
             state.skipped_steps += 1
-            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, norm, state.skipped_steps)
+            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
+                        state.skipped_steps)
             self._log_step(name, state, skipped=True)
             return False
         state.steps += 1

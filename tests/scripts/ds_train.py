@@ -38,10 +38,10 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def run(name: str, stage: int, order: str, out: str) -> None:
+def run(name: str, stage: int, order: str, out: str, adam_offload: bool = False) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = get_strategy(dict(
-        strategy=name, zero_stage=stage, bf16=False, seed=0, max_norm=0.05,
+        strategy=name, zero_stage=stage, bf16=False, seed=0, max_norm=0.05, adam_offload=adam_offload,
         micro_train_batch_size=GLOBAL_MICRO // world, train_batch_size=TRAIN_BATCH, actor_learning_rate=5e-3,
         dist_timeout_minutes=3.0))
     strategy.setup_distributed()
