@@ -8,7 +8,7 @@
 2. per-rank training state bytes (parameters + fp32 master copies + Adam moments) per ZeRO stage,
    against one process with torch AdamW.
 
-    python bench/bench_deepspeed.py [--steps 60] [--stage 2]     (re-launches itself with torchrun)
+    python bench/bench_deepspeed.py [--steps 100] [--stage 2]     (re-launches itself with torchrun)
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def one_process_bytes() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--stage", type=int, default=2)
     args = ap.parse_args()
