@@ -54,7 +54,7 @@ def _diff(run: Path, ref: Path) -> tuple[float, float, dict, dict]:
     return loss, param, result, expected
 
 
-@pytest.mark.parametrize("run", ["z1-lightrft", "z2-lightrft", "z3-lightrft", "z3-openrlhf", "z2-offload"])
+@pytest.mark.parametrize("run", ["z1-lightrft", "z2-lightrft", "z3-lightrft", "z3-openrlhf"])
 def test_zero_stages_on_2_ranks_match_one_process(suite, single_process, run):
     loss, param, result, expected = _diff(suite[0] / "train" / f"deepspeed-{run}", single_process)
     print(f"ZeRO {run}: max |loss diff| = {loss:.2e}, max |param diff| = {param:.2e}")
@@ -166,7 +166,7 @@ def test_bf16_and_fp16_on_nccl(tmp_path):
         assert out["client"] == {"step": 16} and out["reload_logit_diff"] == 0.0
         assert out["export_logit_diff"] <= (1e-4 if name.startswith("fp32") else 2e-2)
         assert out["losses"][-1] < out["losses"][0]
-        reference = results["fp32-z" + name[-1]]["losses"]
+        reference = results[f"fp32-z{out['stage']}"]["losses"]
         if not name.startswith("fp16"):  # fp16's first steps may be skipped while the loss scale settles
             assert max(abs(a - b) for a, b in zip(out["losses"], reference)) < 0.05
             assert out["skipped_steps"] == 0

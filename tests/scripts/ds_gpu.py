@@ -1,6 +1,6 @@
 """LightRFTDeepSpeed on CUDA (nccl, one rank per GPU): bf16 and fp16 (dynamic loss scaling) with
-ZeRO-2 and ZeRO-3 train a tiny model close to fp32, checkpoints round-trip, and the HF export
-reloads with the engine's logits. Rank 0 prints ``RESULT {json}``.
+ZeRO-2 and ZeRO-3, and fp32 ZeRO-2 with ``adam_offload`` (DeepSpeedCPUAdam), train a tiny model
+close to fp32, checkpoints round-trip, and the HF export reloads with the engine's logits. Rank 0 prints ``RESULT {json}``.
 
     torchrun --nproc_per_node=<gpus> ds_gpu.py OUT_DIR
 """
@@ -19,9 +19,9 @@ from lightrft_lightning.tiny_models import tiny_causal_lm
 STEPS = 16
 
 
-def train(precision: str, stage: int, out: Path) -> dict:
+def train(precision: str, stage: int, out: Path, adam_offload: bool = False) -> dict:
     strategy = get_strategy(dict(strategy="deepspeed", zero_stage=stage, bf16=precision == "bf16",
-                                 fp16=precision == "fp16", micro_train_batch_size=2,
+                                 fp16=precision == "fp16", adam_offload=adam_offload, micro_train_batch_size=2,
                                  train_batch_size=4 * dist.get_world_size(), actor_learning_rate=1e-3,
                                  dist_timeout_minutes=3.0))
     strategy.setup_distributed()
@@ -41,7 +41,7 @@ def train(precision: str, stage: int, out: Path) -> dict:
     assert next(model.module.parameters()).dtype == dtype and engine.zero_optimization_stage() == stage
     assert all(l == l and abs(l) != float("inf") for l in losses), losses
 
-    ckpt = out / f"{precision}-z{stage}"
+    ckpt = out / f"{precision}-z{stage}{'-offload' if adam_offload else ''}"
     strategy.save_ckpt(model, str(ckpt / "ckpt"), client_state={"step": STEPS})
     ids = data[0].to(device)
     with torch.no_grad():
@@ -57,13 +57,14 @@ def train(precision: str, stage: int, out: Path) -> dict:
         hf = AutoModelForCausalLM.from_pretrained(str(ckpt / "hf"), dtype=dtype).to(device).eval()
         with torch.no_grad():
             export_diff = (hf(input_ids=ids).logits.float() - logits).abs().max().item()
-    return {"losses": losses, "skipped_steps": strategy.skipped_steps, "client": client,
+    return {"stage": stage, "losses": losses, "skipped_steps": strategy.skipped_steps, "client": client,
             "reload_logit_diff": reload_diff, "export_logit_diff": export_diff}
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     results = {f"{p}-z{s}": train(p, s, out) for p in ("fp32", "bf16", "fp16") for s in (2, 3)}
+    results["fp32-z2-offload"] = train("fp32", 2, out, adam_offload=True)  # DeepSpeedCPUAdam, states on the CPU
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(results), flush=True)
     dist.barrier()

@@ -1,7 +1,8 @@
 """Train a tiny causal LM with the LightRFT API on any backend; rank 0 writes per-step losses and the
 final full weights (safetensors) so a test can compare backends, ZeRO stages and world sizes.
 
-    torchrun --nproc_per_node=2 ds_train.py --strategy deepspeed --zero-stages 1 2 3 --out DIR
+    torchrun --nproc_per_node=2 ds_train.py --strategy deepspeed --zero-stages 1 2 3 [--adam-offload] --out DIR
+    python ds_train.py --strategy fake --out DIR        (the one-process reference)
 
 Each run (stage, order) writes DIR/<strategy>-z<stage>-<order>/{model.safetensors,result.json}.
 """
@@ -28,11 +29,12 @@ def main() -> None:
     ap.add_argument("--strategy", default="deepspeed")
     ap.add_argument("--zero-stages", type=int, nargs="+", default=[2])
     ap.add_argument("--orders", nargs="+", default=["lightrft"], choices=["lightrft", "openrlhf"])
+    ap.add_argument("--adam-offload", action="store_true", help="DeepSpeedCPUAdam (JIT-builds the cpu_adam op once)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     for stage in args.zero_stages:
         for order in args.orders:
-            run(args.strategy, stage, order, os.path.join(args.out, f"{args.strategy}-z{stage}-{order}"))
+            run(args.strategy, stage, order, os.path.join(args.out, f"{args.strategy}-z{stage}-{order}"), args.adam_offload)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
