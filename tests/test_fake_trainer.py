@@ -53,7 +53,8 @@ def data(n=24):  # 6 batches: a checkpoint after 6 steps ends an epoch
 
 def trainer(tmp_path, strategy, **kwargs):
     return pl.Trainer(accelerator="cpu", strategy=strategy, max_steps=kwargs.pop("max_steps", 6),
-                      logger=kwargs.pop("logger", False), enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+                      logger=kwargs.pop("logger", False), enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, **kwargs)
 
 
 @pytest.mark.parametrize("lightrft_shape", [True, False])
