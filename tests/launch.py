@@ -1,7 +1,9 @@
-"""Run a multi-rank test script with torchrun and return its output (tests import this)."""
+"""Run a multi-rank test script with torchrun and return its output (tests import this); the two ends
+of the ``RESULT {json}`` line a script reports with (:func:`report`, :func:`script_result`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +12,22 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def report(summary: dict) -> None:
+    """End of a multi-rank script: rank 0 prints ``RESULT {json}``; every rank leaves the group together."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(summary), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def script_result(proc: subprocess.CompletedProcess) -> dict:
+    """The last ``RESULT {json}`` a script printed (empty when it printed none)."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lightrft_lightning import StrategyConfig, get_strategy
 from lightrft_lightning.strategies import deepspeed as ds_module
 from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed, _graph_parameters
-from tests.launch import torchrun
+from tests.launch import script_result, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -22,9 +22,7 @@ TOL = 1e-5
 
 
 def _launch(script: str, *args: str) -> dict:
-    proc = torchrun(script, 2, *args, env={"PYTHONPATH": str(ROOT)}, timeout=420)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    return script_result(torchrun(script, 2, *args, env={"PYTHONPATH": str(ROOT)}, timeout=420))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +157,7 @@ def test_bf16_and_fp16_on_nccl(tmp_path):
     gpus = torch.cuda.device_count()
     proc = torchrun("ds_gpu.py", gpus, str(tmp_path), timeout=420, env={
         "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))), "DS_ACCELERATOR": "cuda"})
-    results = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    results = script_result(proc)
     for name, out in results.items():
         print(f"{name}: final loss {out['losses'][-1]:.4f}, skipped {out['skipped_steps']}, "
               f"reload diff {out['reload_logit_diff']:.2e}, export diff {out['export_logit_diff']:.2e}")

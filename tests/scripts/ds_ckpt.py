@@ -7,17 +7,16 @@ loads in transformers with the engine's logits; a frozen model prepared for infe
 logits of the unprepared model. Every check raises on failure; rank 0 prints a JSON summary.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from lightrft_lightning import get_strategy
 from lightrft_lightning.strategies.deepspeed import DeepSpeedModel, export_hf_from_checkpoint
 from lightrft_lightning.tiny_models import tiny_causal_lm
+from tests.launch import report
 
 DATA = torch.randint(0, 64, (12, 2, 10), generator=torch.Generator().manual_seed(3))
 
@@ -108,10 +107,7 @@ def main() -> None:
     root = Path(sys.argv[1])
     stages = [int(s) for s in sys.argv[2:]] or [1, 3]
     summary = {f"z{stage}": check(stage, root) for stage in stages}
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(summary), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(summary)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,9 @@
 ZeRO-2 and ZeRO-3, and fp32 ZeRO-2 with ``adam_offload`` (DeepSpeedCPUAdam), train a tiny model
 close to fp32, checkpoints round-trip, and the HF export reloads with the engine's logits. Rank 0 prints ``RESULT {json}``.
 
-    torchrun --nproc_per_node=<gpus> ds_gpu.py OUT_DIR
+    PYTHONPATH=. torchrun --nproc_per_node=<gpus> tests/scripts/ds_gpu.py OUT_DIR   (from the repository root)
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from lightrft_lightning import get_strategy
 from lightrft_lightning.tiny_models import tiny_causal_lm
+from tests.launch import report
 
 STEPS = 16
 
@@ -65,10 +65,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     results = {f"{p}-z{s}": train(p, s, out) for p in ("fp32", "bf16", "fp16") for s in (2, 3)}
     results["fp32-z2-offload"] = train("fp32", 2, out, adam_offload=True)  # DeepSpeedCPUAdam, states on the CPU
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(results), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(results)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,19 @@
 equivalence runs (ds_train), standalone checkpoints and HF export (ds_ckpt), Trainer fit/resume
 (ds_trainer). Rank 0 prints ``RESULT {json}``.
 
-    torchrun --nproc_per_node=2 ds_suite.py OUT_DIR
+    PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/ds_suite.py OUT_DIR   (from the repository root)
 """
 
-import json
 import os
 import sys
 from pathlib import Path
-
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ds_ckpt  # noqa: E402
 import ds_train  # noqa: E402
 import ds_trainer  # noqa: E402
+
+from tests.launch import report  # noqa: E402
 
 
 def main() -> None:
@@ -26,10 +25,7 @@ def main() -> None:
     summary = {"ckpt": {f"z{stage}": ds_ckpt.check(stage, out / "ckpt") for stage in (1, 3)},
                "trainer": {name: ds_trainer.check(name, str(out / "trainer"))
                            for name in ("lightrft_deepspeed", "lightrft_deepspeed_stage_3")}}
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(summary), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(summary)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,20 @@
 optimization module with actor + critic (training engines) + frozen ref (inference engine),
 checkpoints after epoch 1 and resumes; the resumed run must reproduce the continuous run.
 
-    torchrun --nproc_per_node=2 ds_trainer.py OUT_DIR lightrft_deepspeed [lightrft_deepspeed_stage_3 ...]
+    PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/ds_trainer.py OUT_DIR lightrft_deepspeed [lightrft_deepspeed_stage_3 ...]
 """
 
-import json
 import os
 import sys
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 import lightrft_lightning  # noqa: F401  (registers the strategy names)
 from lightrft_lightning.strategies.deepspeed import DeepSpeedModel, LightRFTDeepSpeed
 from lightrft_lightning.tiny_models import tiny_causal_lm
+from tests.launch import report
 
 DATA = torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(4))
 
@@ -105,8 +104,7 @@ def check(name: str, out: str) -> dict:
 def main() -> None:
     out = sys.argv[1]
     summary = {name: check(name, out) for name in sys.argv[2:]}
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(summary), flush=True)
+    report(summary)
 
 
 if __name__ == "__main__":
