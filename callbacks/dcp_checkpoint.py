@@ -18,7 +18,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.strategies import Strategy
 
-from lightrft_lightning import checkpoint
+from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.strategies.base import StrategyBase
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ class DCPCheckpoint(Checkpoint):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        connector = trainer._checkpoint_connector
-        if not self.resume or connector._loaded_checkpoint or trainer.ckpt_path:
+        if not self.resume or lightning_api.resuming_from_checkpoint(trainer):
             return  # an explicit fit(ckpt_path=...) wins
         tag = checkpoint.read_latest(self.dirpath)
         if tag is None:
@@ -125,7 +124,7 @@ class DCPCheckpoint(Checkpoint):
                                     "does not exist; accepted: remove the latest file or restore the checkpoint")
         rank_zero_log(trainer, f"DCPCheckpoint: resuming from {path}")
         # Lightning restores loops, optimizers and schedulers from what this loads, right after this hook
-        connector._restore_modules_and_callbacks(str(path))
+        lightning_api.restore_modules_and_callbacks(trainer, str(path))
         self.resumed_from = tag
         self._last_step = trainer.global_step
         if self._to_restore is not None and self._to_restore.get("at_epoch_end"):

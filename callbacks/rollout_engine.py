@@ -3,18 +3,26 @@ wake -> push -> generate -> sleep cycle."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
+import os
 import time
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightrft_lightning import lightning_api
+from lightrft_lightning.config import ENGINE_TYPES, StrategyConfig
 from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, _check_level
 from lightrft_lightning.engines.hf import HFEngine
+from lightrft_lightning.engines.sglang import SGLangEngine
+from lightrft_lightning.engines.vllm import VLLMEngine
 from lightrft_lightning.engines.weight_sync import push_weights
 
 log = logging.getLogger(__name__)
+_ENGINE_FIELDS = ("engine_type", "engine_tp_size", "engine_mem_util")
 
 
 class RolloutEngineCallback(Callback):
@@ -28,8 +36,12 @@ class RolloutEngineCallback(Callback):
     ``sleep_s``) and ``rollout/sync_bytes`` are logged, and kept in :attr:`stats`.
 
     Args:
-        engine: the engine to drive; ``None`` builds an :class:`HFEngine` on each rank at fit start
-            from ``pl_module.<actor_attr>``'s config, filled by the first push.
+        engine: the engine to drive; ``None`` builds one on each rank at fit start, filled by the first
+            push, as the strategy's ``StrategyConfig`` says: ``engine_type="hf"`` (also without a LightRFT
+            strategy): an :class:`HFEngine` from ``pl_module.<actor_attr>``'s config; ``"vllm"`` /
+            ``"sglang"``: a :class:`VLLMEngine` / :class:`SGLangEngine` of the actor's Hugging Face
+            directory with ``engine_tp_size`` and ``engine_mem_util``. With an engine given, those fields
+            must keep their defaults.
         sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout).
         bucket_bytes: the byte budget of one weight-streaming bucket.
         actor_attr: the attribute of the LightningModule holding the actor.
@@ -55,7 +67,9 @@ class RolloutEngineCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.engine is None:
-            self.engine = self._build_engine(pl_module)
+            self.engine = self._build_engine(trainer, pl_module)
+        else:
+            _check_engine_fields_unset(trainer, f"an engine was given ({type(self.engine).__name__})")
         self._pushed_version = None
         engines = getattr(trainer.strategy, "engines", None)
         if engines is not None and self.engine not in engines:
@@ -110,7 +124,33 @@ class RolloutEngineCallback(Callback):
                              f"{type(pl_module).__name__}; accepted: the attribute holding the actor model")
         return hf_model(actor)
 
-    def _build_engine(self, pl_module: LightningModule) -> HFEngine:
+    def _build_engine(self, trainer: Trainer, pl_module: LightningModule) -> RolloutEngine:
+        config = getattr(trainer.strategy, "config", None)
+        engine_type = config.engine_type if isinstance(config, StrategyConfig) else "hf"
+        if engine_type == "hf":
+            _check_engine_fields_unset(trainer, "engine_type='hf' (the built-in HFEngine runs unsharded, in the "
+                                       "trainer's memory)", ("engine_tp_size", "engine_mem_util"))
+            return self._build_hf_engine(pl_module)
+        try:
+            importlib.import_module(engine_type)
+        except ImportError as err:
+            raise ImportError(
+                f"StrategyConfig.engine_type={engine_type!r} needs the {engine_type} package, which does not import "
+                f"({err}); install it with `pip install 'lightrft-lightning[{engine_type}]'`, or use "
+                f"engine_type='hf' (built in); accepted: {', '.join(map(repr, ENGINE_TYPES))}") from err
+        path = self._actor(pl_module).config.name_or_path
+        if not path or not os.path.isdir(path):
+            raise ValueError(
+                f"StrategyConfig.engine_type={engine_type!r} loads the actor's Hugging Face directory, but the actor's "
+                f"config.name_or_path is {path!r}, not a local directory; accepted: an actor loaded from a local "
+                "directory (model=<path>), engine_type='hf', or RolloutEngineCallback(engine=...)")
+        if engine_type == "vllm":
+            return VLLMEngine(path, sleep_level=self.sleep_level, tensor_parallel_size=config.engine_tp_size,
+                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed)
+        return SGLangEngine(path, sleep_level=self.sleep_level, tp_size=config.engine_tp_size,
+                            mem_fraction_static=config.engine_mem_util, random_seed=config.seed)
+
+    def _build_hf_engine(self, pl_module: LightningModule) -> HFEngine:
         actor = self._actor(pl_module)
         config = actor.config
         eos = self.eos_token_id if self.eos_token_id is not None else config.eos_token_id
@@ -135,10 +175,22 @@ class RolloutEngineCallback(Callback):
     def _log(self, pl_module: LightningModule) -> None:
         keys = ("wake_s", "sync_s", "sync_bytes", "generate_s", "sleep_s")
         log.debug("rollout: %s", {k: self.stats.get(k) for k in keys})
-        if pl_module._trainer is None or pl_module._current_fx_name is None:
+        if not lightning_api.in_hook(pl_module):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
+
+
+def _check_engine_fields_unset(trainer: Trainer, reason: str, fields: Sequence[str] = _ENGINE_FIELDS) -> None:
+    """Refuse ``StrategyConfig`` engine fields that would be ignored (set away from their defaults)."""
+    config = getattr(trainer.strategy, "config", None)
+    if not isinstance(config, StrategyConfig):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(StrategyConfig)}
+    for name in fields:
+        if getattr(config, name) != defaults[name]:
+            raise ValueError(f"StrategyConfig.{name}={getattr(config, name)!r} would be ignored: {reason}; "
+                             f"accepted: {defaults[name]!r} here, or engine_type 'vllm'/'sglang' without engine=")
 
 
 def hf_model(module: nn.Module) -> nn.Module:

@@ -37,15 +37,18 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_lightning() -> None:
-    """Make the strategies usable by name: ``Trainer(strategy="lightrft_fake")``."""
-    if "lightrft_fake" not in StrategyRegistry:
-        StrategyRegistry.register("lightrft_fake", LightRFTFake, description="LightRFT API in one process")
-    for module in ("lightrft_lightning.strategies.fsdp", "lightrft_lightning.strategies.deepspeed"):
+    """Make the strategies usable by name (``Trainer(strategy="lightrft_fsdp")``): each class registers
+    its names with its ``register_strategies``, as Lightning's own strategies do."""
+    classes = [LightRFTFake]
+    for name in ("LightRFTFSDP", "LightRFTDeepSpeed"):
+        module = _LAZY[name]
         try:
-            importlib.import_module(module)  # each backend module registers its own names
-        except ModuleNotFoundError as err:
+            classes.append(getattr(importlib.import_module(module), name))
+        except ModuleNotFoundError as err:  # a backend that is not installed
             if err.name != module:
                 raise
+    for cls in classes:
+        cls.register_strategies(StrategyRegistry)
 
 
 _register_with_lightning()

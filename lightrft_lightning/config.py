@@ -29,9 +29,10 @@ class StrategyConfig:
     local_rank: int = -1
     dist_timeout_minutes: float = 30.0
 
-    # batch sizes and optimisation
+    # batch sizes and optimisation; under a Trainer an RLModule writes its own values here at setup
     micro_train_batch_size: int = 1
     train_batch_size: int = 128
+    # samples per no-grad scoring forward of a rollout (per rank), and prompts per rollout over all ranks
     micro_rollout_batch_size: int = 1
     rollout_batch_size: int = 128
     max_norm: float = 1.0
@@ -58,8 +59,9 @@ class StrategyConfig:
     fsdp_cpu_offload: bool = False
     shard_size: Optional[int] = None
 
-    # rollout engine
-    engine_type: str = "vllm"
+    # the engine RolloutEngineCallback builds when it is given none ("hf": the built-in HFEngine);
+    # tp size and memory fraction are vLLM's / SGLang's
+    engine_type: str = "hf"
     engine_tp_size: int = 1
     engine_mem_util: float = 0.5
     enable_engine_sleep: bool = True
@@ -155,11 +157,6 @@ class StrategyConfig:
             raise ValueError(
                 f"StrategyConfig.train_batch_size={self.train_batch_size} is not divisible by "
                 f"micro_train_batch_size={self.micro_train_batch_size}; accepted: a multiple of it"
-            )
-        if self.rollout_batch_size % self.micro_rollout_batch_size:
-            raise ValueError(
-                f"StrategyConfig.rollout_batch_size={self.rollout_batch_size} is not divisible by "
-                f"micro_rollout_batch_size={self.micro_rollout_batch_size}; accepted: a multiple of it"
             )
         for name in ("actor_learning_rate", "critic_learning_rate", "l2", "max_norm", "init_kl_coef"):
             if getattr(self, name) < 0:

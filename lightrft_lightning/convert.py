@@ -25,12 +25,28 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
+def _check_config(config_dir: str) -> None:
+    if not Path(config_dir, "config.json").is_file():
+        raise FileNotFoundError(f"--config {config_dir!r} has no config.json; accepted: a Hugging Face model directory")
+
+
+def _check_out(out_dir: str) -> None:
+    """An output directory must not be an existing file (``save_pretrained`` would skip it silently)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"output {out_dir!r} is a file; accepted: a new or existing directory")
+
+
+def _check_tag(tag: str) -> None:
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag:
+        raise ValueError(f"--tag {tag!r} is invalid; accepted: a non-empty folder name without '/' "
+                         "(e.g. global_step10)")
+
+
 def _hf_skeleton(config_dir: str) -> torch.nn.Module:
     """The causal-LM architecture of ``config_dir`` on the meta device (no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not Path(config_dir, "config.json").is_file():
-        raise FileNotFoundError(f"--config {config_dir!r} has no config.json; accepted: a Hugging Face model directory")
+    _check_config(config_dir)
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -54,6 +70,7 @@ def _match_prefix(state: dict[str, torch.Tensor], expected: set[str], source: st
 def save_hf(state: dict[str, torch.Tensor], config_dir: str, out_dir: str, source: str) -> None:
     """Write ``state`` as a Hugging Face safetensors directory with ``config_dir``'s config (and
     its tokenizer files, when there are any)."""
+    _check_out(out_dir)
     model = _hf_skeleton(config_dir)
     expected = set(model.state_dict().keys())
     weights = _match_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, expected, source)
@@ -68,6 +85,8 @@ def dcp_to_hf(ckpt: str, out_dir: str, config_dir: str) -> None:
     to a Hugging Face directory."""
     if not Path(ckpt).is_dir():
         raise FileNotFoundError(f"DCP checkpoint {ckpt!r} is not a directory")
+    _check_config(config_dir)
+    _check_out(out_dir)
     if not Path(ckpt, checkpoint.METADATA).is_file() and Path(ckpt, checkpoint.LATEST).is_file():
         ckpt = checkpoint.resolve(ckpt)  # a save_dir: follow latest
     state = checkpoint.load_full(ckpt)
@@ -85,6 +104,10 @@ def deepspeed_to_hf(ckpt_dir: str, out_dir: str, config_dir: str, tag: Optional[
 
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir!r} is not a directory")
+    _check_config(config_dir)
+    _check_out(out_dir)
+    if tag is not None:
+        _check_tag(tag)
     if tag is None and not Path(ckpt_dir, checkpoint.LATEST).is_file():
         raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file; pass --tag (one of: "
                                 f"{sorted(p.name for p in Path(ckpt_dir).iterdir() if p.is_dir())})")
@@ -100,6 +123,10 @@ def hf_to_dcp(hf_dir: str, out_dir: str, tag: str = "hf") -> str:
     strategy and world size. Returns the checkpoint path."""
     from safetensors.torch import load_file
 
+    if not Path(hf_dir).is_dir():
+        raise FileNotFoundError(f"{hf_dir!r} is not a directory; accepted: a Hugging Face model directory")
+    _check_out(out_dir)
+    _check_tag(tag)
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{hf_dir!r} has no *.safetensors files; accepted: a Hugging Face model directory")
@@ -151,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print(hf_to_dcp(args.hf, args.out, args.tag))
             return 0
-    except (FileNotFoundError, KeyError, checkpoint.CheckpointError, ValueError) as err:
+    except (FileNotFoundError, NotADirectoryError, KeyError, checkpoint.CheckpointError, ValueError) as err:
         print(f"lightrft-lightning convert {args.command}: {err}", file=sys.stderr)
         return 1
     print(args.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -15,15 +15,29 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 Row = dict[str, Any]
 
 
-class PromptDataset(Dataset):
-    """Rows ``{"prompt": str, ...}``; keys besides the prompt are metadata passed to reward functions."""
+def check_prompt_file(path: str) -> None:
+    """Raise unless ``path`` is an existing file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"prompt file {path!r} is a directory; accepted: a JSONL file, one object per line")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist; accepted: a JSONL file, one object per line")
 
-    def __init__(self, rows: Sequence[Union[str, Row]], prompt_key: str = "prompt") -> None:
+
+class PromptDataset(Dataset):
+    """Rows ``{"prompt": str, ...}``; keys besides the prompt are metadata passed to reward functions.
+    ``names[i]`` is how errors name row ``i`` (default ``"prompt row i"``)."""
+
+    def __init__(self, rows: Sequence[Union[str, Row]], prompt_key: str = "prompt",
+                 names: Optional[Sequence[str]] = None) -> None:
         self.rows: list[Row] = []
         for i, row in enumerate(rows):
+            name = names[i] if names is not None else f"prompt row {i}"
+            if not isinstance(row, (str, Mapping)):
+                raise ValueError(f"{name} ({type(row).__name__} {row!r:.40}) is invalid; accepted: a string or a "
+                                 f"mapping with a string {prompt_key!r}")
             row = {prompt_key: row} if isinstance(row, str) else dict(row)
             if not isinstance(row.get(prompt_key), str):
-                raise ValueError(f"prompt row {i} has no string field {prompt_key!r}; accepted: "
+                raise ValueError(f"{name} has no string field {prompt_key!r}; accepted: "
                                  f"a string or a mapping with a string {prompt_key!r} (got keys {sorted(row)})")
             row["prompt"] = row.pop(prompt_key)
             self.rows.append(row)
@@ -32,17 +46,23 @@ class PromptDataset(Dataset):
 
     @classmethod
     def from_jsonl(cls, path: str, prompt_key: str = "prompt") -> "PromptDataset":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompt file {path!r} does not exist; accepted: a JSONL file, one object per line")
-        with open(path, encoding="utf-8") as f:
-            rows = []
-            for n, line in enumerate(f, 1):
+        check_prompt_file(path)
+        rows, names = [], []
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not UTF-8 text ({err.reason})") from err
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-        return cls(rows, prompt_key)
+                    names.append(f"{path}:{n}")
+        if not rows:
+            raise ValueError(f"prompt file {path!r} holds no prompts; accepted: a JSONL file, one object per line")
+        return cls(rows, prompt_key, names)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -118,8 +138,19 @@ class PromptDataModule(pl.LightningDataModule):
         super().__init__()
         if (path is None) == (prompts is None):
             raise ValueError("PromptDataModule: give exactly one of path= (a JSONL file) or prompts= (a list)")
-        if batch_size < 1:
+        if val_path is not None and val_prompts is not None:
+            raise ValueError("PromptDataModule: give at most one of val_path= (a JSONL file) or val_prompts= (a list)")
+        for name, value in (("prompts", prompts), ("val_prompts", val_prompts)):
+            if value is not None and (isinstance(value, str) or not isinstance(value, Sequence) or not value):
+                raise ValueError(f"PromptDataModule.{name}={value!r:.80} is invalid; accepted: a non-empty list of "
+                                 "strings or rows")
+        for value in (path, val_path):
+            if value is not None:
+                check_prompt_file(value)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"PromptDataModule.batch_size={batch_size!r} is invalid; accepted: an integer >= 1")
+        if not isinstance(prompt_key, str) or not prompt_key:
+            raise ValueError(f"PromptDataModule.prompt_key={prompt_key!r} is invalid; accepted: a non-empty string")
         self.path, self.prompts, self.batch_size = path, prompts, batch_size
         self.shuffle, self.seed, self.prompt_key = shuffle, seed, prompt_key
         self.val_path, self.val_prompts = val_path, val_prompts

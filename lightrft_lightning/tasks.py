@@ -10,11 +10,20 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+from lightrft_lightning.algorithms.rewards import answers
+
 CHARS = "0123456789"
+
+
+def _check_count(owner: str, name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: an integer >= 1")
 
 
 def counting_prompts(num: int, answer_len: int = 4, seed: int = 0) -> list[dict[str, Any]]:
     """``num`` prompts as ``{"prompt": "345", "answer": "6789"}`` rows (seeded)."""
+    _check_count("counting_prompts", "num", num)
+    _check_count("counting_prompts", "answer_len", answer_len)
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
@@ -27,11 +36,16 @@ def counting_prompts(num: int, answer_len: int = 4, seed: int = 0) -> list[dict[
 
 def counting_reward(prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict]) -> list[float]:
     """Fraction of ``metadata[i]["answer"]`` matched position by position by ``completions[i]``."""
-    return [sum(a == b for a, b in zip(c, m["answer"])) / len(m["answer"]) for c, m in zip(completions, metadata)]
+    targets = answers(metadata, "counting_reward")
+    empty = [i for i, a in enumerate(targets) if not a]
+    if empty:
+        raise ValueError(f"counting_reward: rows {empty[:8]} have an empty 'answer'; accepted: a non-empty string")
+    return [sum(a == b for a, b in zip(c, t)) / len(t) for c, t in zip(completions, targets)]
 
 
 def all_counting_prompts(answer_len: int = 4) -> list[dict[str, Any]]:
     """Every distinct prompt of the task (30: 10 starts x 3 lengths), e.g. for validation."""
+    _check_count("all_counting_prompts", "answer_len", answer_len)
     return [{"prompt": "".join(str((s + i) % 10) for i in range(n)),
              "answer": "".join(str((s + n + i) % 10) for i in range(answer_len))}
             for n in (1, 2, 3) for s in range(10)]

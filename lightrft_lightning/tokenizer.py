@@ -32,12 +32,30 @@ def char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
 def load_tokenizer(name_or_path: str = "char", chars: Optional[str] = None) -> PreTrainedTokenizerBase:
     """``"char"`` gives :func:`char_tokenizer` (over ``chars`` if given); anything else must be a
     local Hugging Face directory (no hub access). A tokenizer without a pad token pads with EOS."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"tokenizer={name_or_path!r} is invalid; accepted: 'char' or the path of a Hugging Face "
+                        "model/tokenizer directory")
+    name_or_path = os.fspath(name_or_path)
+    if chars is not None and (not isinstance(chars, str) or not chars):
+        raise ValueError(f"tokenizer_chars={chars!r} is invalid; accepted: None or a non-empty string of distinct "
+                         "characters")
     if name_or_path == "char":
         return char_tokenizer(chars) if chars else char_tokenizer()
+    if chars is not None:
+        raise ValueError(f"tokenizer_chars={chars!r} is invalid with tokenizer={name_or_path!r}; accepted: None "
+                         "(the characters are only for tokenizer='char')")
     if not os.path.isdir(name_or_path):
         raise ValueError(f"tokenizer={name_or_path!r} is neither 'char' nor a local directory; "
                          "accepted: 'char' or the path of a Hugging Face model/tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer={name_or_path!r} cannot be loaded by AutoTokenizer ({type(err).__name__}); "
+                         "accepted: a directory with a Hugging Face tokenizer (tokenizer.json or "
+                         "tokenizer_config.json with its vocabulary files)") from err
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer={name_or_path!r} has neither a pad nor an eos token; accepted: a tokenizer "
+                             "with a pad_token or an eos_token")
         tok.pad_token = tok.eos_token
     return tok

@@ -12,16 +12,20 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = SCRIPTS.parent.parent
 
 
 def report(summary: dict) -> None:
-    """End of a multi-rank script: rank 0 prints ``RESULT {json}``; every rank leaves the group together."""
+    """End of a test script: rank 0 prints ``RESULT {json}``; every rank leaves the group together
+    (one process without a process group just prints)."""
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
         print("RESULT " + json.dumps(summary), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def script_result(proc: subprocess.CompletedProcess) -> dict:
@@ -36,6 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_env(env: dict | None = None) -> dict:
+    """The environment of a test script: one thread per rank, CPU only, the repository importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
 def torchrun(script: str, nproc: int = 2, *args: str, timeout: float = 300, env: dict | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     """Launch ``tests/scripts/<script>`` on ``nproc`` CPU ranks (gloo); raise with its output on failure."""
@@ -43,8 +53,7 @@ def torchrun(script: str, nproc: int = 2, *args: str, timeout: float = 300, env:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(SCRIPTS / script), *args,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = script_env(env)
     # a new session, so that a timeout kills torchrun's ranks too instead of leaving them behind
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                           start_new_session=True) as popen:

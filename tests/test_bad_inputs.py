@@ -25,6 +25,11 @@ class Row(NamedTuple):
     match: str
 
 
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def _fake():
     from lightrft_lightning import LightRFTFake
 
@@ -107,6 +112,62 @@ def _async_on_deepspeed(tmp_path: Path) -> None:
     _dcp(dirpath=tmp_path, async_save=True).setup(trainer, None, "fit")
 
 
+def _reward(spec: Any, *completions: str, meta: Any = None, weight: float = 1.0):
+    """Build ``CombinedReward({spec: weight})`` and score ``completions`` (default: two)."""
+    from lightrft_lightning.algorithms import CombinedReward
+
+    completions = completions or ("a", "b")
+    return CombinedReward({spec: weight})(["p"] * len(completions), list(completions), meta)
+
+
+def raising_reward(prompts, completions, metadata):
+    """A reward that fails the way a rule written for other data does."""
+    return [float(m["answer"] == c) for c, m in zip(completions, metadata)]
+
+
+def nan_reward(prompts, completions, metadata):
+    return [float("nan")] + [0.0] * (len(completions) - 1)
+
+
+def inf_reward(prompts, completions, metadata):
+    return [0.0] * (len(completions) - 1) + [float("-inf")]
+
+
+def short_reward(prompts, completions, metadata):
+    return [1.0]
+
+
+def scalar_reward(prompts, completions, metadata):
+    return 1.0
+
+
+def _counting(**kwargs):
+    from lightrft_lightning.tasks import counting_prompts
+
+    return counting_prompts(**kwargs)
+
+
+def _tokenizer(*args: Any):
+    from lightrft_lightning.tokenizer import load_tokenizer
+
+    return load_tokenizer(*args)
+
+
+def _tokenizer_without_pad_or_eos(tmp_path: Path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "?": 1}, unk_token="?")),
+                            unk_token="?").save_pretrained(tmp_path)
+    return _tokenizer(str(tmp_path))
+
+
+def _hf_config_dir(tmp_path: Path) -> str:
+    """A directory holding a config.json (its content is never read before the output check)."""
+    _file(tmp_path, "config.json", "{}")
+    return str(tmp_path)
+
+
 def _no_rollout_callback(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 
@@ -129,6 +190,13 @@ ROWS = [
         r"ds_config='.*none.json' is not a file; accepted: a dict or a JSON file path"),
     Row("deepspeed-config-type", lambda t: __import__("lightrft_lightning").LightRFTDeepSpeed(ds_config=3), TypeError,
         r"ds_config must be a dict, a JSON file path or None, got int"),
+    Row("deepspeed-config-not-json", lambda t: __import__("lightrft_lightning").LightRFTDeepSpeed(ds_config=_write(t / "ds.json", "{stage: 2")),
+        ValueError, r"ds_config='.*ds.json' is not valid JSON \(.*line 1.*\); accepted: a dict or a JSON file path"),
+    Row("deepspeed-config-not-object", lambda t: __import__("lightrft_lightning").LightRFTDeepSpeed(ds_config=_write(t / "ds.json", "[1, 2]")),
+        ValueError, r"ds_config='.*ds.json' holds a list, not a JSON object"),
+    Row("deepspeed-clip-by-value", lambda t: __import__("lightrft_lightning.strategies.deepspeed", fromlist=["x"]).EngineClippingPrecision(
+        "32-true").clip_gradients(None, 1.0, __import__("lightning.pytorch.utilities", fromlist=["x"]).GradClipAlgorithmType.VALUE),
+        ValueError, r"gradient_clip_algorithm='value' is not supported \(DeepSpeed clips by norm\); accepted: 'norm'"),
     Row("register-duplicate-name", lambda t: __import__("lightrft_lightning").register_strategy("fake", lambda c: None), ValueError,
         r"a strategy named 'fake' is already registered \(pass override=True\)"),
     # ---------------------------------------------------------------- engines
@@ -184,6 +252,30 @@ ROWS = [
         r"prompt row 0 has no string field 'prompt'"),
     Row("prompts-batch-size", lambda t: _prompts(prompts=["a"], batch_size=0), ValueError,
         r"PromptDataModule.batch_size=0 is invalid; accepted: an integer >= 1"),
+    Row("prompts-batch-size-float", lambda t: _prompts(prompts=["a"], batch_size=2.5), ValueError,
+        r"PromptDataModule.batch_size=2.5 is invalid; accepted: an integer >= 1"),
+    Row("prompts-file-is-directory", lambda t: _prompts(path=str(t)), IsADirectoryError,
+        r"prompt file '.*' is a directory; accepted: a JSONL file"),
+    Row("prompts-jsonl-row-not-object", lambda t: _prompts(path=_file(t, "p.jsonl", '{"prompt": "a"}\n[1, 2]\n')).setup("fit"),
+        ValueError, r"p.jsonl:2 \(list \[1, 2\]\) is invalid; accepted: a string or a mapping with a string 'prompt'"),
+    Row("prompts-jsonl-no-prompt-field", lambda t: _prompts(path=_file(t, "p.jsonl", '{"prompt": "a"}\n\n{"text": "b"}\n'))
+        .setup("fit"), ValueError, r"p.jsonl:3 has no string field 'prompt'; accepted: .*\(got keys \['text'\]\)"),
+    Row("prompts-jsonl-empty", lambda t: _prompts(path=_file(t, "p.jsonl", "\n\n")).setup("fit"), ValueError,
+        r"prompt file '.*p.jsonl' holds no prompts"),
+    Row("prompts-jsonl-not-utf8", lambda t: (t / "p.jsonl").write_bytes(b'{"prompt": "a"}\n\xff\xfe\n')
+        and _prompts(path=str(t / "p.jsonl")).setup("fit"), ValueError, r"p.jsonl:2: not UTF-8 text"),
+    Row("prompts-row-type", lambda t: _prompts(prompts=["a", 3]).setup("fit"), ValueError,
+        r"prompt row 1 \(int 3\) is invalid; accepted: a string or a mapping"),
+    Row("prompts-a-string", lambda t: _prompts(prompts="hello"), ValueError,
+        r"PromptDataModule.prompts='hello' is invalid; accepted: a non-empty list of strings or rows"),
+    Row("prompts-empty-list", lambda t: _prompts(prompts=[]), ValueError,
+        r"PromptDataModule.prompts=\[\] is invalid; accepted: a non-empty list"),
+    Row("prompts-val-both", lambda t: _prompts(prompts=["a"], val_path=_file(t), val_prompts=["b"]), ValueError,
+        r"give at most one of val_path= \(a JSONL file\) or val_prompts="),
+    Row("prompts-val-file-missing", lambda t: _prompts(prompts=["a"], val_path=str(t / "v.jsonl")), FileNotFoundError,
+        r"prompt file '.*v.jsonl' does not exist"),
+    Row("prompts-prompt-key", lambda t: _prompts(prompts=["a"], prompt_key=""), ValueError,
+        r"PromptDataModule.prompt_key='' is invalid; accepted: a non-empty string"),
     # ---------------------------------------------------------------- algorithms
     Row("grpo-advantage-estimator", lambda t: _grpo(advantage_estimator="ppo2"), ValueError,
         r"GRPO.advantage_estimator='ppo2' is invalid; accepted: "),
@@ -191,11 +283,116 @@ ROWS = [
     Row("grpo-model-path", lambda t: _grpo(model=str(t / "no_model")), ValueError,
         r"model='.*no_model' is neither 'tiny' nor a local directory"),
     Row("grpo-reward-path", lambda t: _grpo(rewards={"not_a_path": 1.0}), ValueError, r"reward 'not_a_path' is not an import path"),
+    Row("grpo-group-norm-one-sample", lambda t: _grpo(n_samples_per_prompt=1), ValueError,
+        r"GRPO.n_samples_per_prompt=1 is invalid for GRPO.advantage_estimator='group_norm' .*accepted: "
+        r"n_samples_per_prompt >= 2, or advantage_estimator='reinforce\+\+'"),
+    Row("grpo-dr-grpo-one-sample", lambda t: _grpo(n_samples_per_prompt=1, advantage_estimator="dr_grpo"), ValueError,
+        r"GRPO.n_samples_per_prompt=1 is invalid for GRPO.advantage_estimator='dr_grpo' .*accepted: n_samples_per_prompt >= 2"),
+    Row("grpo-rloo-one-sample", lambda t: _grpo(n_samples_per_prompt=1, advantage_estimator="rloo"), ValueError,
+        r"GRPO.n_samples_per_prompt=1 is invalid for GRPO.advantage_estimator='rloo' .*accepted: n_samples_per_prompt >= 2"),
+    Row("grpo-reinforce-baseline-one-sample",
+        lambda t: _grpo(n_samples_per_prompt=1, advantage_estimator="reinforce++_baseline"), ValueError,
+        r"GRPO.n_samples_per_prompt=1 is invalid for GRPO.advantage_estimator='reinforce\+\+_baseline' .*accepted: "
+        r"n_samples_per_prompt >= 2"),
+    Row("advantages-group-one-sample", lambda t: __import__("lightrft_lightning.algorithms").algorithms.compute_advantages(
+        "group_norm", __import__("torch").ones(2), __import__("torch").ones(2, 1), 1), ValueError,
+        r"^n_samples_per_prompt=1 is invalid for advantage_estimator='group_norm' \(a group of one sample has advantage 0\)"),
+    Row("group-norm-one-sample", lambda t: __import__("lightrft_lightning.algorithms").algorithms.group_norm(
+        __import__("torch").ones(2), 1, std_normalize=False), ValueError,
+        r"n_samples_per_prompt=1 is invalid for advantage_estimator='dr_grpo'"),
+    Row("grpo-n-samples-float", lambda t: _grpo(n_samples_per_prompt=2.5), ValueError,
+        r"GRPO.n_samples_per_prompt=2.5 is invalid; accepted: an integer >= 1"),
+    Row("grpo-max-new-tokens-str", lambda t: _grpo(max_new_tokens="4"), ValueError,
+        r"GRPO.max_new_tokens='4' is invalid; accepted: an integer >= 1"),
+    Row("grpo-train-batch-size", lambda t: _grpo(train_batch_size=0), ValueError,
+        r"GRPO.train_batch_size=0 is invalid; accepted: an integer >= 1"),
+    Row("grpo-kl-coef-nan", lambda t: _grpo(kl_coef=float("nan")), ValueError,
+        r"GRPO.kl_coef=nan is invalid; accepted: a number >= 0 \(finite\)"),
+    Row("grpo-temperature-nan", lambda t: _grpo(temperature=float("nan")), ValueError,
+        r"GRPO.temperature=nan is invalid; accepted: a number >= 0"),
+    Row("grpo-learning-rate", lambda t: _grpo(actor_learning_rate=-1e-6), ValueError,
+        r"GRPO.actor_learning_rate=-1e-06 is invalid; accepted: a number >= 0"),
+    Row("ppo-epochs", lambda t: __import__("lightrft_lightning.algorithms").algorithms.PPO(epochs=0), ValueError,
+        r"PPO.epochs=0 is invalid; accepted: an integer >= 1"),
+    Row("grpo-rewards-empty", lambda t: _grpo(rewards={}), ValueError,
+        r"CombinedReward.rewards=\{\} is empty; accepted: a mapping of 'module:function'"),
+    Row("grpo-reward-weight-negative", lambda t: _grpo(rewards={"lightrft_lightning.tasks:counting_reward": -1.0}),
+        ValueError, r"CombinedReward.rewards\['lightrft_lightning.tasks:counting_reward'\]=-1.0 is invalid; accepted: "
+        r"a finite number >= 0"),
+    Row("grpo-tokenizer-chars-empty", lambda t: _grpo(tokenizer_chars=""), ValueError,
+        r"tokenizer_chars='' is invalid; accepted: None or a non-empty string"),
+    Row("grpo-tokenizer-chars-with-directory", lambda t: _grpo(tokenizer=str(t), tokenizer_chars="01"), ValueError,
+        r"tokenizer_chars='01' is invalid with tokenizer='.*'; accepted: None \(the characters are only for"),
+    # ---------------------------------------------------------------- rewards
+    Row("reward-weight-nan", lambda t: _reward("lightrft_lightning.tasks:counting_reward", weight=float("nan")),
+        ValueError, r"CombinedReward.rewards\['lightrft_lightning.tasks:counting_reward'\]=nan is invalid; accepted: "
+        r"a finite number >= 0"),
+    Row("reward-weight-inf", lambda t: _reward("lightrft_lightning.tasks:counting_reward", weight=float("inf")),
+        ValueError, r"rewards\['lightrft_lightning.tasks:counting_reward'\]=inf is invalid"),
+    Row("reward-weight-string", lambda t: _reward("lightrft_lightning.tasks:counting_reward", weight="1.0"),
+        ValueError, r"rewards\['lightrft_lightning.tasks:counting_reward'\]='1.0' is invalid; accepted: a finite number"),
+    Row("rewards-not-a-mapping", lambda t: __import__("lightrft_lightning.algorithms").algorithms.CombinedReward(
+        ["lightrft_lightning.tasks:counting_reward"]), TypeError,
+        r"CombinedReward.rewards=\['lightrft_lightning.tasks:counting_reward'\] is invalid; accepted: a mapping"),
+    Row("reward-spec-type", lambda t: _reward(3), TypeError,
+        r"CombinedReward.rewards key 3 \(int\) is invalid; accepted: 'package.module:function'"),
+    Row("reward-module-missing", lambda t: _reward("no_such_module_xyz:score"), ValueError,
+        r"reward 'no_such_module_xyz:score' cannot be imported: module 'no_such_module_xyz' fails to import "
+        r"\(ModuleNotFoundError"),
+    Row("reward-function-missing", lambda t: _reward("lightrft_lightning.tasks:nope"), ValueError,
+        r"reward 'lightrft_lightning.tasks:nope' cannot be imported: module 'lightrft_lightning.tasks' has no "
+        r"attribute 'nope'"),
+    Row("reward-not-callable", lambda t: _reward("lightrft_lightning.tasks:CHARS"), ValueError,
+        r"reward 'lightrft_lightning.tasks:CHARS' is not callable \(it is a str\)"),
+    Row("reward-path-no-function", lambda t: _reward("lightrft_lightning.tasks:"), ValueError,
+        r"reward 'lightrft_lightning.tasks:' is not an import path; accepted: 'package.module:function'"),
+    Row("reward-model-directory-empty", lambda t: _reward(str(t)), FileNotFoundError,
+        r"reward '.*' is a directory without config.json; accepted: a Hugging Face sequence-classification"),
+    Row("reward-raises", lambda t: _reward("tests.test_bad_inputs:raising_reward"), RuntimeError,
+        r"reward 'tests.test_bad_inputs:raising_reward' raised KeyError: 'answer'"),
+    Row("reward-callable-raises", lambda t: _reward(raising_reward), RuntimeError,
+        r"reward 'tests.test_bad_inputs:raising_reward' raised KeyError"),
+    Row("reward-default-without-answer", lambda t: _reward("lightrft_lightning.tasks:counting_reward", meta=[{}, {}]),
+        RuntimeError, r"reward 'lightrft_lightning.tasks:counting_reward' raised ValueError: counting_reward needs an "
+        r"'answer' field in every prompt row; rows \[0, 1\] have none"),
+    Row("reward-exact-match-without-answer", lambda t: _reward("lightrft_lightning.algorithms.rewards:exact_match"),
+        RuntimeError, r"raised ValueError: exact_match needs an 'answer' field"),
+    Row("reward-returns-nan", lambda t: _reward("tests.test_bad_inputs:nan_reward"), ValueError,
+        r"reward 'tests.test_bad_inputs:nan_reward' returned non-finite scores \[nan\] for completions \[0\]; "
+        r"accepted: finite numbers"),
+    Row("reward-returns-inf", lambda t: _reward("tests.test_bad_inputs:inf_reward", "a", "b", "c"), ValueError,
+        r"reward 'tests.test_bad_inputs:inf_reward' returned non-finite scores \[-inf\] for completions \[2\]"),
+    Row("reward-wrong-count", lambda t: _reward("tests.test_bad_inputs:short_reward"), ValueError,
+        r"reward 'tests.test_bad_inputs:short_reward' returned 1 scores for 2 completions; accepted: one number per"),
+    Row("reward-returns-scalar", lambda t: _reward("tests.test_bad_inputs:scalar_reward"), TypeError,
+        r"reward 'tests.test_bad_inputs:scalar_reward' returned float 1.0; accepted: a sequence of one number per"),
+    # ---------------------------------------------------------------- tasks and tokenizer
+    Row("counting-prompts-num", lambda t: _counting(num=0), ValueError,
+        r"counting_prompts.num=0 is invalid; accepted: an integer >= 1"),
+    Row("counting-prompts-answer-len", lambda t: _counting(num=4, answer_len=0), ValueError,
+        r"counting_prompts.answer_len=0 is invalid; accepted: an integer >= 1"),
+    Row("counting-reward-empty-answer", lambda t: __import__("lightrft_lightning.tasks").tasks.counting_reward(
+        ["1"], ["2"], [{"answer": ""}]), ValueError, r"counting_reward: rows \[0\] have an empty 'answer'"),
+    Row("tokenizer-type", lambda t: _tokenizer(None), TypeError,
+        r"tokenizer=None is invalid; accepted: 'char' or the path of a Hugging Face"),
+    Row("tokenizer-empty-directory", lambda t: _tokenizer(str(t)), ValueError,
+        r"tokenizer='.*' cannot be loaded .*accepted: a directory with a Hugging Face tokenizer"),
+    Row("tokenizer-no-pad-no-eos", _tokenizer_without_pad_or_eos, ValueError,
+        r"tokenizer='.*' has neither a pad nor an eos token"),
     # ---------------------------------------------------------------- CLI
     Row("cli-unknown-subcommand", lambda t: _cli("fitt"), ValueError, r"invalid choice: 'fitt'"),
     Row("cli-convert-missing-config", lambda t: _cli("convert", "dcp-to-hf", "a", "b"), ValueError,
         r"the following arguments are required: --config"),
     Row("cli-convert-unknown", lambda t: _cli("convert", "torch-to-hf"), ValueError, r"invalid choice: 'torch-to-hf'"),
+    Row("cli-convert-hf-dir-missing", lambda t: _cli("convert", "hf-to-dcp", str(t / "hf"), str(t / "out")), ValueError,
+        r"exit 1: .*'.*hf' is not a directory; accepted: a Hugging Face model directory"),
+    Row("cli-convert-output-is-file", lambda t: _cli("convert", "hf-to-dcp", str(t), _file(t)), ValueError,
+        r"exit 1: .*output '.*file.txt' is a file; accepted: a new or existing directory"),
+    Row("cli-convert-tag", lambda t: _cli("convert", "hf-to-dcp", str(t), str(t / "out"), "--tag", "a/b"), ValueError,
+        r"exit 1: .*--tag 'a/b' is invalid; accepted: a non-empty folder name without '/'"),
+    Row("cli-convert-dcp-output-is-file",
+        lambda t: _cli("convert", "dcp-to-hf", str(t), _file(t), "--config", _hf_config_dir(t)), ValueError,
+        r"exit 1: .*output '.*file.txt' is a file"),
     Row("cli-unknown-trainer-key", lambda t: _cli("fit", "--trainer.max_stepz", "3"), ValueError, r"max_stepz"),
 ]
 

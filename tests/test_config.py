@@ -14,7 +14,8 @@ BAD_CONFIGS = [
     ({"micro_train_batch_size": 0}, "micro_train_batch_size", ">= 1"),
     ({"train_batch_size": 0}, "train_batch_size", ">= 1"),
     ({"train_batch_size": 10, "micro_train_batch_size": 4}, "train_batch_size", "multiple"),
-    ({"rollout_batch_size": 10, "micro_rollout_batch_size": 3}, "rollout_batch_size", "multiple"),
+    ({"rollout_batch_size": 0}, "rollout_batch_size", ">= 1"),
+    ({"micro_rollout_batch_size": 0}, "micro_rollout_batch_size", ">= 1"),
     ({"actor_learning_rate": -1e-5}, "actor_learning_rate", ">= 0"),
     ({"critic_learning_rate": -1.0}, "critic_learning_rate", ">= 0"),
     ({"max_norm": -1.0}, "max_norm", ">= 0"),
@@ -96,4 +97,5 @@ def test_accumulation_steps_uses_world_size():
 def test_defaults_match_lightrft():
     config = StrategyConfig()
     assert (config.seed, config.max_norm, config.micro_train_batch_size, config.train_batch_size) == (42, 1.0, 1, 128)
-    assert (config.bf16, config.zero_stage, config.fsdp, config.engine_type) == (True, 2, False, "vllm")
+    # engine_type: LightRFT says "vllm"; "hf" is the engine that needs no extra package
+    assert (config.bf16, config.zero_stage, config.fsdp, config.engine_type) == (True, 2, False, "hf")

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from safetensors.torch import load_file
 
 from lightrft_lightning import StrategyConfig, get_strategy
-from lightrft_lightning.strategies import deepspeed as ds_module
+from lightrft_lightning import lightning_api
 from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed, _graph_parameters
 from tests.launch import script_result, torchrun
 
@@ -133,7 +133,7 @@ def test_ds_config_from_strategy_config_and_override(tmp_path):
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch):
-    monkeypatch.setattr(ds_module, "_DEEPSPEED_AVAILABLE", False)
+    monkeypatch.setattr(lightning_api, "DEEPSPEED_AVAILABLE", False)
     with pytest.raises(ImportError, match=r"lightrft-lightning\[deepspeed\]"):
         LightRFTDeepSpeed()
 

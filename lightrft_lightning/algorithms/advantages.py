@@ -14,6 +14,8 @@ from torch import Tensor
 SumFn = Callable[[Tensor], Tensor]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ESTIMATORS = ("gae", "group_norm", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+# estimators whose baseline is the prompt's group: a group of one sample gives every advantage 0
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce++_baseline")
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -28,7 +30,18 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     raise ValueError(f"kl_estimator={estimator!r} is invalid; accepted: {', '.join(KL_ESTIMATORS)}")
 
 
-def _groups(rewards: Tensor, n: int) -> Tensor:
+def check_group_size(estimator: str, n: int, owner: str = "") -> None:
+    """Raise unless ``n`` samples per prompt make groups the estimator can normalize (``n >= 2``);
+    ``owner`` (e.g. ``"GRPO"``) prefixes the field names in the message."""
+    if estimator in GROUP_ESTIMATORS and n < 2:
+        prefix = f"{owner}." if owner else ""
+        raise ValueError(f"{prefix}n_samples_per_prompt={n!r} is invalid for {prefix}advantage_estimator="
+                         f"{estimator!r} (a group of one sample has advantage 0); accepted: n_samples_per_prompt "
+                         ">= 2, or advantage_estimator='reinforce++' (no groups)")
+
+
+def _groups(rewards: Tensor, n: int, estimator: str) -> Tensor:
+    check_group_size(estimator, n)
     if rewards.numel() % n:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of n_samples_per_prompt={n}")
     return rewards.view(-1, n)
@@ -36,18 +49,16 @@ def _groups(rewards: Tensor, n: int) -> Tensor:
 
 def group_norm(rewards: Tensor, n: int, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
     """GRPO: ``(r - mean(group)) / (std(group) + eps)``; Dr.GRPO (``std_normalize=False``) drops the std."""
-    g = _groups(rewards, n)
+    g = _groups(rewards, n, "group_norm" if std_normalize else "dr_grpo")
     adv = g - g.mean(dim=1, keepdim=True)
     if std_normalize:
-        adv = adv / (g.std(dim=1, keepdim=True) + eps) if n > 1 else adv
+        adv = adv / (g.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
 
 
 def rloo(rewards: Tensor, n: int) -> Tensor:
     """REINFORCE leave-one-out: ``r_i - mean(r_j, j != i)`` within each group."""
-    if n < 2:
-        raise ValueError("advantage_estimator='rloo' needs n_samples_per_prompt >= 2")
-    g = _groups(rewards, n)
+    g = _groups(rewards, n, "rloo")
     return (g - (g.sum(dim=1, keepdim=True) - g) / (n - 1)).view(-1)
 
 
@@ -119,6 +130,7 @@ def compute_advantages(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage_estimator={estimator!r} is invalid; accepted: {', '.join(ESTIMATORS)}")
+    check_group_size(estimator, n)
     mask = mask.to(rewards.dtype)
     if estimator in ("gae", "reinforce++", "reinforce++_baseline"):
         if estimator == "reinforce++_baseline":

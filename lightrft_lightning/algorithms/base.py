@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,17 +14,21 @@ from typing import Any, Iterator, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
-from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, kl_penalty
+from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, check_group_size, kl_penalty
 from lightrft_lightning.algorithms.losses import LOSS_AGGS, policy_loss
 from lightrft_lightning.algorithms.rewards import CombinedReward
 from lightrft_lightning.callbacks.rollout_engine import hf_model
+from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.engines.base import Completion, SamplingParams
-from lightrft_lightning.strategies.base import StrategyBase
+from lightrft_lightning.strategies.base import StrategyBase, enable_gradient_checkpointing
 from lightrft_lightning.tokenizer import load_tokenizer
 
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
 DEFAULT_REWARDS = {"lightrft_lightning.tasks:counting_reward": 1.0}
+LR_SCHEDULERS = ("constant", "cosine")
+DEFAULT_MIN_LR_RATIO = 0.1
 
 
 @dataclass
@@ -81,7 +86,16 @@ class RLModule(pl.LightningModule):
     prompt with the rollout engine, scores them, and runs ``epochs`` passes of micro-batches of
     ``micro_train_batch_size`` samples; the strategy accumulates gradients and steps the optimizer every
     ``train_batch_size`` samples (over all ranks; default: once per pass). The module writes these
-    sizes into ``trainer.strategy.config`` at setup, so the strategy and the module always agree.
+    sizes, ``rollout_batch_size`` (prompts per step x ranks, from the datamodule's ``batch_size``),
+    ``micro_rollout_batch_size``, ``lr_warmup_ratio`` and ``gradient_checkpointing`` into
+    ``trainer.strategy.config`` at setup, so the strategy and the module always agree; a strategy config
+    that sets one of the latter four to another non-default value is refused rather than overwritten.
+
+    Each optimizer (the actor's; PPO's critic's too) gets a learning-rate schedule over the
+    :meth:`num_optimizer_steps` of the fit: a linear warmup from 0 over ``lr_warmup_ratio`` of them, then
+    a constant rate or a cosine decay to ``min_lr_ratio`` x the rate. The strategy steps it with each
+    real optimizer step (not on accumulation micro-steps, nor on steps skipped for a non-finite
+    gradient norm); Lightning saves and restores it with the checkpoint.
 
     Args:
         model: ``"tiny"`` (random-init tiny Qwen2) or a local Hugging Face directory.
@@ -100,6 +114,14 @@ class RLModule(pl.LightningModule):
         kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
         loss_agg: "token" (DAPO: mean over all tokens of the optimizer step), "sequence" (mean of
             per-sequence means) or "constant" (Dr.GRPO: token sums / max_new_tokens).
+        micro_rollout_batch_size: samples per no-grad forward when scoring a rollout (the actor's and
+            reference's log-probs, PPO's values); None: ``micro_train_batch_size``. The engine gets
+            the whole rollout in one call.
+        lr_scheduler: "constant" or "cosine" (decay to ``min_lr_ratio`` x the learning rate), after warmup.
+        lr_warmup_ratio: the fraction of the optimizer steps with a linear warmup from 0 (rounded up).
+        min_lr_ratio: where the cosine ends, as a fraction of the learning rate ("cosine" only).
+        gradient_checkpointing: recompute the actor's (and PPO's critic's) layer activations in the
+            backward pass: less activation memory for a second forward of each layer.
     """
 
     advantage_estimators: tuple[str, ...] = ()
@@ -124,30 +146,68 @@ class RLModule(pl.LightningModule):
         kl_estimator: str = "k3",
         kl_in_reward: bool = False,
         loss_agg: str = "token",
+        micro_rollout_batch_size: Optional[int] = None,
+        lr_scheduler: str = "constant",
+        lr_warmup_ratio: float = 0.0,
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_choice("advantage_estimator", advantage_estimator, self.advantage_estimators)
         self._check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
         self._check_choice("loss_agg", loss_agg, LOSS_AGGS)
-        for name in ("n_samples_per_prompt", "max_new_tokens", "micro_train_batch_size", "epochs"):
-            if getattr(self.hparams, name) < 1:
-                raise ValueError(f"{type(self).__name__}.{name}={getattr(self.hparams, name)!r} is invalid; "
-                                 "accepted: an integer >= 1")
-        if kl_coef < 0:
-            raise ValueError(f"{type(self).__name__}.kl_coef={kl_coef!r} is invalid; accepted: a number >= 0")
+        owner = type(self).__name__
+        counts = {"n_samples_per_prompt": n_samples_per_prompt, "max_new_tokens": max_new_tokens,
+                  "micro_train_batch_size": micro_train_batch_size, "epochs": epochs}
+        if train_batch_size is not None:
+            counts["train_batch_size"] = train_batch_size
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: an integer >= 1")
+        numbers = {"kl_coef": kl_coef, "temperature": temperature, "actor_learning_rate": actor_learning_rate}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number >= 0 (finite)")
+        check_group_size(advantage_estimator, n_samples_per_prompt, owner)
         SamplingParams(n=n_samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        self._check_training_settings()
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(tokenizer, tokenizer_chars)
         self.actor = load_causal_lm(model, len(self.tokenizer), model_config)
         self.actor.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.actor.generation_config.eos_token_id = self.tokenizer.eos_token_id
         self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False) if kl_coef > 0 else None
-        self.reward_fn = CombinedReward(rewards or DEFAULT_REWARDS)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.actor)
+        self.reward_fn = CombinedReward(DEFAULT_REWARDS if rewards is None else rewards)
 
     def _check_choice(self, name: str, value: str, accepted: tuple[str, ...]) -> None:
         if value not in accepted:
             raise ValueError(f"{type(self).__name__}.{name}={value!r} is invalid; accepted: {', '.join(accepted)}")
+
+    def _check_training_settings(self) -> None:
+        hp, owner = self.hparams, type(self).__name__
+        self._check_choice("lr_scheduler", hp.lr_scheduler, LR_SCHEDULERS)
+        for name in ("lr_warmup_ratio", "min_lr_ratio"):
+            value = hp[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number in [0, 1]")
+        if hp.lr_scheduler != "cosine" and hp.min_lr_ratio != DEFAULT_MIN_LR_RATIO:
+            raise ValueError(f"{owner}.min_lr_ratio={hp.min_lr_ratio!r} is only used by lr_scheduler='cosine', and "
+                             f"lr_scheduler={hp.lr_scheduler!r}; accepted: lr_scheduler='cosine', or min_lr_ratio left "
+                             f"at {DEFAULT_MIN_LR_RATIO}")
+        size = hp.micro_rollout_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{owner}.micro_rollout_batch_size={size!r} is invalid; accepted: None or an integer >= 1")
+        if not isinstance(hp.gradient_checkpointing, bool):
+            raise ValueError(f"{owner}.gradient_checkpointing={hp.gradient_checkpointing!r} is invalid; "
+                             "accepted: True or False")
+
+    @property
+    def micro_rollout_batch_size(self) -> int:
+        """Samples per no-grad scoring forward of a rollout."""
+        return self.hparams.micro_rollout_batch_size or self.hparams.micro_train_batch_size
 
     # ------------------------------------------------------------------ setup
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -173,6 +233,14 @@ class RLModule(pl.LightningModule):
                 raise ValueError(f"{type(self).__name__}.train_batch_size is None and the prompts' batch size is "
                                  "unknown (no datamodule with batch_size); accepted: an integer")
             train_batch_size = prompts * self.hparams.n_samples_per_prompt * world
+        # without a datamodule that knows its batch size, the config's rollout_batch_size says (checked per step)
+        settings = {
+            "rollout_batch_size": prompts * world if prompts is not None else strategy.config.rollout_batch_size,
+            "micro_rollout_batch_size": self.micro_rollout_batch_size,
+            "lr_warmup_ratio": self.hparams.lr_warmup_ratio,
+            "gradient_checkpointing": self.hparams.gradient_checkpointing,
+        }
+        self._check_config_agrees(strategy.config, settings)
         # the module's sizes are the ones the strategy accumulates with (and DeepSpeed is configured with)
         strategy.config = dataclasses.replace(
             strategy.config,
@@ -182,6 +250,7 @@ class RLModule(pl.LightningModule):
             actor_learning_rate=self.hparams.actor_learning_rate,
             kl_estimator=self.hparams.kl_estimator,
             init_kl_coef=self.hparams.kl_coef,
+            **settings,
         )
         steps = strategy.config.accumulation_steps(world)  # raises if the sizes do not divide
         if prompts is not None:
@@ -191,10 +260,58 @@ class RLModule(pl.LightningModule):
                              f"{steps} of the module's batch sizes; build the strategy with a config "
                              "(trainer.strategy.init_args.config) so that it follows StrategyConfig")
 
+    def _check_config_agrees(self, config: StrategyConfig, settings: dict[str, Any]) -> None:
+        """A strategy config value that is neither the default nor the module's would be overwritten."""
+        defaults = {f.name: f.default for f in dataclasses.fields(StrategyConfig)}
+        for name, value in settings.items():
+            given = getattr(config, name)
+            if given != defaults[name] and given != value:
+                source = ("prompts per step x ranks" if name == "rollout_batch_size"
+                          else f"{type(self).__name__}.{name}")
+                raise ValueError(f"StrategyConfig.{name}={given!r} (the strategy's config) disagrees with the "
+                                 f"module's {value!r} ({source}), which is the one used under a Trainer; accepted: "
+                                 f"{value!r} or the default {defaults[name]!r}")
+
     def configure_optimizers(self) -> Any:
+        """The actor's AdamW and its learning-rate schedule (see :meth:`lr_scheduler_config`)."""
         # under a Trainer the strategy wraps the module's children itself (shards them, or builds
         # DeepSpeed engines for them), frozen ones (reference, reward models) for inference
-        return self.trainer.strategy.create_optimizer(self.actor, lr=self.hparams.actor_learning_rate)
+        optimizer = self.trainer.strategy.create_optimizer(self.actor, lr=self.hparams.actor_learning_rate)
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer, "actor")}
+
+    def lr_scheduler_config(self, optimizer: Optimizer, name: str) -> dict[str, Any]:
+        """A Lightning scheduler config for ``optimizer``: warmup over ``lr_warmup_ratio`` of
+        :meth:`num_optimizer_steps`, then ``lr_scheduler``. Under manual optimization Lightning saves and
+        restores it but does not step it: ``training_step`` hands it to ``strategy.optimizer_step``,
+        which steps it after each real optimizer step (DeepSpeed: the engine does)."""
+        from transformers.optimization import (get_constant_schedule_with_warmup,
+                                               get_cosine_with_min_lr_schedule_with_warmup)
+
+        hp = self.hparams
+        total = self.num_optimizer_steps() if hp.lr_scheduler == "cosine" or hp.lr_warmup_ratio > 0 else 0
+        warmup = math.ceil(total * hp.lr_warmup_ratio)
+        if hp.lr_scheduler == "cosine":
+            scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total,
+                                                                    min_lr_rate=hp.min_lr_ratio)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        return {"scheduler": scheduler, "interval": "step", "name": f"{name}/lr"}
+
+    def num_optimizer_steps(self) -> int:
+        """Optimizer steps of each trained model over the fit: ``trainer.estimated_stepping_batches``
+        (training steps: ``max_steps``, or epochs x batches) x the steps of one training step,
+        ``epochs`` x ``rollout_batch_size`` x ``n_samples_per_prompt`` / ``train_batch_size`` (the
+        sizes :meth:`setup` wrote into ``strategy.config``)."""
+        hp = self.hparams
+        steps = self.trainer.estimated_stepping_batches
+        if steps == float("inf"):
+            raise ValueError(f"{type(self).__name__}.lr_scheduler={hp.lr_scheduler!r} with lr_warmup_ratio="
+                             f"{hp.lr_warmup_ratio!r} needs the number of training steps, and this Trainer has no end; "
+                             "accepted: Trainer(max_steps=...) or max_epochs, or lr_scheduler='constant' with "
+                             "lr_warmup_ratio=0")
+        config = self.trainer.strategy.config
+        per_step = hp.epochs * config.rollout_batch_size * config.n_samples_per_prompt // config.train_batch_size
+        return int(steps) * per_step
 
     # ------------------------------------------------------------------ rollout
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -252,8 +369,8 @@ class RLModule(pl.LightningModule):
                 mean_entropy = ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
                 yield PolicyTerms(mb, agg, logp, loss, clip_frac.item(), mean_entropy)
 
-    def _micro_batches(self, exp: Experience) -> Iterator[Experience]:
-        size = self.hparams.micro_train_batch_size
+    def _micro_batches(self, exp: Experience, size: Optional[int] = None) -> Iterator[Experience]:
+        size = size or self.hparams.micro_train_batch_size
         for start in range(0, len(exp), size):
             yield exp.slice(start, start + size)
 
@@ -261,7 +378,8 @@ class RLModule(pl.LightningModule):
                   entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
         and the entropy of each next-token distribution when asked."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        # no KV cache: nothing decodes from it (and checkpointed layers would refuse it)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
         if self.hparams.temperature > 0 and self.hparams.temperature != 1.0:
             logits = logits / self.hparams.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -272,7 +390,7 @@ class RLModule(pl.LightningModule):
     @torch.no_grad()
     def _score(self, exp: Experience, model: nn.Module) -> Tensor:
         return torch.cat([self.log_probs(model, mb.input_ids, mb.attention_mask)[0]
-                          for mb in self._micro_batches(exp)])
+                          for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
 
     def _decode(self, completions: list[Completion]) -> list[str]:
         return self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
@@ -284,6 +402,7 @@ class RLModule(pl.LightningModule):
         batch = batch["rows"]
         n = self.hparams.n_samples_per_prompt
         prompts = [row["prompt"] for row in batch]
+        self._check_prompts_per_step(len(prompts))
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         t0 = time.perf_counter()
         params = SamplingParams(n=n, temperature=self.hparams.temperature, top_p=self.hparams.top_p,
@@ -304,6 +423,15 @@ class RLModule(pl.LightningModule):
         meta = [{k: v for k, v in batch[c.prompt_index].items() if k != "prompt"} for c in completions]
         rewards = self.reward_fn([prompts[c.prompt_index] for c in completions], self._decode(completions), meta)
         return exp, rewards.to(self.device), {"time/generate": t1 - t0, "time/score": time.perf_counter() - t1}
+
+    def _check_prompts_per_step(self, prompts: int) -> None:
+        strategy = self.trainer.strategy
+        expected = strategy.config.rollout_batch_size
+        if prompts * strategy.dp_world_size != expected:
+            raise ValueError(f"this step has {prompts} prompts x {strategy.dp_world_size} ranks, but "
+                             f"StrategyConfig.rollout_batch_size={expected} (the length of the learning-rate schedule "
+                             f"counts on it); accepted: batches of rollout_batch_size / ranks prompts (a datamodule "
+                             f"with a batch_size sets it)")
 
     # ------------------------------------------------------------------ training
     def _on_policy(self, samples: int) -> bool:

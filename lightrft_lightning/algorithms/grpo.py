@@ -46,7 +46,7 @@ class GRPO(RLModule):
     def _train(self, exp: Experience) -> dict[str, Any]:
         hp = self.hparams
         strategy = self.trainer.strategy
-        optimizer = self.optimizers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         use_kl_loss = self.ref is not None and not hp.kl_in_reward
         sums: dict[str, float] = {"loss/policy": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         if self.ref is not None:
@@ -61,7 +61,7 @@ class GRPO(RLModule):
                 if use_kl_loss:
                     loss = loss + hp.kl_coef * kl_term
             strategy.backward(loss, self.actor, optimizer)
-            strategy.optimizer_step(optimizer, self.actor, None, name="actor")
+            strategy.optimizer_step(optimizer, self.actor, scheduler, name="actor")
             sums["clip_frac"] += t.clip_frac
             sums["entropy"] += t.entropy
             count += 1

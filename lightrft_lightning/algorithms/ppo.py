@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightrft_lightning.algorithms.advantages import compute_advantages, whiten
 from lightrft_lightning.algorithms.base import Experience, RLModule
+from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 from lightrft_lightning.algorithms.losses import value_loss
 
 
@@ -24,8 +25,17 @@ class CriticModel(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None) -> None:
+        """Checkpoint the backbone's layers (the Hugging Face method's name, so strategies can call it)."""
+        enable_gradient_checkpointing(self.model, gradient_checkpointing_kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the backbone recomputes its activations in the backward pass."""
+        return bool(getattr(self.model, "gradient_checkpointing", False))
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.value_head(hidden.float()).squeeze(-1)
 
 
@@ -35,7 +45,8 @@ class PPO(RLModule):
     the last token minus ``kl_coef`` x KL on every token), whitened over all ranks.
 
     Args:
-        critic_learning_rate: the critic's AdamW learning rate (its own optimizer).
+        critic_learning_rate: the critic's AdamW learning rate (its own optimizer, with the same
+            learning-rate schedule as the actor's).
         clip_low, clip_high: policy ratio clip range ``[1 - clip_low, 1 + clip_high]``.
         value_clip: values move at most this far from the rollout's values (None: no clipping).
         gamma, lam: GAE discount and lambda.
@@ -55,10 +66,14 @@ class PPO(RLModule):
         self.clip_low, self.clip_high, self.value_clip = clip_low, clip_high, value_clip
         self.gamma, self.lam = gamma, lam
         self.critic = CriticModel(copy.deepcopy(self.actor.base_model), self.actor.config.hidden_size)
+        if self.hparams.gradient_checkpointing:
+            self.critic.gradient_checkpointing_enable()
 
     def configure_optimizers(self) -> Any:
-        critic_optimizer = self.trainer.strategy.create_optimizer(self.critic, lr=self.hparams.critic_learning_rate)
-        return [super().configure_optimizers(), critic_optimizer]
+        """The actor's and the critic's AdamW, each with its learning-rate schedule."""
+        actor = super().configure_optimizers()
+        critic = self.trainer.strategy.create_optimizer(self.critic, lr=self.hparams.critic_learning_rate)
+        return [actor["optimizer"], critic], [actor["lr_scheduler"], self.lr_scheduler_config(critic, "critic")]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
@@ -67,7 +82,7 @@ class PPO(RLModule):
         with torch.no_grad():
             self.critic.eval()
             exp.values = torch.cat([self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-                                    for mb in self._micro_batches(exp)])
+                                    for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
             self.critic.train()
         kl = self._kl(exp.old_logp, exp.ref_logp)
         adv, exp.returns = compute_advantages("gae", rewards, exp.action_mask, hp.n_samples_per_prompt, kl=kl,
@@ -82,16 +97,17 @@ class PPO(RLModule):
         hp = self.hparams
         strategy = self.trainer.strategy
         actor_opt, critic_opt = self.optimizers()
+        actor_sched, critic_sched = self.lr_schedulers()
         sums = {"loss/policy": 0.0, "loss/value": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         count = 0
         for t in self._policy_terms(exp):
             mb = t.mb
             strategy.backward(t.loss, self.actor, actor_opt)
-            strategy.optimizer_step(actor_opt, self.actor, None, name="actor")
+            strategy.optimizer_step(actor_opt, self.actor, actor_sched, name="actor")
             values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
             v_loss = value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, hp.loss_agg, **t.agg)
             strategy.backward(v_loss, self.critic, critic_opt)
-            strategy.optimizer_step(critic_opt, self.critic, None, name="critic")
+            strategy.optimizer_step(critic_opt, self.critic, critic_sched, name="critic")
             sums["loss/policy"] += t.loss.item()
             sums["loss/value"] += v_loss.item()
             sums["clip_frac"] += t.clip_frac

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint
+from lightrft_lightning import checkpoint, lightning_api, process_group  # noqa: F401  (process_group: clean exit)
 from lightrft_lightning.config import StrategyConfig
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class StrategyBase:
                 prepared.append(None)
             elif isinstance(item, (tuple, list)):
                 model, optimizer, scheduler = (list(item) + [None, None])[:3]
+                self._enable_gradient_checkpointing([model])
                 model, optimizer = self._prepare_model(model, optimizer, train=True)
                 self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer), scheduler)
                 prepared.append((model, optimizer, scheduler))
@@ -142,12 +143,35 @@ class StrategyBase:
             for name, param in model.named_parameters():
                 param.requires_grad_(flags.get(name, True))
             model.train()
+        self._enable_gradient_checkpointing([model])
         kwargs.setdefault("lr", self.config.actor_learning_rate)
         kwargs.setdefault("betas", self.config.adam_betas)
         kwargs.setdefault("weight_decay", self.config.l2)
         optimizer = self._build_optimizer(model, **kwargs)
         self._train_states[id(model)] = TrainState(optimizer)
         return optimizer
+
+    def _enable_gradient_checkpointing(self, models: Iterable[nn.Module]) -> None:
+        """With ``StrategyConfig.gradient_checkpointing``, recompute the activations of each Hugging Face
+        model in ``models`` in its backward pass (:func:`enable_gradient_checkpointing`)."""
+        if not self.config.gradient_checkpointing:
+            return
+        for model in models:
+            inner = getattr(model, "module", model)  # a prepared DeepSpeed model
+            if not hasattr(inner, "gradient_checkpointing_enable"):
+                raise ValueError(
+                    f"StrategyConfig.gradient_checkpointing=True, but {type(inner).__name__} cannot recompute its "
+                    "activations; accepted: gradient_checkpointing=False, or Hugging Face models "
+                    "(with gradient_checkpointing_enable)")
+            enable_gradient_checkpointing(inner)
+
+    def _trainable_children(self, module: nn.Module) -> list[nn.Module]:
+        """The children of a LightningModule that hold trainable parameters (actor, critic...)."""
+        return [c for c in module.children() if any(p.requires_grad for p in c.parameters())]
+
+    def setup(self, trainer: Any) -> None:
+        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        super().setup(trainer)  # type: ignore[misc]
 
     def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
@@ -178,9 +202,19 @@ class StrategyBase:
         boundary = (state.micro_steps + 1) % steps == 0
         if steps > 1:
             loss = loss / steps
+        module = self._hooked_module()
+        scaled = self.precision_plugin.pre_backward(loss, module) if module is not None else loss
         with self._no_gradient_sync(model, boundary):
-            loss.backward()
+            scaled.backward()
+        if module is not None:
+            self.precision_plugin.post_backward(scaled, module)
         return loss
+
+    def _hooked_module(self) -> Any:
+        """The LightningModule whose hooks and precision plugin the LightRFT shape goes through: the
+        Trainer's module while one of its hooks runs, else None (standalone use)."""
+        module = getattr(self, "lightning_module", None)
+        return module if lightning_api.in_hook(module) else None
 
     def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """``optimizer_step(optimizer, model, scheduler, name=...)`` (LightRFT) or
@@ -199,16 +233,28 @@ class StrategyBase:
         if state.micro_steps % self.accumulation_steps:
             return False
         opt = state.optimizer
+        module = self._hooked_module()
+        scaler = getattr(self.precision_plugin, "scaler", None) if module is not None else None
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip and check the true gradients
+        if module is not None:
+            lightning_api.before_optimizer_step(self.precision_plugin, module, opt)
         norm = self._clip_grad_norm(model, opt, self.config.max_norm)
         state.grad_norm = float(norm)
         if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # lower the loss scale, as GradScaler does on an overflow
             state.skipped_steps += 1
             log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
                         state.skipped_steps)
             self._log_step(name, state, skipped=True)
             return False
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         if state.scheduler is not None:
             state.scheduler.step()
@@ -231,10 +277,8 @@ class StrategyBase:
         """``self.log`` the gradient norm and skipped-step count of ``name`` on the steps where Lightning
         writes logs (every ``log_every_n_steps``) and on a skipped step. Loggers never see the other
         steps' values, and each ``self.log`` call costs about a millisecond."""
-        module = getattr(self, "lightning_module", None)
-        if module is None or module._trainer is None or module._current_fx_name is None:
-            return
-        if not (skipped or module._trainer._logger_connector.should_update_logs):
+        module = self._hooked_module()
+        if module is None or not (skipped or lightning_api.should_update_logs(module.trainer)):
             return
         module.log(f"{name}/grad_norm", state.grad_norm if state.grad_norm == state.grad_norm else -1.0)
         module.log(f"{name}/skipped_steps", float(state.skipped_steps))
@@ -397,7 +441,7 @@ class StrategyBase:
         module = self.lightning_module  # type: ignore[attr-defined]
         if module is None or module.automatic_optimization:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
-        progress = module.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress = lightning_api.manual_step_progress(module.trainer)
         target = progress.total.completed + 1
         out = super().training_step(*args, **kwargs)  # type: ignore[misc]
         delta = target - progress.total.completed
@@ -411,6 +455,17 @@ def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:
     if engines is None:
         return list(default)
     return [engines] if hasattr(engines, "sleep") else [e for e in engines if e is not None]
+
+
+def enable_gradient_checkpointing(model: nn.Module, checkpoint_kwargs: Optional[dict[str, Any]] = None) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (Hugging Face checkpointing; ``checkpoint_kwargs`` go to ``torch.utils.checkpoint``, default
+    non-reentrant)."""
+    kwargs = {"use_reentrant": False} if checkpoint_kwargs is None else checkpoint_kwargs
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def seed_everything(seed: int) -> None:

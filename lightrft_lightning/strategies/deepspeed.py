@@ -2,13 +2,17 @@
 with one DeepSpeed engine per model (actor and critic train, ref and reward models infer).
 
 Lightning's ``DeepSpeedStrategy`` refuses CPU and wraps the whole ``LightningModule`` in one engine.
-This one wraps each child module that an optimizer trains (``self.actor``, ``self.critic``) in its
-own training engine, and each frozen child (``self.ref``) in an inference engine (ZeRO-3
-partitioned, or stage 0 since ZeRO-1/2 engines need an optimizer). ``manual_backward(loss)`` goes to
-the engine whose parameters the loss depends on, ``optimizer.step()`` to the engine of that optimizer.
+This one builds a training engine for each child module that an optimizer trains (``self.actor``,
+``self.critic``) and an inference engine for each frozen child (``self.ref``: ZeRO-3 partitioned, or
+stage 0 since ZeRO-1/2 engines need an optimizer). The children stay the user's modules (same type,
+same parameter names, same ``state_dict`` keys); the strategy holds the engines and routes each
+child's ``forward`` through its engine. ``manual_backward(loss)`` goes to the engine whose parameters
+the loss depends on, ``optimizer.step()`` to the engine of that optimizer.
 
 Accumulation scaling, gradient clipping, non-finite step skipping and (standalone) the scheduler
-step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them.
+step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them. The clipping norm
+follows the call shape: ``StrategyConfig.max_norm`` for the LightRFT shape, and for the Lightning
+shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
 """
 
 from __future__ import annotations
@@ -26,17 +30,16 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint
+from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.strategies.base import StrategyBase, seed_everything, unwrap_optimizer
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,8 @@ _INSTALL_HINT = "install the `deepspeed` extra: pip install 'lightrft-lightning[
 
 
 class DeepSpeedModel(nn.Module):
-    """A model prepared by :class:`LightRFTDeepSpeed`: calls go through its DeepSpeed engine, which is
-    built on first use (so ``create_optimizer`` may still turn a model prepared for inference into
+    """A model prepared by :class:`LightRFTDeepSpeed`'s standalone ``prepare`` (LightRFT's ``prepare``
+    returns an engine too): calls go through its DeepSpeed engine, which is built on first use (so ``create_optimizer`` may still turn a model prepared for inference into
     a training engine). ``.module`` is the original model, ``.engine`` the ``DeepSpeedEngine``;
     other attributes (``generate``, ``config``...) are read from the original model."""
 
@@ -94,6 +97,28 @@ class DeepSpeedModel(nn.Module):
             return getattr(self._modules["module"], name)
 
 
+class EngineClippingPrecision(DeepSpeedPrecision):
+    """``DeepSpeedPrecision`` for several engines: a ``clip_gradients`` request (from
+    ``Trainer(gradient_clip_val=...)`` or ``LightningModule.clip_gradients``) sets the norm that the
+    engine clips to inside its next ``step`` (DeepSpeed clips the partitioned gradients itself)."""
+
+    def __init__(self, precision: str) -> None:
+        super().__init__(precision)  # type: ignore[arg-type]
+        self.requested_max_norm = 0.0
+
+    def clip_gradients(self, optimizer: Any, clip_val: Union[int, float] = 0.0,
+                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        if clip_val > 0 and gradient_clip_algorithm != GradClipAlgorithmType.NORM:
+            raise ValueError(f"LightRFTDeepSpeed: gradient_clip_algorithm={str(gradient_clip_algorithm.value)!r} is "
+                             "not supported (DeepSpeed clips by norm); accepted: 'norm'")
+        self.requested_max_norm = float(clip_val)
+
+    def take_requested_max_norm(self) -> float:
+        """The norm asked for since the last step (0: no clipping), and forget it."""
+        value, self.requested_max_norm = self.requested_max_norm, 0.0
+        return value
+
+
 class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     """DeepSpeed ZeRO with the LightRFT API and several engines, usable standalone or in a ``Trainer``.
 
@@ -111,7 +136,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     strategy_name = "lightrft_deepspeed"
 
     def __init__(self, config: Any = None, ds_config: Union[dict, str, Path, None] = None, **lightning_kwargs: Any) -> None:
-        if not _DEEPSPEED_AVAILABLE:
+        if not lightning_api.DEEPSPEED_AVAILABLE:
             raise ImportError(f"LightRFTDeepSpeed needs DeepSpeed, which is not installed; {_INSTALL_HINT}")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -123,6 +148,17 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
         self.user_ds_config = _load_ds_config(ds_config)
         self._handles: list[tuple[str, DeepSpeedModel]] = []
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        # the Trainer hands every DeepSpeedStrategy a DeepSpeedPrecision; ours also records clipping requests
+        if type(plugin) is DeepSpeedPrecision:
+            plugin = EngineClippingPrecision(plugin.precision)
+        self._precision_plugin = plugin
 
     # ------------------------------------------------------------------ DeepSpeed config
     def _precision(self) -> str:
@@ -279,30 +315,52 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     def _engine(self, model: nn.Module) -> Any:
         if isinstance(model, DeepSpeedModel):
             return model.engine
+        for _, handle in self._handles:
+            if handle.module is model:
+                return handle.engine
         if hasattr(model, "backward") and hasattr(model, "module"):  # a bare DeepSpeedEngine
             return model
-        raise TypeError(f"{type(model).__name__} was not prepared by LightRFTDeepSpeed: pass the model prepare() returned")
+        raise TypeError(f"{type(model).__name__} was not prepared by LightRFTDeepSpeed: pass the model prepare() returned "
+                        "(or, under a Trainer, a child module of the LightningModule)")
+
+    def engine_of(self, model: nn.Module) -> Any:
+        """The ``DeepSpeedEngine`` that runs ``model`` (a prepared model, or a child of the LightningModule)."""
+        return self._engine(model)
 
     # ------------------------------------------------------------------ LightRFT training step
     def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
         self._state(model, optimizer)
+        module = self._hooked_module()
+        if module is not None:
+            loss = self.precision_plugin.pre_backward(loss, module)
         self._engine(model).backward(loss)
+        if module is not None:
+            self.precision_plugin.post_backward(loss, module)
         return loss
 
     def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
+        engine = self._engine(model)
         if scheduler is not None:
-            self._engine(model).lr_scheduler = scheduler
-        return self._engine_step(model, optimizer, scheduler, name)
+            engine.lr_scheduler = scheduler
+        module = self._hooked_module()
+        if module is not None and engine.is_gradient_accumulation_boundary():
+            lightning_api.before_optimizer_step(self.precision_plugin, module, unwrap_optimizer(optimizer))
+        return self._engine_step(model, optimizer, scheduler, name, self._lightrft_max_norm())
 
-    def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str) -> bool:
-        """``engine.step()``: a real step on accumulation boundaries (clip, step, zero grads and,
-        when the engine holds one, scheduler step), skipped when the gradient norm is not finite."""
+    def _lightrft_max_norm(self) -> float:
+        return float(self.ds_config()["gradient_clipping"])
+
+    def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str, max_norm: float) -> bool:
+        """``engine.step()``: a real step on accumulation boundaries (clip the global gradient norm to
+        ``max_norm`` (0: no clipping), step, zero grads and, when the engine holds one, step the
+        scheduler), skipped when the gradient norm is not finite."""
         engine = self._engine(model)
         state = self._state(model, optimizer)
         if scheduler is not None:
             state.scheduler = scheduler
         boundary = engine.is_gradient_accumulation_boundary()
         skipped = engine.skipped_steps
+        _set_gradient_clipping(engine, max_norm)
         engine.step()
         state.micro_steps += 1
         if not boundary:
@@ -343,10 +401,17 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         closure = args[0] if args else kwargs.pop("closure")
         model = (args[1] if len(args) > 1 else kwargs.pop("model", None)) or self.lightning_module
         closure()
-        self.precision_plugin._after_closure(model, optimizer)
+        lightning_api.before_optimizer_step(self.precision_plugin, model, optimizer)  # hooks, automatic clipping
         handle = self._handle_for_optimizer(optimizer)
         name = next(n for n, h in self._handles if h is handle)
-        return self._engine_step(handle, unwrap_optimizer(optimizer), None, name)
+        plugin = self.precision_plugin
+        requested = plugin.take_requested_max_norm() if isinstance(plugin, EngineClippingPrecision) else 0.0
+        return self._engine_step(handle.module, unwrap_optimizer(optimizer), None, name,
+                                 requested or self._lightning_max_norm())
+
+    def _lightning_max_norm(self) -> float:
+        # the Lightning shape clips only when asked to, or when the user's ds_config says so
+        return float(self.user_ds_config.get("gradient_clipping", 0.0))
 
     def _handle_for_optimizer(self, optimizer: Any) -> DeepSpeedModel:
         optimizer = unwrap_optimizer(optimizer)
@@ -371,18 +436,21 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
     # ------------------------------------------------------------------ Lightning setup
     def setup(self, trainer: Any) -> None:
-        """Wrap each child of the ``LightningModule`` that an optimizer trains in a training engine
-        and each frozen child in an inference engine (children are replaced by
-        :class:`DeepSpeedModel` s); ``trainer.strategy.optimizers`` are the engines' optimizers."""
+        """Build a training engine for each child of the ``LightningModule`` that an optimizer trains and
+        an inference engine for each frozen child. The children stay where they are; each one's
+        ``forward`` runs through its engine (as Lightning's own DeepSpeed strategy redirects the
+        module's ``forward``) until the next ``setup``. ``trainer.strategy.optimizers`` are the engines'
+        optimizers; :meth:`engine_of` gives a child's engine."""
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
+        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         module = self.lightning_module
         self.model = self.precision_plugin.convert_module(self.model)
         optimizers, schedulers = [], []
         if trainer.state.fn == TrainerFn.FITTING:
-            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+            optimizers, schedulers = lightning_api.init_optimizers_and_lr_schedulers(module)
         owners = _optimizer_children(module, optimizers)
-        self._handles = []
+        self._release_engines()
         for name, child in list(module.named_children()):
             params = list(child.parameters())
             if name in owners:
@@ -391,16 +459,21 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                 handle = DeepSpeedModel(child, self)
             else:
                 continue
-            handle.engine  # build now, so every rank builds the engines in the same order
-            setattr(module, name, handle)
+            _route_forward(child, handle.engine)  # built now, so every rank builds the engines in the same order
             self._handles.append((name, handle))
             if handle.is_training_engine:
-                self._state(handle, handle.engine.optimizer)
+                self._state(child, handle.engine.optimizer)
         by_client = {id(h._optimizer): h.engine.optimizer for _, h in self._handles if h.is_training_engine}
         self.optimizers = [by_client[id(opt)] for opt in optimizers]
         self.lr_scheduler_configs = schedulers  # stepped by Lightning (manual optimization: by the module)
         self.setup_precision_plugin()
         self.barrier()
+
+    def _release_engines(self) -> None:
+        """Give the children their own ``forward`` back and drop the engines."""
+        for _, handle in self._handles:
+            handle.module.__dict__.pop("forward", None)
+        self._handles = []
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
@@ -496,6 +569,18 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             if i == 0:
                 client = state or {}
         return client
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        names = {
+            "lightrft_deepspeed": ({}, "LightRFT DeepSpeed (ZeRO stage from the config), several engines, CPU and CUDA"),
+            "lightrft_deepspeed_stage_1": ({"stage": 1}, "LightRFT DeepSpeed ZeRO-1"),
+            "lightrft_deepspeed_stage_2": ({"stage": 2}, "LightRFT DeepSpeed ZeRO-2"),
+            "lightrft_deepspeed_stage_3": ({"stage": 3}, "LightRFT DeepSpeed ZeRO-3"),
+        }
+        for name, (init, description) in names.items():
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **init)
 
     def _training_handles(self) -> list[tuple[str, DeepSpeedModel]]:
         return [(name, handle) for name, handle in self._handles if handle.is_training_engine]
@@ -594,6 +679,33 @@ def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[
     return owners
 
 
+def _route_forward(module: nn.Module, engine: Any) -> None:
+    """Make ``module(...)`` run through ``engine`` (DeepSpeed's forward registers the hooks its backward
+    needs), while ``engine`` itself still calls the module's own ``forward``."""
+    own_forward = module.forward
+    inside = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside
+        if inside:
+            return own_forward(*args, **kwargs)
+        inside = True
+        try:
+            return engine(*args, **kwargs)
+        finally:
+            inside = False
+
+    module.forward = forward
+
+
+def _set_gradient_clipping(engine: Any, max_norm: float) -> None:
+    """Set the norm ``engine.step()`` clips to: stage 0 reads the engine's config, the ZeRO and bf16
+    optimizers their own ``clip_grad``."""
+    engine._config.gradient_clipping = max_norm
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = max_norm
+
+
 def _is_ds_tag(path: Path) -> bool:
     return any(path.glob("*model_states.pt"))
 
@@ -607,7 +719,15 @@ def _load_ds_config(ds_config: Union[dict, str, Path, None]) -> dict[str, Any]:
         if not os.path.isfile(ds_config):
             raise FileNotFoundError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} is not a file; accepted: a dict or a JSON file path")
         with open(ds_config) as f:
-            return json.load(f)
+            try:
+                loaded = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} is not valid JSON ({err}); "
+                                 "accepted: a dict or a JSON file path") from err
+        if not isinstance(loaded, dict):
+            raise ValueError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} holds a {type(loaded).__name__}, "
+                             "not a JSON object; accepted: a dict or a JSON file path")
+        return loaded
     raise TypeError(f"LightRFTDeepSpeed: ds_config must be a dict, a JSON file path or None, got {type(ds_config).__name__}")
 
 
@@ -616,18 +736,3 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def _register() -> None:
-    names = {
-        "lightrft_deepspeed": ({}, "LightRFT DeepSpeed (ZeRO stage from the config), several engines, CPU and CUDA"),
-        "lightrft_deepspeed_stage_1": ({"stage": 1}, "LightRFT DeepSpeed ZeRO-1"),
-        "lightrft_deepspeed_stage_2": ({"stage": 2}, "LightRFT DeepSpeed ZeRO-2"),
-        "lightrft_deepspeed_stage_3": ({"stage": 3}, "LightRFT DeepSpeed ZeRO-3"),
-    }
-    for name, (init, description) in names.items():
-        if name not in StrategyRegistry:
-            StrategyRegistry.register(name, LightRFTDeepSpeed, description=description, **init)
-
-
-_register()

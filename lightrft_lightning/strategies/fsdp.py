@@ -12,9 +12,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,7 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint
+from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.strategies.base import StrategyBase, unwrap_optimizer
 
@@ -225,6 +224,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         self.model = self.precision_plugin.convert_module(self.model)
         if not self.config.fsdp_cpu_offload:
             self.model_to_device()
@@ -235,7 +235,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            lightning_api.optimizers_to_device(self.optimizers, self.root_device)
 
     def _shard_lightning_module(self, module: nn.Module) -> None:
         for child in module.children():
@@ -305,5 +305,3 @@ def _without_gradient_sync(model: FSDPModule) -> Iterator[None]:
     finally:
         model.set_requires_gradient_sync(True)
 
-
-LightRFTFSDP.register_strategies(StrategyRegistry)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import lightrft_lightning  # noqa: F401  (registers the strategy names)
-from lightrft_lightning.strategies.deepspeed import DeepSpeedModel, LightRFTDeepSpeed
+from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed
 from lightrft_lightning.tiny_models import tiny_causal_lm
 from tests.launch import report
 
@@ -76,12 +76,16 @@ def check(name: str, out: str) -> dict:
     strategy = continuous.strategy
     assert isinstance(strategy, LightRFTDeepSpeed), type(strategy)
     assert continuous.global_step == 8, continuous.global_step  # training steps, not optimizer steps
-    assert isinstance(module.actor, DeepSpeedModel) and module.actor.is_training_engine
-    assert isinstance(module.ref, DeepSpeedModel) and not module.ref.is_training_engine and not module.ref.training
+    # the children stay the user's modules; the strategy holds their engines
+    assert type(module.actor).__name__ == "Qwen2ForCausalLM" and not module.ref.training
+    assert {n for n, _ in module.named_children()} == {"actor", "critic", "ref"}
+    assert all(not n.startswith(("actor.module.", "critic.module.")) for n in module.state_dict())
     stage = strategy.zero_stage
-    assert module.actor.engine.zero_optimization_stage() == stage
-    assert module.ref.engine.zero_optimization_stage() == (3 if stage == 3 else 0)
-    assert module.actor.engine.global_steps == 8 and module.critic.engine.global_steps == 8
+    actor, critic, ref = (strategy.engine_of(m) for m in (module.actor, module.critic, module.ref))
+    assert actor.module is module.actor and actor.optimizer is not None
+    assert actor.zero_optimization_stage() == stage
+    assert ref.zero_optimization_stage() == (3 if stage == 3 else 0)
+    assert actor.global_steps == 8 and critic.global_steps == 8
 
     first, _ = fit(name, 4)
     path = os.path.join(out, name, "epoch1.ckpt")
