@@ -348,7 +348,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return self._engine_step(model, optimizer, scheduler, name, self._lightrft_max_norm())
 
     def _lightrft_max_norm(self) -> float:
-        return float(self.ds_config()["gradient_clipping"])
+        # what ds_config() gives the engine, without building the whole config on every step
+        return float(self.user_ds_config.get("gradient_clipping", self.config.max_norm))
 
     def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str, max_norm: float) -> bool:
         """``engine.step()``: a real step on accumulation boundaries (clip the global gradient norm to
