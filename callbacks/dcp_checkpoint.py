@@ -32,7 +32,7 @@ class DCPCheckpoint(Checkpoint):
 
     The strategy writes the files: DCP directories under ``LightRFTFSDP`` and single-process
     strategies (``LightRFTFake``, through :class:`~lightrft_lightning.checkpoint.DCPCheckpointIO`),
-    DeepSpeed's own format under ``LightRFTDeepSpeed``. A checkpoint is written into a hidden
+    the same DCP directory plus DeepSpeed's own per-engine checkpoints under ``LightRFTDeepSpeed``. A checkpoint is written into a hidden
     directory and renamed once every rank is done; ``latest`` moves only after that, so a crash
     mid-save leaves the previous checkpoint and ``latest`` untouched.
 

@@ -368,6 +368,19 @@ def load_full(path: str, keys: Optional[set[str]] = None) -> dict[str, Any]:
     return state
 
 
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The ``LightningModule`` state dict of a Lightning checkpoint written under any strategy of this
+    package (a ``torch.save`` file, or a DCP directory from ``LightRFTFSDP`` / ``LightRFTDeepSpeed`` /
+    :class:`DCPCheckpointIO`), read in this process with ``weights_only=True``. Keys are the module's
+    own (``actor.0.weight``), whatever the backend."""
+    file = Path(path)
+    if file.is_file():
+        return torch.load(file, map_location="cpu", weights_only=True)["state_dict"]
+    if not (file / METADATA).is_file():
+        raise FileNotFoundError(f"{path} is not a Lightning checkpoint: neither a file nor a DCP directory with {METADATA}")
+    return load_full(str(file), keys={"state_dict"})["state_dict"]
+
+
 def _explain(err: Exception, path: str, dcp_state: dict[str, Any]) -> str:
     """DCP's message for a missing key is terse; list what the model expects and the checkpoint lacks."""
     try:

@@ -102,6 +102,8 @@ def deepspeed_to_hf(ckpt_dir: str, out_dir: str, config_dir: str, tag: Optional[
     merged with DeepSpeed's ``zero_to_fp32``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
+
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir!r} is not a directory")
     _check_config(config_dir)
@@ -113,7 +115,8 @@ def deepspeed_to_hf(ckpt_dir: str, out_dir: str, config_dir: str, tag: Optional[
                                 f"{sorted(p.name for p in Path(ckpt_dir).iterdir() if p.is_dir())})")
     if tag is not None and not Path(ckpt_dir, tag).is_dir():
         raise FileNotFoundError(f"DeepSpeed checkpoint {Path(ckpt_dir, tag)} does not exist")
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     save_hf(state, config_dir, out_dir, ckpt_dir)
 
 

@@ -1,6 +1,7 @@
 """A plain Lightning module (manual optimization, actor + critic + frozen ref, the Lightning call shape)
 trains the same on every strategy built by name: parameters equal to a plain torch loop (<= 1e-5 fp32),
-with and without ``clip_gradients``, and the parameter / state-dict names are identical everywhere."""
+with and without ``clip_gradients``; the parameter / state-dict names are identical everywhere, and so
+is the state dict of a Lightning checkpoint of the module."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lightrft_lightning.checkpoint import read_state_dict
 from tests.launch import SCRIPTS, script_env, script_result, torchrun
 from tests.scripts.lightning_equivalence import CLIP, plain_loop
 
@@ -49,6 +51,18 @@ def test_names_and_types_are_the_users_on_every_backend(runs):
         assert info["parameters"] == fake["parameters"], tag
         assert info["state_dict"] == fake["state_dict"], tag
         assert info["types"][1] == "Linear" and info["types"][0].endswith("Sequential"), (tag, info["types"])
+
+
+@pytest.mark.multiprocess
+def test_lightning_checkpoints_have_the_same_state_dict_on_every_backend(runs):
+    out, summary = runs
+    expected = plain_loop(None)
+    for name in ["lightrft_fake", *DISTRIBUTED]:
+        state = read_state_dict(str(out / f"{name}-noclip.ckpt"))
+        assert list(state) == summary["lightrft_fake-noclip"]["state_dict"], name  # keys and their order
+        diff = max((state[k] - expected[k]).abs().max().item() for k in expected)
+        print(f"{name}: checkpoint state_dict max |diff| vs plain loop {diff:.2e}")
+        assert diff <= 1e-5, name
 
 
 def test_clipping_reference_differs_from_unclipped():

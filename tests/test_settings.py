@@ -105,6 +105,13 @@ def test_ppo_schedules_the_actor_and_the_critic():
                        [closed_form(i, total, warmup, cosine=False, lr=0.1) for i in range(total)]]
     assert [c.name for c in trainer.lr_scheduler_configs] == ["actor/lr", "critic/lr"]
     assert [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs] == [total, total]
+    assert trainer.strategy.config.critic_learning_rate == 0.1  # the module's value is the config's
+
+
+def test_ppo_refuses_a_strategy_critic_learning_rate_it_would_overwrite():
+    with pytest.raises(ValueError, match=r"StrategyConfig.critic_learning_rate=0.5 \(the strategy's config\) "
+                                         r"disagrees with the module's 0.1 \(PPO.critic_learning_rate\)"):
+        fit(tiny(PPO, critic_learning_rate=0.1), 1, config={"critic_learning_rate": 0.5})
 
 
 def test_scheduler_steps_only_on_real_optimizer_steps():

@@ -239,6 +239,7 @@ class RLModule(pl.LightningModule):
             "micro_rollout_batch_size": self.micro_rollout_batch_size,
             "lr_warmup_ratio": self.hparams.lr_warmup_ratio,
             "gradient_checkpointing": self.hparams.gradient_checkpointing,
+            **self._strategy_settings(),
         }
         self._check_config_agrees(strategy.config, settings)
         # the module's sizes are the ones the strategy accumulates with (and DeepSpeed is configured with)
@@ -259,6 +260,10 @@ class RLModule(pl.LightningModule):
             raise ValueError(f"{type(strategy).__name__} accumulates {strategy.accumulation_steps} micro-batches, not the "
                              f"{steps} of the module's batch sizes; build the strategy with a config "
                              "(trainer.strategy.init_args.config) so that it follows StrategyConfig")
+
+    def _strategy_settings(self) -> dict[str, Any]:
+        """Further ``StrategyConfig`` fields this module sets under a Trainer (a subclass's own)."""
+        return {}
 
     def _check_config_agrees(self, config: StrategyConfig, settings: dict[str, Any]) -> None:
         """A strategy config value that is neither the default nor the module's would be overwritten."""

@@ -69,6 +69,9 @@ class PPO(RLModule):
         if self.hparams.gradient_checkpointing:
             self.critic.gradient_checkpointing_enable()
 
+    def _strategy_settings(self) -> dict[str, Any]:
+        return {"critic_learning_rate": self.hparams.critic_learning_rate}
+
     def configure_optimizers(self) -> Any:
         """The actor's and the critic's AdamW, each with its learning-rate schedule."""
         actor = super().configure_optimizers()

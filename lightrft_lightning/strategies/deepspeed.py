@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -41,6 +42,7 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.strategies.base import StrategyBase, seed_everything, unwrap_optimizer
+from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +483,23 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return nullcontext()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return {}  # DeepSpeed saves the weights itself, partitioned
+        """The ``LightningModule``'s full state dict, keyed as under every other strategy (ZeRO-3
+        partitions gathered bucket by bucket), on rank 0; ``{}`` on the other ranks. A collective."""
+        from lightrft_lightning.engines.weight_sync import iter_weight_buckets
+
+        module = self.lightning_module
+        assert module is not None
+        params = iter(module.named_parameters())
+        full: dict[int, torch.Tensor] = {}
+        for bucket in iter_weight_buckets(module, 256 * 2**20):
+            for _, tensor in bucket:
+                param = next(params)[1]
+                if self.is_global_zero:
+                    full[id(param)] = tensor.detach().to("cpu", copy=True)
+        if not self.is_global_zero:
+            return {}
+        return {key: full[id(value)] if id(value) in full else value.detach().to("cpu", copy=True)
+                for key, value in module.state_dict(keep_vars=True).items()}
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         return {}  # DeepSpeed saves the optimizer states itself, partitioned
@@ -530,9 +548,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         engine = self._engine(model)
         if load_module_only and engine.zero_optimization_partition_weights():
             return _load_zero3_weights(engine, load_dir, tag), {}
-        path, extra = engine.load_checkpoint(
-            load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+        with weights_only_loads():
+            path, extra = engine.load_checkpoint(
+                load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
         if path is None:
             raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
         extra = extra or {}
@@ -541,35 +560,49 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
 
-    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Lightning checkpoint: a directory with one DeepSpeed checkpoint per training engine
-        (``filepath/<child name>/``, weights, optimizer and engine state); the first also holds the
-        Trainer's state (loops, schedulers, callbacks) as client state. Frozen models do not change
-        and are not saved."""
+    def save_checkpoint(self, checkpoint_dict: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Lightning checkpoint: a DCP directory ``filepath`` laid out as under ``LightRFTFSDP`` (the
+        module's full ``state_dict``, keyed as on every backend, and the Trainer's state in
+        ``extra_state.pt``), plus one DeepSpeed checkpoint per training engine in
+        ``filepath/<child name>/`` (partitioned weights, optimizer and engine state), which resuming
+        loads. Frozen children are in ``state_dict`` only."""
         if storage_options is not None:
             raise TypeError("LightRFTDeepSpeed.save_checkpoint: storage_options is not supported (DeepSpeed writes the files)")
-        filepath = self.broadcast(str(filepath))
-        client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        for i, (name, handle) in enumerate(self._training_handles()):
-            handle.engine.save_checkpoint(os.path.join(filepath, name), tag="checkpoint",
-                                          client_state=client if i == 0 else {},
+        path = Path(self.broadcast(str(filepath)))
+        dcp_state = {"state_dict": checkpoint_dict.pop("state_dict", {})}
+        checkpoint_dict.pop("optimizer_states", None)
+        checkpoint_dict["lightrft_train_states"] = {
+            name: self._state(handle.module).counters() for name, handle in self._training_handles()
+        }
+        checkpoint.save(str(path.parent), path.name, dcp_state, extra=checkpoint_dict, max_num=sys.maxsize,
+                        max_mem=float("inf"), save_latest=False, is_rank_0=self.is_global_zero, barrier=self.barrier)
+        for name, handle in self._training_handles():
+            handle.engine.save_checkpoint(str(path / name), tag="checkpoint",
                                           exclude_frozen_parameters=self.exclude_frozen_parameters)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`save_checkpoint` into the engines (optimizer states only
+        when fitting) and return the Trainer's state."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / checkpoint.EXTRA_STATE).is_file():
+            raise FileNotFoundError(f"{path} is not a LightRFTDeepSpeed checkpoint: {path / checkpoint.EXTRA_STATE} is missing")
+        extra = checkpoint.load_extra(str(path))
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        client: dict[str, Any] = {}
-        for i, (name, handle) in enumerate(self._training_handles()):
-            directory = os.path.join(checkpoint_path, name)
-            if not os.path.isfile(os.path.join(directory, checkpoint.LATEST)):
-                raise FileNotFoundError(f"{checkpoint_path} is not a LightRFTDeepSpeed checkpoint: {directory}/latest is missing")
-            path, state = handle.engine.load_checkpoint(
-                directory, load_optimizer_states=fitting,
-                load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
-            if path is None:
+        counters = extra.pop("lightrft_train_states", {})
+        for name, handle in self._training_handles():
+            directory = path / name
+            if not (directory / checkpoint.LATEST).is_file():
+                raise FileNotFoundError(f"{path} is not a LightRFTDeepSpeed checkpoint of this module: "
+                                        f"{directory / checkpoint.LATEST} is missing")
+            with weights_only_loads():
+                loaded, _ = handle.engine.load_checkpoint(
+                    str(directory), load_optimizer_states=fitting,
+                    load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
+            if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")
-            if i == 0:
-                client = state or {}
-        return client
+            if name in counters:
+                self._state(handle.module).load_counters(counters[name])
+        return extra
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -623,7 +656,8 @@ def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir:
     ``model`` gives the architecture and config (its weights are not used)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
 
 
@@ -634,7 +668,8 @@ def _load_zero3_weights(engine: Any, load_dir: str, tag: Optional[str]) -> str:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
-    state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if dist.get_rank() == 0:

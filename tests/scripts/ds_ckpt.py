@@ -4,9 +4,11 @@ For each ZeRO stage: train, ``save_ckpt``, keep training (reference losses), the
 strategy ``load_ckpt`` and must reproduce those losses; rotation keeps ``max_num`` tags; the HF
 export (``save_model`` with GatheredParameters, and ``export_hf_from_checkpoint`` with zero_to_fp32)
 loads in transformers with the engine's logits; a frozen model prepared for inference gives the
-logits of the unprepared model. Every check raises on failure; rank 0 prints a JSON summary.
+logits of the unprepared model; a checkpoint holding an arbitrary pickle is refused. Every check raises on failure; rank 0 prints a JSON summary.
 """
 
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -17,6 +19,16 @@ from lightrft_lightning import get_strategy
 from lightrft_lightning.strategies.deepspeed import DeepSpeedModel, export_hf_from_checkpoint
 from lightrft_lightning.tiny_models import tiny_causal_lm
 from tests.launch import report
+
+class Payload:
+    """Runs code when unpickled without weights_only."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
 
 DATA = torch.randint(0, 64, (12, 2, 10), generator=torch.Generator().manual_seed(3))
 
@@ -91,6 +103,16 @@ def check(stage: int, root: Path) -> dict:
         with torch.no_grad():
             zero_to_fp32_diff = (from_ckpt(input_ids=ids).logits - ckpt_logits).abs().max().item()
         assert export_diff <= 1e-5 and zero_to_fp32_diff <= 1e-5, (export_diff, zero_to_fp32_diff)
+
+    # a tampered checkpoint: DeepSpeed's reader asks weights_only=False, ours refuses the payload
+    marker = root / f"z{stage}" / "code-ran"
+    strategy2.save_ckpt(model2, str(root / f"z{stage}" / "tampered"), client_state={"payload": Payload(str(marker))})
+    try:
+        strategy2.load_ckpt(model2, str(root / f"z{stage}" / "tampered"))
+        raise AssertionError("a checkpoint holding an arbitrary pickle loaded")
+    except pickle.UnpicklingError as err:
+        assert "mkdir" in str(err), err
+    assert not marker.exists()
 
     # a frozen model prepared for inference (stage 3: partitioned, else stage 0) keeps its outputs
     ref = strategy2.prepare(tiny_causal_lm(seed=7))

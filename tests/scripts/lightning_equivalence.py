@@ -1,6 +1,7 @@
 """The same manual-optimization LightningModule (actor + critic + frozen ref, two optimizers, the
 Lightning call shape) fitted under every strategy built by name, with and without clipping; writes the
-final parameters and the parameter / state-dict names of each run.
+final parameters and the parameter / state-dict names of each run, and a Lightning checkpoint of each
+unclipped run (``OUT_DIR/<name>-noclip.ckpt``).
 
     PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/lightning_equivalence.py OUT_DIR NAME [NAME ...]
     PYTHONPATH=. python tests/scripts/lightning_equivalence.py OUT_DIR lightrft_fake     (one process)
@@ -95,13 +96,15 @@ def full_state(strategy, module: L.LightningModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def fit(name: str, clip: Optional[float]) -> tuple[dict[str, torch.Tensor], dict]:
+def fit(name: str, clip: Optional[float], checkpoint: Optional[str]) -> tuple[dict[str, torch.Tensor], dict]:
     module = ActorCritic(clip)
     devices = 1 if name == "lightrft_fake" else int(os.environ.get("WORLD_SIZE", 1))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=name, max_steps=STEPS, precision="32-true",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(module)
+    if checkpoint:
+        trainer.save_checkpoint(checkpoint)
     names = {"parameters": [n for n, _ in module.named_parameters()], "state_dict": list(module.state_dict()),
              "types": [type(m).__name__ for m in (module.actor, module.actor[0])]}
     return full_state(trainer.strategy, module), names
@@ -112,8 +115,8 @@ def main() -> None:
     summary = {}
     for name in names:
         for clip in (None, CLIP):
-            state, info = fit(name, clip)
             tag = f"{name}-{'clip' if clip else 'noclip'}"
+            state, info = fit(name, clip, None if clip else os.path.join(out, f"{tag}.ckpt"))
             if int(os.environ.get("RANK", 0)) == 0:
                 save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, f"{tag}.safetensors"))
             summary[tag] = info
