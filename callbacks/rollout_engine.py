@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
@@ -130,7 +131,7 @@ class RolloutEngineCallback(Callback):
         if engine_type == "hf":
             _check_engine_fields_unset(trainer, "engine_type='hf' (the built-in HFEngine runs unsharded, in the "
                                        "trainer's memory)", ("engine_tp_size", "engine_mem_util"))
-            return self._build_hf_engine(pl_module)
+            return self._build_hf_engine(pl_module, _generation_dtype(trainer))
         try:
             importlib.import_module(engine_type)
         except ImportError as err:
@@ -146,18 +147,19 @@ class RolloutEngineCallback(Callback):
                 "directory (model=<path>), engine_type='hf', or RolloutEngineCallback(engine=...)")
         if engine_type == "vllm":
             return VLLMEngine(path, sleep_level=self.sleep_level, tensor_parallel_size=config.engine_tp_size,
-                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed)
+                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed,
+                              dtype="bfloat16" if _generation_dtype(trainer) == torch.bfloat16 else "auto")
         return SGLangEngine(path, sleep_level=self.sleep_level, tp_size=config.engine_tp_size,
                             mem_fraction_static=config.engine_mem_util, random_seed=config.seed)
 
-    def _build_hf_engine(self, pl_module: LightningModule) -> HFEngine:
+    def _build_hf_engine(self, pl_module: LightningModule, dtype: Optional[torch.dtype] = None) -> HFEngine:
         actor = self._actor(pl_module)
         config = actor.config
         eos = self.eos_token_id if self.eos_token_id is not None else config.eos_token_id
         pad = self.pad_token_id
         if pad is None:
             pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-        dtype = next(actor.parameters()).dtype
+        dtype = dtype or next(actor.parameters()).dtype
         return HFEngine.from_config(config, dtype=dtype, pad_token_id=pad or 0, eos_token_id=eos,
                                     sleep_level=self.sleep_level, device=pl_module.device)
 
@@ -179,6 +181,11 @@ class RolloutEngineCallback(Callback):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
+
+
+def _generation_dtype(trainer: Trainer) -> Optional[torch.dtype]:
+    """bf16 when training is bf16 (mixed or true): the engine generates in the precision the actor computes in."""
+    return torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
 
 
 def _check_engine_fields_unset(trainer: Trainer, reason: str, fields: Sequence[str] = _ENGINE_FIELDS) -> None:

@@ -1,12 +1,14 @@
-"""Checkpoint conversion: DCP -> Hugging Face, DeepSpeed -> Hugging Face, Hugging Face -> DCP.
+"""Checkpoint conversion: DCP -> Hugging Face, DeepSpeed -> Hugging Face, Hugging Face -> DCP, GGUF -> Hugging Face.
 
     lightrft-lightning convert dcp-to-hf CKPT OUT --config HF_DIR
     lightrft-lightning convert deepspeed-to-hf CKPT_DIR OUT --config HF_DIR [--tag TAG]
     lightrft-lightning convert hf-to-dcp HF_DIR OUT_DIR [--tag TAG]
+    lightrft-lightning convert gguf-to-hf GGUF OUT
 
 Every conversion runs in one process without a process group, with the libraries' own readers and
 writers: DCP's template-free loader (as ``torch.distributed.checkpoint.format_utils`` uses it) and
-``dcp.save``, DeepSpeed's ``zero_to_fp32``, and ``transformers``' ``save_pretrained`` (safetensors).
+``dcp.save``, DeepSpeed's ``zero_to_fp32``, ``transformers``' GGUF dequantization and its
+``save_pretrained`` (safetensors).
 """
 
 from __future__ import annotations
@@ -140,6 +142,41 @@ def hf_to_dcp(hf_dir: str, out_dir: str, tag: str = "hf") -> str:
     return checkpoint.save(out_dir, tag, {"model": state}, extra, max_num=2**62, max_mem=float("inf"), no_dist=True)
 
 
+def gguf_to_hf(gguf_file: str, out_dir: str) -> str:
+    """A GGUF file (any architecture and quantization ``transformers`` can dequantize) to a Hugging Face
+    directory: fp32 safetensors (tied embeddings stay tied), config, tokenizer and chat template.
+    Written into a temporary directory renamed when complete. Returns ``out_dir``."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(gguf_file)
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} does not exist; accepted: a .gguf file")
+    _check_out(out_dir)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{gguf_file} cannot be read as a GGUF causal LM by transformers: {err}") from err
+    # save_pretrained refuses a model loaded from GGUF (its quantization_config): rebuild a plain one
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    out = Path(out_dir)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return str(out)
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     out = {}
     for key, value in tree.items():
@@ -167,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf", help="a Hugging Face model directory")
     p.add_argument("out", help="output checkpoint directory (save_dir)")
     p.add_argument("--tag", default="hf", help="checkpoint tag (default: hf)")
+    p = sub.add_parser("gguf-to-hf", help="GGUF file -> Hugging Face safetensors (dequantized, fp32)")
+    p.add_argument("gguf", help="a .gguf file")
+    p.add_argument("out", help="output Hugging Face directory")
     return parser
 
 
@@ -178,6 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dcp_to_hf(args.ckpt, args.out, args.config)
         elif args.command == "deepspeed-to-hf":
             deepspeed_to_hf(args.ckpt, args.out, args.config, args.tag)
+        elif args.command == "gguf-to-hf":
+            gguf_to_hf(args.gguf, args.out)
         else:
             print(hf_to_dcp(args.hf, args.out, args.tag))
             return 0

@@ -31,7 +31,7 @@ def char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(name_or_path: str = "char", chars: Optional[str] = None) -> PreTrainedTokenizerBase:
     """``"char"`` gives :func:`char_tokenizer` (over ``chars`` if given); anything else must be a
-    local Hugging Face directory (no hub access). A tokenizer without a pad token pads with EOS."""
+    built-in model name or a local Hugging Face directory (no hub access). A tokenizer without a pad token pads with EOS."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"tokenizer={name_or_path!r} is invalid; accepted: 'char' or the path of a Hugging Face "
                         "model/tokenizer directory")
@@ -44,9 +44,14 @@ def load_tokenizer(name_or_path: str = "char", chars: Optional[str] = None) -> P
     if chars is not None:
         raise ValueError(f"tokenizer_chars={chars!r} is invalid with tokenizer={name_or_path!r}; accepted: None "
                          "(the characters are only for tokenizer='char')")
+    from lightrft_lightning import pretrained
+
+    if pretrained.is_builtin(name_or_path):
+        name_or_path = pretrained.resolve(name_or_path)
     if not os.path.isdir(name_or_path):
-        raise ValueError(f"tokenizer={name_or_path!r} is neither 'char' nor a local directory; "
-                         "accepted: 'char' or the path of a Hugging Face model/tokenizer directory")
+        raise ValueError(f"tokenizer={name_or_path!r} is neither 'char', a built-in model name "
+                         f"({', '.join(pretrained.BUILTIN)}) nor a local directory; accepted: one of those or the "
+                         "path of a Hugging Face model/tokenizer directory")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
     except (OSError, ValueError) as err:

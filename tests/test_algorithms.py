@@ -177,7 +177,7 @@ def test_char_tokenizer_round_trip_and_local_directory(tmp_path):
     assert tok(["1", "123"], padding=True).input_ids[0][:2] == [tok.pad_token_id] * 2  # left padding
     tok.save_pretrained(tmp_path)
     assert load_tokenizer(str(tmp_path))("12+3=").input_ids == ids
-    with pytest.raises(ValueError, match="neither 'char' nor a local directory"):
+    with pytest.raises(ValueError, match=r"neither 'char', a built-in model name \(smollm2-135m-instruct\) nor a local directory"):
         load_tokenizer(str(tmp_path / "missing"))
 
 

@@ -281,7 +281,10 @@ ROWS = [
         r"GRPO.advantage_estimator='ppo2' is invalid; accepted: "),
     Row("grpo-kl-coef", lambda t: _grpo(kl_coef=-1.0), ValueError, r"GRPO.kl_coef=-1.0 is invalid; accepted: a number >= 0"),
     Row("grpo-model-path", lambda t: _grpo(model=str(t / "no_model")), ValueError,
-        r"model='.*no_model' is neither 'tiny' nor a local directory"),
+        r"model='.*no_model' is neither a built-in name nor a local directory; accepted: 'smollm2-135m-instruct' "
+        r"or the path of a Hugging Face model directory .*; or 'tiny'"),
+    Row("grpo-model-config-with-a-real-model", lambda t: _grpo(model=str(t), model_config={"hidden_size": 8}),
+        ValueError, r"model_config=\{'hidden_size': 8\} is only for model='tiny'"),
     Row("grpo-reward-path", lambda t: _grpo(rewards={"not_a_path": 1.0}), ValueError, r"reward 'not_a_path' is not an import path"),
     Row("grpo-group-norm-one-sample", lambda t: _grpo(n_samples_per_prompt=1), ValueError,
         r"GRPO.n_samples_per_prompt=1 is invalid for GRPO.advantage_estimator='group_norm' .*accepted: "

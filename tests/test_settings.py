@@ -264,7 +264,7 @@ def test_engine_type_hf_builds_the_hf_engine():
 def test_engine_type_vllm_and_sglang_build_with_tp_size_and_memory(hf_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=Recording))
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=Recording))
-    module = tiny(model=hf_dir)
+    module = tiny(model=hf_dir, model_config=None, tokenizer="char")
     config = {"engine_tp_size": 2, "engine_mem_util": 0.3, "seed": 7}
     vllm = RolloutEngineCallback(sleep_level=2)._build_engine(_trainer({**config, "engine_type": "vllm"}), module)
     assert isinstance(vllm, VLLMEngine) and not vllm.weights_survive_sleep

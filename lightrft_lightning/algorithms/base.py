@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from lightrft_lightning.algorithms.losses import LOSS_AGGS, policy_loss
 from lightrft_lightning.algorithms.rewards import CombinedReward
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.data import render_prompts
 from lightrft_lightning.engines.base import Completion, SamplingParams
 from lightrft_lightning.strategies.base import StrategyBase, enable_gradient_checkpointing
 from lightrft_lightning.tokenizer import load_tokenizer
@@ -54,17 +56,28 @@ class Experience:
 
 
 def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None) -> nn.Module:
-    """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else a local HF directory."""
+    """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else a built-in name
+    (``smollm2-135m-instruct``) or a local HF directory (:func:`lightrft_lightning.pretrained.resolve`),
+    in fp32."""
     if model == "tiny":
         from lightrft_lightning.tiny_models import tiny_causal_lm
 
         return tiny_causal_lm(**{"vocab_size": vocab_size, **(model_config or {})})
-    if not os.path.isdir(model):
-        raise ValueError(f"model={model!r} is neither 'tiny' nor a local directory; accepted: 'tiny' or the path "
-                         "of a Hugging Face causal-LM directory")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if model_config:
+        raise ValueError(f"model_config={model_config!r} is only for model='tiny'; accepted: None with model={model!r}")
+    return AutoModelForCausalLM.from_pretrained(model_dir(model), dtype=torch.float32)
+
+
+def model_dir(model: str) -> str:
+    """The local directory of ``model`` (a built-in name is fetched and converted on first use)."""
+    from lightrft_lightning import pretrained
+
+    try:
+        return pretrained.resolve(model)
+    except ValueError as err:
+        raise ValueError(f"{err}; or 'tiny'") from None
 
 
 @dataclass
@@ -98,8 +111,10 @@ class RLModule(pl.LightningModule):
     gradient norm); Lightning saves and restores it with the checkpoint.
 
     Args:
-        model: ``"tiny"`` (random-init tiny Qwen2) or a local Hugging Face directory.
-        tokenizer: ``"char"`` (built-in character tokenizer) or a local Hugging Face directory.
+        model: ``"tiny"`` (random-init tiny Qwen2), a built-in name (``"smollm2-135m-instruct"``, fetched
+            and converted on first use) or a local Hugging Face directory.
+        tokenizer: ``"char"`` (built-in character tokenizer), a built-in model name or a local Hugging Face
+            directory; None: ``"char"`` with ``model="tiny"``, else the model's own.
         tokenizer_chars: the characters of the ``"char"`` tokenizer.
         model_config: overrides of the tiny model's config (``hidden_size``, ``num_hidden_layers``...).
         rewards: ``{"package.module:function" or reward-model directory: weight}``.
@@ -122,6 +137,15 @@ class RLModule(pl.LightningModule):
         min_lr_ratio: where the cosine ends, as a fraction of the learning rate ("cosine" only).
         gradient_checkpointing: recompute the actor's (and PPO's critic's) layer activations in the
             backward pass: less activation memory for a second forward of each layer.
+        apply_chat_template: render ``prompt`` rows as a user message with the tokenizer's chat template
+            (``messages`` rows always are; see :func:`~lightrft_lightning.data.render_prompts`).
+        val_samples: besides the greedy completion (``val/accuracy``), sample this many completions per
+            validation prompt at ``val_temperature`` (``val/mean@n``); 0: greedy only.
+        sample_every_n_steps: every this many steps write a few prompts and completions to
+            ``<log_dir>/samples.jsonl`` and to loggers that take text; 0: never.
+
+    ``val/accuracy`` and ``val/mean@n`` are the mean score of the first reward in ``rewards`` (a 0/1
+    correctness reward makes them accuracies); ``val/reward`` is the greedy weighted total.
     """
 
     advantage_estimators: tuple[str, ...] = ()
@@ -129,7 +153,7 @@ class RLModule(pl.LightningModule):
     def __init__(
         self,
         model: str = "tiny",
-        tokenizer: str = "char",
+        tokenizer: Optional[str] = None,
         tokenizer_chars: Optional[str] = None,
         model_config: Optional[dict[str, Any]] = None,
         rewards: Optional[dict[str, float]] = None,
@@ -151,6 +175,10 @@ class RLModule(pl.LightningModule):
         lr_warmup_ratio: float = 0.0,
         min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
         gradient_checkpointing: bool = False,
+        apply_chat_template: bool = False,
+        val_samples: int = 0,
+        val_temperature: float = 1.0,
+        sample_every_n_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -169,10 +197,23 @@ class RLModule(pl.LightningModule):
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number >= 0 (finite)")
+        counts_or_zero = {"val_samples": val_samples, "sample_every_n_steps": sample_every_n_steps}
+        for name, value in counts_or_zero.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: an integer >= 0")
+        if not isinstance(apply_chat_template, bool):
+            raise ValueError(f"{owner}.apply_chat_template={apply_chat_template!r} is invalid; accepted: True or False")
+        if val_samples:
+            SamplingParams(n=val_samples, temperature=val_temperature, max_new_tokens=max_new_tokens)
         check_group_size(advantage_estimator, n_samples_per_prompt, owner)
         SamplingParams(n=n_samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self._check_training_settings()
         self.automatic_optimization = False
+        if model_config and model != "tiny":
+            raise ValueError(f"{owner}.model_config={model_config!r} is only for model='tiny'; accepted: None with "
+                             f"model={model!r}")
+        if tokenizer is None:
+            tokenizer = "char" if model == "tiny" else model_dir(model)
         self.tokenizer = load_tokenizer(tokenizer, tokenizer_chars)
         self.actor = load_causal_lm(model, len(self.tokenizer), model_config)
         self.actor.generation_config.pad_token_id = self.tokenizer.pad_token_id
@@ -406,9 +447,8 @@ class RLModule(pl.LightningModule):
         the sequence rewards and timings."""
         batch = batch["rows"]
         n = self.hparams.n_samples_per_prompt
-        prompts = [row["prompt"] for row in batch]
-        self._check_prompts_per_step(len(prompts))
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        self._check_prompts_per_step(len(batch))
+        prompts, prompt_ids = render_prompts(batch, self.tokenizer, self.hparams.apply_chat_template)
         t0 = time.perf_counter()
         params = SamplingParams(n=n, temperature=self.hparams.temperature, top_p=self.hparams.top_p,
                                 max_new_tokens=self.hparams.max_new_tokens)
@@ -425,9 +465,41 @@ class RLModule(pl.LightningModule):
             self.actor.train()
         if self.ref is not None:
             exp.ref_logp = self._score(exp, self.ref)
-        meta = [{k: v for k, v in batch[c.prompt_index].items() if k != "prompt"} for c in completions]
-        rewards = self.reward_fn([prompts[c.prompt_index] for c in completions], self._decode(completions), meta)
-        return exp, rewards.to(self.device), {"time/generate": t1 - t0, "time/score": time.perf_counter() - t1}
+        meta = [_metadata(batch[c.prompt_index]) for c in completions]
+        texts = self._decode(completions)
+        scores = self.reward_fn.scores([prompts[c.prompt_index] for c in completions], texts, meta)
+        rewards = self.reward_fn.combine(scores)
+        metrics = {"time/generate": t1 - t0, "time/score": time.perf_counter() - t1,
+                   **self._rollout_metrics(scores, rewards, completions)}
+        self._write_samples([prompts[c.prompt_index] for c in completions], texts, rewards)
+        return exp, rewards.to(self.device), metrics
+
+    def _rollout_metrics(self, scores: dict[str, Tensor], rewards: Tensor, completions: list[Completion]) -> dict[str, float]:
+        """Each reward's mean, the fraction of prompts whose samples all score the same (no learning
+        signal under group baselines) and the fraction of completions cut at ``max_new_tokens``."""
+        names = self.reward_fn.short_names()
+        metrics = {f"reward/{names[name]}": float(values.mean()) for name, values in scores.items()}
+        groups = rewards.view(-1, self.hparams.n_samples_per_prompt)
+        metrics["groups/all_tied"] = float((groups == groups[:, :1]).all(dim=1).float().mean())
+        metrics["response/truncated"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
+        return metrics
+
+    def _write_samples(self, prompts: list[str], completions: list[str], rewards: Tensor, keep: int = 4) -> None:
+        """Every ``sample_every_n_steps`` steps: ``keep`` samples to ``<log_dir>/samples.jsonl`` (rank 0)
+        and to loggers with ``log_text``."""
+        every = self.hparams.sample_every_n_steps
+        if not every or self.trainer.global_step % every or not self.trainer.is_global_zero:
+            return
+        rows = [{"step": self.trainer.global_step, "prompt": p, "completion": c, "reward": float(r)}
+                for p, c, r in list(zip(prompts, completions, rewards))[:keep]]
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key="samples", columns=list(rows[0]), data=[list(r.values()) for r in rows],
+                                step=self.trainer.global_step)
 
     def _check_prompts_per_step(self, prompts: int) -> None:
         strategy = self.trainer.strategy
@@ -485,15 +557,39 @@ class RLModule(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Mean reward of greedy completions (one per prompt), generated by the actor itself (no engine
-        is needed, so ``validate`` runs outside ``fit``)."""
+        """Greedy completions (one per prompt) and, with ``val_samples``, sampled ones, generated by the
+        actor itself (no engine is needed, so ``validate`` runs outside ``fit``). Logs ``val/reward``,
+        ``val/accuracy`` and ``val/mean@n``, averaged over all validation prompts."""
         rows = batch["rows"]
-        prompts = [row["prompt"] for row in rows]
-        enc = self.tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(self.device)
-        out = hf_model(self.actor).generate(**enc, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id,
-                                           eos_token_id=self.tokenizer.eos_token_id)
-        completions = self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        meta = [{k: v for k, v in row.items() if k != "prompt"} for row in rows]
-        rewards = self.reward_fn(prompts, completions, meta)
-        self.log("val/reward", rewards.mean().item(), prog_bar=True, batch_size=len(rows), sync_dist=False)
+        prompts, prompt_ids = render_prompts(rows, self.tokenizer, self.hparams.apply_chat_template)
+        meta = [_metadata(row) for row in rows]
+        first = self.reward_fn.names[0]
+        greedy = self._actor_generate(prompt_ids, num=1, do_sample=False)
+        scores = self.reward_fn.scores(prompts, greedy, meta)
+        log = {"val/reward": self.reward_fn.combine(scores).mean().item(), "val/accuracy": scores[first].mean().item()}
+        n = self.hparams.val_samples
+        if n:
+            sampled = self._actor_generate(prompt_ids, num=n, do_sample=True)
+            repeat = [i for i in range(len(rows)) for _ in range(n)]
+            log[f"val/mean@{n}"] = self.reward_fn.scores([prompts[i] for i in repeat], sampled,
+                                                         [meta[i] for i in repeat])[first].mean().item()
+        for key, value in log.items():
+            self.log(key, value, prog_bar=key == "val/accuracy", batch_size=len(rows), sync_dist=False)
+
+    def _actor_generate(self, prompt_ids: list[list[int]], num: int, do_sample: bool) -> list[str]:
+        width = max(map(len, prompt_ids))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if do_sample:
+            sampling = {"do_sample": True, "temperature": self.hparams.val_temperature, "top_p": 1.0, "top_k": 0}
+        out = hf_model(self.actor).generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
+                                            max_new_tokens=self.hparams.max_new_tokens, pad_token_id=pad,
+                                            eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def _metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """What a reward function gets besides the prompt and the completion: the row's other fields."""
+    return {k: v for k, v in row.items() if k not in ("prompt", "messages")}

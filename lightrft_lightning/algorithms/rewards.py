@@ -142,9 +142,20 @@ class CombinedReward(nn.Module):
 
     def forward(self, prompts: Sequence[str], completions: Sequence[str],
                 metadata: Optional[Sequence[dict]] = None) -> torch.Tensor:
+        return self.combine(self.scores(prompts, completions, metadata))
+
+    def combine(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of :meth:`scores`."""
+        return sum((weight * scores[name] for name, weight in zip(self.names, self.weights)),
+                   torch.zeros_like(next(iter(scores.values()))))
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str],
+               metadata: Optional[Sequence[dict]] = None) -> dict[str, torch.Tensor]:
+        """Each reward's scores (unweighted), by spec name, in the order of ``rewards``."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
+        out: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)
-        for fn, name, weight in zip(self.fns, self.names, self.weights):
+        for fn, name in zip(self.fns, self.names):
             try:
                 scores = fn(prompts, completions, metadata)
             except Exception as err:
@@ -161,5 +172,10 @@ class CombinedReward(nn.Module):
             if bad:
                 raise ValueError(f"reward {name!r} returned non-finite scores {values[bad[:8]].tolist()} for "
                                  f"completions {bad[:8]}; accepted: finite numbers")
-            total += weight * values
-        return total
+            out[name] = values
+        return out
+
+    def short_names(self) -> dict[str, str]:
+        """Spec name -> a metric name: the function's or directory's own name, unless two collide."""
+        short = {name: name.rsplit(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1] for name in self.names}
+        return short if len(set(short.values())) == len(short) else {name: name for name in self.names}

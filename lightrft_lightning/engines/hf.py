@@ -66,6 +66,7 @@ class HFEngine(LifecycleEngine):
             dtype = getattr(torch, dtype)
         with no_init_weights(), torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model.tie_weights()  # skipped with the initialization: a tied lm_head would stay a separate tensor no push fills
         engine = cls(model, **kwargs)
         engine._missing = {id(p) for p in engine._params.values()}
         return engine

@@ -362,6 +362,27 @@ class StrategyBase:
             options=StateDictOptions(strict=strict),
         )
 
+    # ------------------------------------------------------------------ export
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full weights and persistent buffers of ``model`` as CPU tensors, on every rank (a
+        collective where the strategy shards them)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+
+    def save_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
+        """Export ``model``'s full weights (gathered where sharded) as a Hugging Face directory with
+        safetensors (tied weights stay tied); rank 0 writes. ``kwargs`` go to ``save_pretrained``."""
+        module = self._unwrapped(model)
+        state = self.full_state_dict(module)
+        if self.is_rank_0():
+            module.save_pretrained(output_dir, state_dict=state, safe_serialization=True, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
+        self._barrier()
+
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        """The user's module inside what :meth:`prepare` returned."""
+        return model
+
     # ------------------------------------------------------------------ collectives and logging
     def is_rank_0(self) -> bool:
         return self.dp_rank == 0

@@ -638,16 +638,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                 state[name] = buf.detach().to("cpu", copy=True)
         return state
 
-    def save_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
-        """Export full weights (ZeRO-3 gathered) as a Hugging Face directory with safetensors; rank 0
-        writes. ``kwargs`` go to ``save_pretrained``."""
-        module = model.module if isinstance(model, DeepSpeedModel) else model
-        state = self.full_state_dict(module)
-        if self.is_rank_0():
-            module.save_pretrained(output_dir, state_dict=state, safe_serialization=True, **kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(output_dir)
-        self._barrier()
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DeepSpeedModel) else model
 
 
 def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir: str, tag: Optional[str] = None) -> None:
