@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--out", default="outputs/grpo_demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     args = parser.parse_args()
     if args.precision == "auto":
@@ -72,7 +73,7 @@ def main() -> None:
     train, held_out = arithmetic_splits(train=4096, held_out=args.held_out, seed=args.seed)
     model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True, rewards={REWARD: 1.0},
                  n_samples_per_prompt=8, max_new_tokens=24, micro_train_batch_size=16,
-                 actor_learning_rate=1e-5, clip_high=0.28, sample_every_n_steps=4)
+                 actor_learning_rate=args.lr, clip_high=0.28, sample_every_n_steps=2)
     data = PromptDataModule(prompts=train, val_prompts=held_out, batch_size=4, val_batch_size=64, seed=args.seed)
     logger = CSVLogger(args.out, name="", version="")
     trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=args.precision, max_steps=args.steps,

