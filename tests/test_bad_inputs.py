@@ -283,6 +283,10 @@ ROWS = [
     Row("grpo-model-path", lambda t: _grpo(model=str(t / "no_model")), ValueError,
         r"model='.*no_model' is neither a built-in name nor a local directory; accepted: 'smollm2-135m-instruct' "
         r"or the path of a Hugging Face model directory .*; or 'tiny'"),
+    Row("grpo-val-temperature-without-samples", lambda t: _grpo(val_temperature=0.5), ValueError,
+        r"GRPO.val_temperature=0.5 is only used with val_samples >= 1"),
+    Row("grpo-val-samples-negative", lambda t: _grpo(val_samples=-1), ValueError,
+        r"GRPO.val_samples=-1 is invalid; accepted: an integer >= 0"),
     Row("grpo-model-config-with-a-real-model", lambda t: _grpo(model=str(t), model_config={"hidden_size": 8}),
         ValueError, r"model_config=\{'hidden_size': 8\} is only for model='tiny'"),
     Row("grpo-reward-path", lambda t: _grpo(rewards={"not_a_path": 1.0}), ValueError, r"reward 'not_a_path' is not an import path"),

@@ -205,6 +205,9 @@ class RLModule(pl.LightningModule):
             raise ValueError(f"{owner}.apply_chat_template={apply_chat_template!r} is invalid; accepted: True or False")
         if val_samples:
             SamplingParams(n=val_samples, temperature=val_temperature, max_new_tokens=max_new_tokens)
+        elif val_temperature != 1.0:
+            raise ValueError(f"{owner}.val_temperature={val_temperature!r} is only used with val_samples >= 1 (sampled "
+                             "validation); accepted: val_samples >= 1, or the default 1.0")
         check_group_size(advantage_estimator, n_samples_per_prompt, owner)
         SamplingParams(n=n_samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self._check_training_settings()
