@@ -56,18 +56,15 @@ class Experience:
 
 
 def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None) -> nn.Module:
-    """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else a built-in name
-    (``smollm2-135m-instruct``) or a local HF directory (:func:`lightrft_lightning.pretrained.resolve`),
-    in fp32."""
+    """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else the local HF
+    directory :func:`model_dir` gives, in fp32."""
     if model == "tiny":
         from lightrft_lightning.tiny_models import tiny_causal_lm
 
         return tiny_causal_lm(**{"vocab_size": vocab_size, **(model_config or {})})
     from transformers import AutoModelForCausalLM
 
-    if model_config:
-        raise ValueError(f"model_config={model_config!r} is only for model='tiny'; accepted: None with model={model!r}")
-    return AutoModelForCausalLM.from_pretrained(model_dir(model), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
 
 
 def model_dir(model: str) -> str:
@@ -215,10 +212,11 @@ class RLModule(pl.LightningModule):
         if model_config and model != "tiny":
             raise ValueError(f"{owner}.model_config={model_config!r} is only for model='tiny'; accepted: None with "
                              f"model={model!r}")
+        path = model if model == "tiny" else model_dir(model)
         if tokenizer is None:
-            tokenizer = "char" if model == "tiny" else model_dir(model)
+            tokenizer = "char" if model == "tiny" else path
         self.tokenizer = load_tokenizer(tokenizer, tokenizer_chars)
-        self.actor = load_causal_lm(model, len(self.tokenizer), model_config)
+        self.actor = load_causal_lm(path, len(self.tokenizer), model_config)
         self.actor.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.actor.generation_config.eos_token_id = self.tokenizer.eos_token_id
         self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False) if kl_coef > 0 else None
