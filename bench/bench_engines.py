@@ -7,6 +7,11 @@
    /proc/self/clear_refs; glibc's mmap threshold is pinned so freed tensors leave the resident set).
 2. Generation throughput of ``HFEngine.generate`` vs ``model.generate`` on the same left-padded batch,
    same sampling settings and the same number of new tokens, best of 5 interleaved runs each.
+3. ``--vllm``: on the real SmolLM2-135M-Instruct, ``VLLMEngine`` (real vLLM, its CPU build) vs ``HFEngine``:
+   generation tokens/s with the same chat-rendered prompts, n, length (no EOS stop) and dtype, best of
+   3 interleaved runs; and the GRPO step time (``LightRFTFake``, the same GRPO settings) with each engine,
+   the median of the steps after the first (which builds the engine). Run it in the vLLM venv:
+   ``.venv-vllm/bin/python bench/bench_engines.py --vllm [--dtype float32|bfloat16]``.
 Times are the best of their repeats, so load from other processes on the machine disturbs them least.
 
     python bench/bench_engines.py [--bucket-mb 16] [--layers 8]
@@ -140,14 +145,142 @@ def bench_generation(layers: int, batch: int = 8, new_tokens: int = 32, repeats:
     return {name: max(r) for name, r in rates.items()}  # best run: the least disturbed by other processes
 
 
+# ---------------------------------------------------------------------------- real model: vLLM vs HF engine
+REAL = "smollm2-135m-instruct"
+
+
+def _real_prompts(tokenizer, count: int) -> list[list[int]]:
+    from lightrft_lightning.data import render_prompts
+    from lightrft_lightning.tasks import arithmetic_problems
+
+    _, ids = render_prompts(arithmetic_problems(count, seed=1), tokenizer, apply_chat_template=True)
+    return ids
+
+
+def bench_real_generation(dtype: str, prompts: int, n: int, new_tokens: int, repeats: int = 3,
+                          compile_vllm: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightrft_lightning import pretrained
+    from lightrft_lightning.engines import VLLMEngine
+
+    path = pretrained.resolve(REAL)
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    ids = _real_prompts(AutoTokenizer.from_pretrained(path), prompts)
+    hf = HFEngine(model, pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0)
+    start = time.perf_counter()
+    vllm = VLLMEngine(path, dtype=dtype, enforce_eager=not compile_vllm, max_model_len=512)
+    built = time.perf_counter() - start
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, stop_at_eos=False, seed=0)
+    rates: dict[str, list[float]] = {"vllm": [], "hf": []}
+    for name, engine in (("vllm", vllm), ("hf", hf)):
+        engine.generate(ids[:2], params)  # warm up
+    for _ in range(repeats):  # interleaved, so background load hits both alike
+        for name, engine in (("vllm", vllm), ("hf", hf)):
+            start = time.perf_counter()
+            tokens = sum(len(c.token_ids) for c in engine.generate(ids, params))
+            rates[name].append(tokens / (time.perf_counter() - start))
+            print(f"  {name}: {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
+    return {"vllm": max(rates["vllm"]), "hf": max(rates["hf"]), "vllm_start_s": built,
+            "sequences": prompts * n, "new_tokens": new_tokens}
+
+
+def grpo_worker(engine_type: str, dtype: str, steps: int, compile_vllm: bool, prompts: int, n: int,
+                new_tokens: int) -> None:
+    """One GRPO run on the real model with ``engine_type`` ("hf" or "vllm"); prints the step times."""
+    import lightning.pytorch as pl
+
+    from lightrft_lightning import LightRFTFake
+    from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.callbacks import RolloutEngineCallback
+    from lightrft_lightning.data import PromptDataModule
+    from lightrft_lightning.tasks import arithmetic_problems
+
+    pl.seed_everything(0, verbose=False)
+    model = GRPO(model=REAL, apply_chat_template=True, rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0},
+                 n_samples_per_prompt=n, max_new_tokens=new_tokens, temperature=1.0, micro_train_batch_size=prompts * n,
+                 actor_learning_rate=1e-5, advantage_estimator="group_norm")
+    data = PromptDataModule(prompts=arithmetic_problems(64, seed=2), batch_size=prompts, shuffle=False)
+    times: list[float] = []
+    generate: list[float] = []
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.start)
+            generate.append(float(trainer.callback_metrics.get("time/generate", float("nan"))))
+
+    kwargs = {"engine_kwargs": {"enforce_eager": not compile_vllm, "max_model_len": 512}} if engine_type == "vllm" else {}
+    precision = "bf16-mixed" if dtype == "bfloat16" else "32-true"
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"engine_type": engine_type}),
+                         precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[RolloutEngineCallback(bucket_bytes=64 << 20, **kwargs), Timer()])
+    trainer.fit(model, data)
+    print("GRPO " + json.dumps({"engine": engine_type, "step_s": times, "generate_s": generate}), flush=True)
+
+
+def run_grpo(engine_type: str, dtype: str, steps: int, compile_vllm: bool, prompts: int, n: int, new_tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--grpo-worker", engine_type, "--dtype", dtype, "--steps", str(steps),
+           "--prompts", str(prompts), "--n", str(n), "--new-tokens", str(new_tokens)]
+    if compile_vllm:
+        cmd.append("--vllm-compile")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GRPO ")), None)
+    if line is None:
+        raise RuntimeError(f"GRPO worker {engine_type} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = json.loads(line[5:])
+    later = sorted(out["step_s"][1:]) or out["step_s"]
+    gens = sorted(out["generate_s"][1:]) or out["generate_s"]
+    return {"step_s": later[len(later) // 2], "generate_s": gens[len(gens) // 2], "first_step_s": out["step_s"][0]}
+
+
+def main_vllm(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gen = bench_real_generation(args.dtype, args.prompts, args.n, args.new_tokens, compile_vllm=args.vllm_compile)
+    grpo = {name: run_grpo(name, args.dtype, args.steps, args.vllm_compile, args.prompts, args.n, args.new_tokens)
+            for name in ("vllm", "hf")} if args.steps else None
+    mode = "torch.compile" if args.vllm_compile else "eager"
+    print(f"\nmodel: SmolLM2-135M-Instruct {args.dtype}, {gen['sequences']} sequences ({args.prompts} prompts x n={args.n}) "
+          f"x {gen['new_tokens']} new tokens, sampled, no EOS stop; vLLM {mode}, engine start {gen['vllm_start_s']:.1f} s; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'measure':<46}{'VLLMEngine':>14}{'HFEngine':>14}{'vLLM / HF':>12}")
+    print(f"{'generation tokens/s':<46}{gen['vllm']:>14.1f}{gen['hf']:>14.1f}{gen['vllm'] / gen['hf']:>12.2f}")
+    if grpo is None:
+        return
+    print(f"{'GRPO step time (s, median after step 1)':<46}{grpo['vllm']['step_s']:>14.2f}{grpo['hf']['step_s']:>14.2f}"
+          f"{grpo['vllm']['step_s'] / grpo['hf']['step_s']:>12.2f}")
+    print(f"{'  of which rollout generation (s)':<46}{grpo['vllm']['generate_s']:>14.2f}{grpo['hf']['generate_s']:>14.2f}"
+          f"{grpo['vllm']['generate_s'] / grpo['hf']['generate_s']:>12.2f}")
+    print(f"{'  first step, engine built (s)':<46}{grpo['vllm']['first_step_s']:>14.2f}{grpo['hf']['first_step_s']:>14.2f}")
+    print(f"GRPO: LightRFTFake, the same prompts x n x new tokens per step, one micro batch, {args.steps} steps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bucket-mb", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--sync-worker", choices=["bucketed", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--vllm", action="store_true", help="VLLMEngine vs HFEngine on the real model (vLLM venv)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="GRPO steps per engine (0: generation only)")
+    parser.add_argument("--vllm-compile", action="store_true", help="let vLLM torch.compile (slow start on CPU)")
+    parser.add_argument("--grpo-worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sync_worker:
         return sync_worker(args.sync_worker, args.bucket_mb << 20, args.layers)
+    if args.grpo_worker:
+        return grpo_worker(args.grpo_worker, args.dtype, args.steps, args.vllm_compile, args.prompts, args.n,
+                           args.new_tokens)
+    if args.vllm:
+        return main_vllm(args)
 
     torch.set_num_threads(1)
     bucketed = run_sync("bucketed", args.bucket_mb << 20, args.layers)

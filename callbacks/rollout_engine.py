@@ -24,6 +24,7 @@ from lightrft_lightning.engines.weight_sync import push_weights
 
 log = logging.getLogger(__name__)
 _ENGINE_FIELDS = ("engine_type", "engine_tp_size", "engine_mem_util")
+_VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class RolloutEngineCallback(Callback):
@@ -46,12 +47,16 @@ class RolloutEngineCallback(Callback):
         sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout).
         bucket_bytes: the byte budget of one weight-streaming bucket.
         actor_attr: the attribute of the LightningModule holding the actor.
-        pad_token_id, eos_token_id: for the built ``HFEngine`` (default: the actor's config).
+        pad_token_id, eos_token_id: for the built ``HFEngine`` (default: the actor's config); ``eos_token_id``
+            also for a built ``VLLMEngine`` (default: the model directory's config and generation config).
+        engine_kwargs: more arguments of the built ``VLLMEngine`` / ``SGLangEngine`` (e.g. ``max_model_len``,
+            ``kv_cache_memory_bytes``, ``enforce_eager``; any ``vllm.LLM`` / ``sglang.Engine`` argument).
+            The built vLLM engine's dtype is the generation dtype (bf16 under bf16 precision, else the actor's).
     """
 
     def __init__(self, engine: Optional[RolloutEngine] = None, sleep_level: int = 1, bucket_bytes: int = 64 << 20,
                  actor_attr: str = "actor", pad_token_id: Optional[int] = None,
-                 eos_token_id: Optional[int | list[int]] = None) -> None:
+                 eos_token_id: Optional[int | list[int]] = None, engine_kwargs: Optional[dict[str, Any]] = None) -> None:
         if bucket_bytes < 1:
             raise ValueError(f"RolloutEngineCallback: bucket_bytes={bucket_bytes!r} is invalid; accepted: an integer >= 1")
         self.sleep_level = _check_level(sleep_level)
@@ -61,6 +66,7 @@ class RolloutEngineCallback(Callback):
         self.actor_attr = actor_attr
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+        self.engine_kwargs = dict(engine_kwargs or {})
         self.stats: dict[str, float] = {"pushes": 0, "bytes_pushed": 0}
         self._optimizer_steps = 0  # Lightning-shape steps (opt.step(), automatic optimization)
         self._pushed_version: Optional[int] = None
@@ -71,6 +77,9 @@ class RolloutEngineCallback(Callback):
             self.engine = self._build_engine(trainer, pl_module)
         else:
             _check_engine_fields_unset(trainer, f"an engine was given ({type(self.engine).__name__})")
+            if self.engine_kwargs:
+                raise ValueError(f"RolloutEngineCallback: engine_kwargs={self.engine_kwargs!r} would be ignored: an engine "
+                                 "was given; accepted: {} with engine=, or engine_kwargs without it")
         self._pushed_version = None
         engines = getattr(trainer.strategy, "engines", None)
         if engines is not None and self.engine not in engines:
@@ -131,6 +140,9 @@ class RolloutEngineCallback(Callback):
         if engine_type == "hf":
             _check_engine_fields_unset(trainer, "engine_type='hf' (the built-in HFEngine runs unsharded, in the "
                                        "trainer's memory)", ("engine_tp_size", "engine_mem_util"))
+            if self.engine_kwargs:
+                raise ValueError(f"RolloutEngineCallback: engine_kwargs={self.engine_kwargs!r} would be ignored: they are "
+                                 "for engine_type 'vllm'/'sglang'; accepted: {} with engine_type='hf'")
             return self._build_hf_engine(pl_module, _generation_dtype(trainer))
         try:
             importlib.import_module(engine_type)
@@ -146,11 +158,13 @@ class RolloutEngineCallback(Callback):
                 f"config.name_or_path is {path!r}, not a local directory; accepted: an actor loaded from a local "
                 "directory (model=<path>), engine_type='hf', or RolloutEngineCallback(engine=...)")
         if engine_type == "vllm":
+            dtype = _generation_dtype(trainer) or next(self._actor(pl_module).parameters()).dtype
+            kwargs = {"dtype": _VLLM_DTYPES.get(dtype, "auto"), "eos_token_id": self.eos_token_id, **self.engine_kwargs}
             return VLLMEngine(path, sleep_level=self.sleep_level, tensor_parallel_size=config.engine_tp_size,
-                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed,
-                              dtype="bfloat16" if _generation_dtype(trainer) == torch.bfloat16 else "auto")
+                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed, **kwargs)
         return SGLangEngine(path, sleep_level=self.sleep_level, tp_size=config.engine_tp_size,
-                            mem_fraction_static=config.engine_mem_util, random_seed=config.seed)
+                            mem_fraction_static=config.engine_mem_util, random_seed=config.seed,
+                            **self.engine_kwargs)
 
     def _build_hf_engine(self, pl_module: LightningModule, dtype: Optional[torch.dtype] = None) -> HFEngine:
         actor = self._actor(pl_module)
@@ -160,8 +174,12 @@ class RolloutEngineCallback(Callback):
         if pad is None:
             pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
         dtype = dtype or next(actor.parameters()).dtype
-        return HFEngine.from_config(config, dtype=dtype, pad_token_id=pad or 0, eos_token_id=eos,
-                                    sleep_level=self.sleep_level, device=pl_module.device)
+        kwargs = dict(pad_token_id=pad or 0, eos_token_id=eos, sleep_level=self.sleep_level, device=pl_module.device)
+        if all(_plain(p) and p.dtype == dtype and p.device == pl_module.device for p in actor.parameters()):
+            # one process holds the whole actor in the engine's dtype: generate from its own tensors (no
+            # second copy of the weights; the push after each step copies nothing)
+            return HFEngine(actor, share_weights=True, **kwargs)
+        return HFEngine.from_config(config, dtype=dtype, **kwargs)
 
     def _actor_version(self, trainer: Trainer) -> int:
         # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step
@@ -181,6 +199,11 @@ class RolloutEngineCallback(Callback):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
+
+
+def _plain(param: torch.Tensor) -> bool:
+    """Neither an FSDP2 shard (DTensor) nor a DeepSpeed ZeRO-3 partition."""
+    return not (hasattr(param, "full_tensor") or hasattr(param, "ds_id"))
 
 
 def _generation_dtype(trainer: Trainer) -> Optional[torch.dtype]:

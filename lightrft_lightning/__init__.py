@@ -14,8 +14,8 @@ from typing import Any
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightrft_lightning.config import StrategyConfig
-from lightrft_lightning.factory import available_strategies, get_strategy, register_strategy
-from lightrft_lightning.strategies.base import StrategyBase
+from lightrft_lightning.factory import available_strategies, get_fake_strategy, get_strategy, register_strategy
+from lightrft_lightning.strategies.base import StrategyBase, is_actor, is_engine
 from lightrft_lightning.strategies.fake import LightRFTFake
 
 FakeStrategy = LightRFTFake
@@ -57,6 +57,9 @@ __all__ = [
     "StrategyConfig",
     "StrategyBase",
     "get_strategy",
+    "get_fake_strategy",
+    "is_actor",
+    "is_engine",
     "register_strategy",
     "available_strategies",
     "LightRFTFake",

@@ -9,7 +9,8 @@ from typing import Any, Mapping, Optional
 
 ENGINE_TYPES = ("vllm", "sglang", "hf")
 GRAD_ACCUM_DTYPES = (None, "fp32", "bf16", "fp16")
-ADVANTAGE_ESTIMATORS = ("gae", "group_norm", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+ADVANTAGE_ESTIMATORS = ("gae", "group_norm", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline",
+                        "reinforce++", "reinforce++_baseline", "cpgd")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ENGINE_SLEEP_LEVELS = (1, 2)
 
@@ -54,6 +55,9 @@ class StrategyConfig:
     zpg: int = 1
     overlap_comm: bool = False
 
+    # LightRFT's sequence parallelism (Ulysses); not implemented here: only 1 is accepted
+    sp_size: int = 1
+
     # FSDP2
     fsdp: bool = False
     fsdp_cpu_offload: bool = False
@@ -72,6 +76,25 @@ class StrategyConfig:
     advantage_estimator: str = "group_norm"
     kl_estimator: str = "k3"
     init_kl_coef: float = 0.001
+
+    # reward and advantage shaping, read by GRPO/PPO (LightRFT's trainers read them as
+    # `strategy.config.X`); each one is an algorithm there, see `lightrft_lightning.algorithms`
+    # clip sequence rewards to [-reward_clip, reward_clip] (0: off)
+    reward_clip: float = 0.0
+    # normalize rewards by running moments over the whole run (all ranks); `..._minus_mean` also centers them
+    reward_running_norm: bool = False
+    reward_running_norm_minus_mean: bool = False
+    # whiten advantages over the response tokens of the rollout (all ranks), then clip to
+    # [-advantage_clip, advantage_clip] (0: off)
+    advantages_norm: bool = False
+    advantage_clip: float = 0.0
+    # DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer_len lose
+    # (length - expected) / overlong_buffer_len * overlong_buffer_penalty_factor reward
+    overlong_buffer: bool = False
+    overlong_buffer_len: int = 1024
+    overlong_buffer_penalty_factor: float = 1.0
+    # DAPO's dynamic sampling: prompt groups whose samples all score the same are left out of the loss
+    dynamic_sampling: bool = False
 
     extra_args: dict[str, Any] = field(default_factory=dict)
     args: Any = field(default=None, repr=False, compare=False)
@@ -158,7 +181,8 @@ class StrategyConfig:
                 f"StrategyConfig.train_batch_size={self.train_batch_size} is not divisible by "
                 f"micro_train_batch_size={self.micro_train_batch_size}; accepted: a multiple of it"
             )
-        for name in ("actor_learning_rate", "critic_learning_rate", "l2", "max_norm", "init_kl_coef"):
+        for name in ("actor_learning_rate", "critic_learning_rate", "l2", "max_norm", "init_kl_coef", "reward_clip",
+                     "advantage_clip", "overlong_buffer_penalty_factor"):
             if getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         if self.dist_timeout_minutes <= 0:
@@ -189,6 +213,13 @@ class StrategyConfig:
             bad("advantage_estimator", ", ".join(ADVANTAGE_ESTIMATORS))
         if self.kl_estimator not in KL_ESTIMATORS:
             bad("kl_estimator", ", ".join(KL_ESTIMATORS))
+        if self.sp_size != 1:
+            bad("sp_size", "1 (sequence parallelism is not implemented in lightrft-lightning)")
+        if self.overlong_buffer_len < 1:
+            bad("overlong_buffer_len", "an integer >= 1")
+        if self.reward_running_norm_minus_mean and not self.reward_running_norm:
+            raise ValueError("StrategyConfig.reward_running_norm_minus_mean=True needs reward_running_norm=True; "
+                             "accepted: reward_running_norm=True, or reward_running_norm_minus_mean=False")
 
 
 def _matches(value: Any, expected: Any) -> bool:

@@ -69,6 +69,17 @@ def _match_prefix(state: dict[str, torch.Tensor], expected: set[str], source: st
                    + f"; the checkpoint's keys start with {sorted({k.split('.', 1)[0] for k in state})[:8]}")
 
 
+def tied_aliases(module: torch.nn.Module) -> set[str]:
+    """Parameter names that repeat a parameter named before them (a tied ``lm_head.weight``):
+    ``save_pretrained`` with an explicit ``state_dict`` would write those tensors twice."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            aliases.add(name)
+    return aliases
+
+
 def save_hf(state: dict[str, torch.Tensor], config_dir: str, out_dir: str, source: str) -> None:
     """Write ``state`` as a Hugging Face safetensors directory with ``config_dir``'s config (and
     its tokenizer files, when there are any)."""
@@ -76,7 +87,9 @@ def save_hf(state: dict[str, torch.Tensor], config_dir: str, out_dir: str, sourc
     model = _hf_skeleton(config_dir)
     expected = set(model.state_dict().keys())
     weights = _match_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, expected, source)
-    model.save_pretrained(out_dir, state_dict={k: v.contiguous() for k, v in weights.items()})
+    model.tie_weights()  # a meta skeleton built from the config may not be tied yet
+    aliases = tied_aliases(model)
+    model.save_pretrained(out_dir, state_dict={k: v.contiguous() for k, v in weights.items() if k not in aliases})
     for name in _TOKENIZER_FILES:
         if Path(config_dir, name).is_file() and not Path(out_dir, name).exists():
             shutil.copy(Path(config_dir, name), Path(out_dir, name))

@@ -40,6 +40,13 @@ def get_strategy(args: Any = None) -> Any:
     return _BUILDERS[name](config)
 
 
+def get_fake_strategy(args: Any = None) -> Any:
+    """LightRFT's test helper: a ``LightRFTFake`` (one process, no process group) built from ``args``."""
+    from lightrft_lightning.strategies.fake import LightRFTFake
+
+    return LightRFTFake(args=args)
+
+
 def _lazy(module: str, cls: str) -> StrategyBuilder:
     def build(config: StrategyConfig) -> Any:
         try:

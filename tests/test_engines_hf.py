@@ -89,6 +89,26 @@ def test_engine_owns_its_copy(actor):
     assert not any(p.requires_grad for p in engine.model.parameters())
 
 
+def test_shared_weights_are_the_actors_own_and_a_push_of_them_copies_nothing():
+    actor = tiny_causal_lm(seed=0, tie_word_embeddings=True)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    engine = engine_for(actor, share_weights=True, sleep_level=2)
+    assert {p.data_ptr() for p in engine.model.parameters()} == {p.data_ptr() for p in actor.parameters()}
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight  # still tied
+    assert not any(p.requires_grad for p in engine.model.parameters()) and all(p.requires_grad for p in actor.parameters())
+    with torch.no_grad():
+        actor.model.embed_tokens.weight.mul_(1.5)  # an optimizer step, in place
+    push_weights(actor, engine, bucket_bytes=1 << 20)
+    assert engine.generate(PROMPTS, params) == engine_for(actor).generate(PROMPTS, params)
+    engine.sleep()  # level 2 drops the engine's references, not the actor's weights
+    assert all(p.numel() > 0 for p in actor.parameters())
+    engine.wake_up()
+    push_weights(actor, engine, bucket_bytes=1 << 20)  # fills fresh tensors: a copy from here on
+    assert engine.generate(PROMPTS, params) == engine_for(actor).generate(PROMPTS, params)
+    with pytest.raises(ValueError, match=r"share_weights=True\): the model.s weights are not all on meta"):
+        engine_for(actor, share_weights=True, device="meta")
+
+
 def test_sleep_level_1_keeps_weights_level_2_requires_a_complete_push(actor):
     params = SamplingParams(max_new_tokens=6, seed=0)
     engine = engine_for(actor, sleep_level=1)

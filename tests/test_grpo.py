@@ -166,8 +166,8 @@ def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, tmp_path
     out = tmp_path / "steps.json"
     torchrun("grpo_strategies.py", 2, f"examples/grpo_tiny_{strategy}.yaml", str(out), env={"PYTHONPATH": ROOT},
              timeout=300)
-    ranks = json.loads(out.read_text())
-    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml")
+    ranks = json.loads(out.read_text())["steps"]
+    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml").steps
     assert len(ranks) == len(one) == grpo_strategies.STEPS
     for got, ref in zip(ranks, one):
         for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac"):

@@ -67,6 +67,10 @@ def test_engine_from_config_is_tied_and_follows_the_actor(which, actor, prompt_i
 def test_export_stays_tied_and_reloads_with_equal_logits(tmp_path, actor, prompt_ids):
     strategy = LightRFTFake()
     strategy.save_model(actor, None, str(tmp_path))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()  # written once
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     with torch.no_grad():
@@ -108,20 +112,72 @@ def test_gguf_cli_names_a_missing_file(tmp_path, capsys):
     assert "missing.gguf' does not exist; accepted: a .gguf file" in capsys.readouterr().err
 
 
-@pytest.mark.multiprocess
-def test_grpo_step_on_2_fsdp_ranks_matches_one_process_and_stays_tied(tmp_path, model_dir):
-    one = subprocess.run([sys.executable, str(SCRIPTS / "real_model_grpo.py"), "lightrft_fake", str(tmp_path)],
+@pytest.fixture(scope="module")
+def one_process_step(tmp_path_factory) -> tuple[dict, str]:
+    out = str(tmp_path_factory.mktemp("real-fake"))
+    run = subprocess.run([sys.executable, str(SCRIPTS / "real_model_grpo.py"), "lightrft_fake", out],
                          capture_output=True, text=True, timeout=600, env=script_env())
-    assert one.returncode == 0, one.stderr[-4000:]
-    single = script_result(one)
-    fsdp = script_result(torchrun("real_model_grpo.py", 2, "lightrft_fsdp", str(tmp_path), timeout=600))
-    print({"fake": single, "fsdp": fsdp})
-    for run in (single, fsdp):
+    assert run.returncode == 0, run.stderr[-4000:]
+    return script_result(run), out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["lightrft_fsdp", "lightrft_deepspeed_stage_3"])
+def test_grpo_step_on_2_ranks_matches_one_process_and_stays_tied(tmp_path, model_dir, one_process_step, strategy):
+    single, _ = one_process_step
+    multi = script_result(torchrun("real_model_grpo.py", 2, strategy, str(tmp_path), timeout=600))
+    print({"fake": single, strategy: multi})
+    for run in (single, multi):
         assert run["engine_tied"] and run["export_tied"], run
         assert run["engine_diff"] <= 1e-5 and run["export_diff"] <= 1e-5, run
     assert single["grad_norm"] > 0
     for key in ("loss", "grad_norm", "reward"):
-        assert fsdp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+        assert multi[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    # the convert CLI on the run's Lightning checkpoint (and, under DeepSpeed, on its per-engine
+    # DeepSpeed checkpoint): a tied Hugging Face directory with the exported model's logits
+    from lightrft_lightning.convert import main as convert
+
+    ckpt, exported = tmp_path / f"{strategy}-ckpt", tmp_path / f"{strategy}-hf"
+    if strategy == "lightrft_fsdp":
+        command = ["dcp-to-hf", str(ckpt), str(tmp_path / "converted"), "--config", model_dir]
+    else:
+        command = ["deepspeed-to-hf", str(ckpt / "actor"), str(tmp_path / "converted"), "--config", model_dir]
+    assert convert(command) == 0
+    converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "converted"), dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    assert converted.lm_head.weight is converted.model.embed_tokens.weight
+    ids = torch.tensor([[1, 2, 3, 400, 500, 4000]])
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def _fit(max_steps: int, dirpath=None, seed: int = 0) -> tuple[GRPO, list]:
+    from lightrft_lightning.callbacks.dcp_checkpoint import DCPCheckpoint
+    from tests.scripts.ckpt_common import LossRecorder
+
+    pl.seed_everything(seed, verbose=False)
+    model = GRPO(model=NAME, apply_chat_template=True, rewards={"tests.test_real_model:digit_share": 1.0},
+                 n_samples_per_prompt=2, max_new_tokens=4, temperature=1.0, micro_train_batch_size=4,
+                 actor_learning_rate=1e-5)
+    data = PromptDataModule(prompts=arithmetic_problems(8, seed=3), batch_size=2)
+    recorder = LossRecorder(key="loss/policy")
+    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), max_steps=max_steps, logger=False,
+                         callbacks=[recorder] + ([DCPCheckpoint(dirpath, every_n_train_steps=1)] if dirpath else []),
+                         enable_checkpointing=dirpath is not None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, data)
+    return model, recorder.losses
+
+
+def test_sampled_grpo_on_the_real_model_resumes_exactly(tmp_path):
+    from tests.scripts.ckpt_common import max_diff, params
+
+    straight, straight_losses = _fit(2)
+    _fit(1, tmp_path)
+    resumed, losses = _fit(2, tmp_path, seed=7)  # other seed: all state from the checkpoint
+    assert losses == straight_losses[1:]
+    assert max_diff(params(resumed.actor), params(straight.actor)) == 0.0
+    assert resumed.actor.lm_head.weight is resumed.actor.model.embed_tokens.weight
 
 
 def test_converting_on_first_use_leaves_the_seeded_rng_alone(tmp_path, monkeypatch):
@@ -143,3 +199,20 @@ def test_converting_on_first_use_leaves_the_seeded_rng_alone(tmp_path, monkeypat
     torch.manual_seed(0)
     pretrained.resolve(NAME)  # cached
     assert torch.equal(torch.rand(3), first)
+
+
+def test_a_hub_id_resolves_from_the_hub_cache(tmp_path, monkeypatch):
+    # no hub is reachable here: a model in the local hub cache (the layout `snapshot_download` writes)
+    # is found offline; the unreachable case is a row of tests/test_bad_inputs.py
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--org--tiny-tied" / "snapshots" / "abc123"
+    tiny_causal_lm(seed=0, tie_word_embeddings=True).save_pretrained(str(snapshot))
+    (tmp_path / "models--org--tiny-tied" / "refs").mkdir()
+    (tmp_path / "models--org--tiny-tied" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    path = pretrained.resolve("org/tiny-tied")
+    assert os.path.samefile(path, snapshot)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight

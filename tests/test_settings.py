@@ -254,7 +254,9 @@ class Recording:
 def test_engine_type_hf_builds_the_hf_engine():
     module = tiny()
     engine = RolloutEngineCallback()._build_engine(_trainer({}), module)
-    assert isinstance(engine, HFEngine) and not engine.weights_valid  # filled by the first push
+    # one process, the actor's dtype: the engine generates from the actor's own tensors (no copy to push)
+    assert isinstance(engine, HFEngine) and engine.weights_valid
+    assert {p.data_ptr() for p in engine.model.parameters()} == {p.data_ptr() for p in module.actor.parameters()}
     with pytest.raises(ValueError, match=r"StrategyConfig.engine_tp_size=2 would be ignored: engine_type='hf'"):
         RolloutEngineCallback()._build_engine(_trainer({"engine_tp_size": 2}), module)
     with pytest.raises(ValueError, match=r"StrategyConfig.engine_mem_util=0.3 would be ignored"):
@@ -269,8 +271,9 @@ def test_engine_type_vllm_and_sglang_build_with_tp_size_and_memory(hf_dir, monke
     vllm = RolloutEngineCallback(sleep_level=2)._build_engine(_trainer({**config, "engine_type": "vllm"}), module)
     assert isinstance(vllm, VLLMEngine) and not vllm.weights_survive_sleep
     assert vllm.llm.kwargs == {"model": hf_dir, "enable_sleep_mode": True, "tensor_parallel_size": 2,
-                               "gpu_memory_utilization": 0.3, "dtype": "auto", "seed": 7,
-                               "distributed_executor_backend": "external_launcher"}
+                               "gpu_memory_utilization": 0.3, "dtype": "float32", "seed": 7,
+                               "distributed_executor_backend": "external_launcher",
+                               "skip_tokenizer_init": True}  # the actor's fp32; this directory has no tokenizer
     sglang = RolloutEngineCallback()._build_engine(_trainer({**config, "engine_type": "sglang"}), module)
     assert isinstance(sglang, SGLangEngine)
     assert sglang.engine.kwargs == {"model_path": hf_dir, "enable_memory_saver": True,

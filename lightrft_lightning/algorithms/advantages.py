@@ -13,9 +13,12 @@ from torch import Tensor
 
 SumFn = Callable[[Tensor], Tensor]
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ESTIMATORS = ("gae", "group_norm", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+ESTIMATORS = ("gae", "group_norm", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline", "reinforce++",
+              "reinforce++_baseline", "cpgd")
 # estimators whose baseline is the prompt's group: a group of one sample gives every advantage 0
-GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce++_baseline")
+GROUP_ESTIMATORS = ("group_norm", "grpo", "dr_grpo", "rloo", "reinforce_baseline", "reinforce++_baseline", "cpgd")
+# LightRFT's names for the same estimator
+ALIASES = {"grpo": "group_norm"}
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -54,6 +57,12 @@ def group_norm(rewards: Tensor, n: int, std_normalize: bool = True, eps: float =
     if std_normalize:
         adv = adv / (g.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
+
+
+def cpgd(rewards: Tensor, n: int, eps: float = 1e-6) -> Tensor:
+    """CPGD's advantage: each group's rewards standardized with the population std, ``(r - mean) / (std + eps)``."""
+    g = _groups(rewards, n, "cpgd")
+    return ((g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, unbiased=False, keepdim=True) + eps)).view(-1)
 
 
 def rloo(rewards: Tensor, n: int) -> Tensor:
@@ -131,9 +140,16 @@ def compute_advantages(
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage_estimator={estimator!r} is invalid; accepted: {', '.join(ESTIMATORS)}")
     check_group_size(estimator, n)
+    estimator = ALIASES.get(estimator, estimator)
     mask = mask.to(rewards.dtype)
-    if estimator in ("gae", "reinforce++", "reinforce++_baseline"):
-        if estimator == "reinforce++_baseline":
+    if estimator == "cpgd":
+        if kl is not None and kl_coef:
+            raise ValueError("advantage_estimator='cpgd' uses the reward before any KL penalty; accepted: KL in the "
+                             "loss (kl_in_reward=False), or another estimator")
+        adv = cpgd(rewards, n)[:, None] * mask
+        return adv, adv
+    if estimator in ("gae", "reinforce", "reinforce_baseline", "reinforce++", "reinforce++_baseline"):
+        if estimator in ("reinforce_baseline", "reinforce++_baseline"):
             rewards = group_norm(rewards, n, std_normalize=False)
         per_token = token_rewards(rewards, mask, kl, kl_coef)
         if estimator == "gae":
@@ -141,6 +157,8 @@ def compute_advantages(
                 raise ValueError("advantage_estimator='gae' needs values from a critic (use PPO)")
             return gae(per_token, values, mask, gamma, lam)
         returns = returns_to_go(per_token, mask, gamma)
+        if estimator in ("reinforce", "reinforce_baseline"):  # LightRFT's: the returns themselves
+            return returns, returns
         return whiten(returns, mask, reduce), returns
     if kl is not None and kl_coef:
         rewards = rewards - kl_coef * (kl * mask).sum(dim=1)
@@ -150,3 +168,72 @@ def compute_advantages(
         seq = group_norm(rewards, n, std_normalize=estimator == "group_norm")
     adv = seq[:, None] * mask
     return adv, adv
+
+
+# ---------------------------------------------------------------------------- reward and advantage shaping
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer_len: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (LightRFT's ``overlong_buffer``): 0 up to ``max_new_tokens -
+    buffer_len`` tokens, then falling linearly to ``-factor`` at ``max_new_tokens``."""
+    expected = max_new_tokens - buffer_len
+    return torch.clamp(-(lengths.to(torch.float32) - expected) / buffer_len * factor, max=0.0)
+
+
+class RunningMoments:
+    """Mean and variance of every value seen so far (over all ranks when ``update`` gets ``reduce``),
+    merged batch by batch (Chan et al.); a checkpoint keeps :meth:`state_dict`."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+
+    def update(self, x: Tensor, reduce: Optional[SumFn] = None) -> None:
+        stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                             x.double().sum(), (x.double() ** 2).sum()])
+        if reduce is not None:
+            stats = reduce(stats)
+        n, total, sq = (float(v) for v in stats)
+        if n == 0:
+            return
+        batch_mean = total / n
+        batch_var = max(sq / n - batch_mean ** 2, 0.0)
+        new_count = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / new_count
+        self.mean += delta * n / new_count
+        self.var = m2 / new_count
+        self.count = new_count
+
+    @property
+    def std(self) -> float:
+        return self.var ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.var = state["count"], state["mean"], state["var"]
+
+
+def tied_groups(rewards: Tensor, n: int) -> Tensor:
+    """Per sample: whether every sample of its prompt group got the same reward (no signal for a
+    group baseline; DAPO's dynamic sampling leaves them out)."""
+    g = rewards.view(-1, n)
+    return (g == g[:, :1]).all(dim=1).repeat_interleave(n)
+
+
+def normalize_and_clip(advantages: Tensor, mask: Tensor, norm: bool, clip: float,
+                       reduce: Optional[SumFn] = None) -> tuple[Tensor, Tensor]:
+    """LightRFT's ``advantages_norm`` (whiten over the response tokens of all ranks) and
+    ``advantage_clip`` (clamp to ``[-clip, clip]``, 0: off). Returns the advantages and the fraction of
+    response tokens the clip changed."""
+    mask = mask.to(advantages.dtype)
+    if norm:
+        advantages = whiten(advantages, mask, reduce)
+    frac = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
+    if clip > 0:
+        clipped = (advantages.abs() > clip).to(advantages.dtype) * mask
+        counts = torch.stack([clipped.sum(), mask.sum()])
+        if reduce is not None:
+            counts = reduce(counts)
+        frac = counts[0] / counts[1].clamp(min=1)
+        advantages = advantages.clamp(-clip, clip) * mask
+    return advantages, frac

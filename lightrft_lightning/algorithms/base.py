@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, check_group_size, kl_penalty
+from lightrft_lightning.algorithms.advantages import (KL_ESTIMATORS, RunningMoments,
+                                                     check_group_size, kl_penalty, normalize_and_clip,
+                                                     overlong_penalty, tied_groups)
 from lightrft_lightning.algorithms.losses import LOSS_AGGS, policy_loss
 from lightrft_lightning.algorithms.rewards import CombinedReward
 from lightrft_lightning.callbacks.rollout_engine import hf_model
@@ -140,6 +143,22 @@ class RLModule(pl.LightningModule):
             validation prompt at ``val_temperature`` (``val/mean@n``); 0: greedy only.
         sample_every_n_steps: every this many steps write a few prompts and completions to
             ``<log_dir>/samples.jsonl`` and to loggers that take text; 0: never.
+        reward_clip: clip each sequence reward to ``[-reward_clip, reward_clip]`` (0: off; LightRFT's).
+        reward_running_norm: divide rewards by the std of all rewards seen so far (all ranks, kept in
+            checkpoints); with ``reward_running_norm_minus_mean`` also subtract their mean (LightRFT's).
+        advantages_norm: whiten the advantages over the response tokens of the rollout (all ranks).
+        advantage_clip: clip advantages to ``[-advantage_clip, advantage_clip]`` after that (0: off).
+        overlong_buffer: DAPO's soft overlong punishment: a response longer than ``max_new_tokens -
+            overlong_buffer_len`` tokens loses ``(length - that) / overlong_buffer_len x
+            overlong_buffer_penalty_factor`` reward.
+        dynamic_sampling: DAPO's dynamic sampling, with fixed batch shapes: prompt groups whose samples
+            all got the same reward are left out of the loss (their response tokens are masked, so they
+            count neither in the loss nor in its token normalizer); needs ``n_samples_per_prompt >= 2``.
+
+    Reward shaping runs in this order: overlong penalty, running normalization, clip; then the
+    advantage estimator, dynamic sampling, advantage normalization and clip. Each setting is also a
+    ``StrategyConfig`` field of the same name (what LightRFT's trainers read): under a Trainer the
+    module writes its values there, and a config that sets another non-default value is refused.
 
     ``val/accuracy`` and ``val/mean@n`` are the mean score of the first reward in ``rewards`` (a 0/1
     correctness reward makes them accuracies); ``val/reward`` is the greedy weighted total.
@@ -176,6 +195,15 @@ class RLModule(pl.LightningModule):
         val_samples: int = 0,
         val_temperature: float = 1.0,
         sample_every_n_steps: int = 0,
+        reward_clip: float = 0.0,
+        reward_running_norm: bool = False,
+        reward_running_norm_minus_mean: bool = False,
+        advantages_norm: bool = False,
+        advantage_clip: float = 0.0,
+        overlong_buffer: bool = False,
+        overlong_buffer_len: int = 1024,
+        overlong_buffer_penalty_factor: float = 1.0,
+        dynamic_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -206,6 +234,8 @@ class RLModule(pl.LightningModule):
             raise ValueError(f"{owner}.val_temperature={val_temperature!r} is only used with val_samples >= 1 (sampled "
                              "validation); accepted: val_samples >= 1, or the default 1.0")
         check_group_size(advantage_estimator, n_samples_per_prompt, owner)
+        self._check_shaping_settings()
+        self.reward_moments = RunningMoments()
         SamplingParams(n=n_samples_per_prompt, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self._check_training_settings()
         self.automatic_optimization = False
@@ -223,6 +253,80 @@ class RLModule(pl.LightningModule):
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.actor)
         self.reward_fn = CombinedReward(DEFAULT_REWARDS if rewards is None else rewards)
+
+    def _check_shaping_settings(self) -> None:
+        hp, owner = self.hparams, type(self).__name__
+        flags = ("reward_running_norm", "reward_running_norm_minus_mean", "advantages_norm", "overlong_buffer",
+                 "dynamic_sampling")
+        for name in flags:
+            if not isinstance(hp[name], bool):
+                raise ValueError(f"{owner}.{name}={hp[name]!r} is invalid; accepted: True or False")
+        for name in ("reward_clip", "advantage_clip", "overlong_buffer_penalty_factor"):
+            value = hp[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number >= 0 (finite)")
+        if hp.reward_running_norm_minus_mean and not hp.reward_running_norm:
+            raise ValueError(f"{owner}.reward_running_norm_minus_mean=True needs reward_running_norm=True; accepted: "
+                             "reward_running_norm=True, or reward_running_norm_minus_mean=False")
+        length = hp.overlong_buffer_len
+        if hp.overlong_buffer:
+            if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= hp.max_new_tokens:
+                raise ValueError(f"{owner}.overlong_buffer_len={length!r} is invalid with max_new_tokens="
+                                 f"{hp.max_new_tokens}; accepted: an integer in [1, max_new_tokens]")
+        elif length != 1024 or hp.overlong_buffer_penalty_factor != 1.0:
+            raise ValueError(f"{owner}.overlong_buffer_len={length!r} / overlong_buffer_penalty_factor="
+                             f"{hp.overlong_buffer_penalty_factor!r} are only used with overlong_buffer=True; accepted: "
+                             "overlong_buffer=True, or both left at their defaults (1024, 1.0)")
+        if hp.dynamic_sampling and hp.n_samples_per_prompt < 2:
+            raise ValueError(f"{owner}.dynamic_sampling=True needs prompt groups: n_samples_per_prompt="
+                             f"{hp.n_samples_per_prompt!r}; accepted: n_samples_per_prompt >= 2, or dynamic_sampling=False")
+
+    SHAPING_SETTINGS = ("reward_clip", "reward_running_norm", "reward_running_norm_minus_mean", "advantages_norm",
+                        "advantage_clip", "overlong_buffer", "overlong_buffer_len", "overlong_buffer_penalty_factor",
+                        "dynamic_sampling")
+
+    def _shape_rewards(self, rewards: Tensor, exp: "Experience", metrics: dict[str, Any]) -> Tensor:
+        """LightRFT's reward shaping on the sequence rewards: overlong penalty, running normalization,
+        clip (each when enabled)."""
+        hp = self.hparams
+        if hp.overlong_buffer:
+            penalty = overlong_penalty(exp.action_mask.sum(dim=1), hp.max_new_tokens, hp.overlong_buffer_len,
+                                       hp.overlong_buffer_penalty_factor).to(rewards.dtype)
+            rewards = rewards + penalty
+            metrics["overlong/penalty"] = float(penalty.mean())
+        if hp.reward_running_norm:
+            self.reward_moments.update(rewards, self._all_reduce_sum)
+            std = max(self.reward_moments.std, 1e-8)
+            rewards = (rewards - self.reward_moments.mean) / std if hp.reward_running_norm_minus_mean else rewards / std
+        if hp.reward_clip > 0:
+            rewards = rewards.clamp(-hp.reward_clip, hp.reward_clip)
+        if hp.overlong_buffer or hp.reward_running_norm or hp.reward_clip > 0:
+            metrics["reward_shaped"] = float(rewards.mean())
+        return rewards
+
+    def _shape_advantages(self, exp: "Experience", raw_rewards: Tensor, metrics: dict[str, Any],
+                          norm: Optional[bool] = None) -> None:
+        """Dynamic sampling (mask the groups whose raw rewards all tie), then advantage normalization
+        and clip, on ``exp.advantages`` in place."""
+        hp = self.hparams
+        if hp.dynamic_sampling:
+            keep = ~tied_groups(raw_rewards, hp.n_samples_per_prompt)
+            exp.action_mask = exp.action_mask * keep[:, None].to(exp.action_mask.dtype)
+            exp.advantages = exp.advantages * exp.action_mask
+            metrics["dynamic_sampling/kept"] = float(keep.float().mean())
+        norm = hp.advantages_norm if norm is None else norm
+        exp.advantages, frac = normalize_and_clip(exp.advantages, exp.action_mask, norm, hp.advantage_clip,
+                                                  self._all_reduce_sum)
+        if hp.advantage_clip > 0:
+            metrics["advantage_clip_frac"] = float(frac)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.reward_running_norm:
+            checkpoint["reward_running_moments"] = self.reward_moments.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reward_running_moments" in checkpoint:
+            self.reward_moments.load_state_dict(checkpoint["reward_running_moments"])
 
     def _check_choice(self, name: str, value: str, accepted: tuple[str, ...]) -> None:
         if value not in accepted:
@@ -281,6 +385,8 @@ class RLModule(pl.LightningModule):
             "micro_rollout_batch_size": self.micro_rollout_batch_size,
             "lr_warmup_ratio": self.hparams.lr_warmup_ratio,
             "gradient_checkpointing": self.hparams.gradient_checkpointing,
+            **{name: self.hparams[name] for name in self.SHAPING_SETTINGS},
+            "advantage_estimator": self.hparams.advantage_estimator,
             **self._strategy_settings(),
         }
         self._check_config_agrees(strategy.config, settings)
@@ -409,7 +515,8 @@ class RLModule(pl.LightningModule):
                     agg["num_tokens"] = normalizer[i // accumulation]
                 elif hp.loss_agg == "constant":
                     agg["max_len"] = hp.max_new_tokens
-                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True)
+                logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True,
+                                               action_mask=mb.action_mask)
                 old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
                 loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
                                               self.clip_low, self.clip_high, hp.loss_agg, **agg)
@@ -421,22 +528,31 @@ class RLModule(pl.LightningModule):
         for start in range(0, len(exp), size):
             yield exp.slice(start, start + size)
 
-    def log_probs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                  entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    def log_probs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, entropy: bool = False,
+                  action_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
-        and the entropy of each next-token distribution when asked."""
+        and the entropy of each next-token distribution when asked. With ``action_mask``, the LM head
+        runs only from the first response position on (``logits_to_keep``: prompts hold most tokens,
+        and the vocabulary projection is a large share of the forward); earlier positions are 0."""
+        start = _first_action(action_mask) if action_mask is not None and _takes_logits_to_keep(model) else 0
+        keep = {"logits_to_keep": input_ids.shape[1] - start} if 0 < start < input_ids.shape[1] - 1 else {}
+        start = start if keep else 0
         # no KV cache: nothing decodes from it (and checkpointed layers would refuse it)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits[:, :-1]
+        logits = logits.float()
         if self.hparams.temperature > 0 and self.hparams.temperature != 1.0:
             logits = logits / self.hparams.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        logp = logp_all.gather(-1, input_ids[:, start + 1:, None]).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
+        if start:
+            logp = nn.functional.pad(logp, (start, 0))
+            ent = nn.functional.pad(ent, (start, 0)) if ent is not None else None
         return logp, ent
 
     @torch.no_grad()
     def _score(self, exp: Experience, model: nn.Module) -> Tensor:
-        return torch.cat([self.log_probs(model, mb.input_ids, mb.attention_mask)[0]
+        return torch.cat([self.log_probs(model, mb.input_ids, mb.attention_mask, action_mask=mb.action_mask)[0]
                           for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
 
     def _decode(self, completions: list[Completion]) -> list[str]:
@@ -536,7 +652,7 @@ class RLModule(pl.LightningModule):
         accumulation = strategy.accumulation_steps
         step_size = self._check_rollout_size(len(exp), accumulation)
         counts = exp.action_mask.view(-1, step_size, exp.action_mask.shape[1]).sum(dim=(1, 2))
-        counts = self._all_reduce_sum(counts)
+        counts = self._all_reduce_sum(counts).clamp(min=1)  # dynamic sampling may mask a whole step
         return counts / (accumulation * strategy.dp_world_size)
 
     def _kl(self, logp: Tensor, ref_logp: Optional[Tensor]) -> Optional[Tensor]:
@@ -594,3 +710,17 @@ class RLModule(pl.LightningModule):
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     """What a reward function gets besides the prompt and the completion: the row's other fields."""
     return {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+
+
+def _first_action(action_mask: Tensor) -> int:
+    """The first position any row of ``action_mask`` marks (its width when none does)."""
+    used = action_mask.any(0).nonzero()
+    return int(used[0]) if len(used) else action_mask.shape[1]
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (a DeepSpeed engine's: its module's) accepts ``logits_to_keep``, as
+    Hugging Face causal LMs do."""
+    inner = getattr(model, "module", None)
+    target = inner if isinstance(inner, nn.Module) else model
+    return "logits_to_keep" in inspect.signature(target.forward).parameters

@@ -15,8 +15,10 @@ class GRPO(RLModule):
     """GRPO and its variants on a causal LM, with any LightRFT strategy.
 
     Per step: ``n_samples_per_prompt`` completions per prompt, advantages from ``advantage_estimator``
-    ("group_norm": GRPO; "dr_grpo": no std normalization (use with ``loss_agg="constant"``); "rloo";
-    "reinforce++"; "reinforce++_baseline"), then ``epochs`` passes of the clipped policy loss with
+    ("group_norm" or LightRFT's "grpo": GRPO; "dr_grpo": no std normalization (use with
+    ``loss_agg="constant"``); "rloo"; "reinforce++" and "reinforce++_baseline" (whitened returns);
+    LightRFT's "reinforce" and "reinforce_baseline" (the same returns, not whitened: add
+    ``advantages_norm=True`` for that); "cpgd" (group z-scores with the population std)), then ``epochs`` passes of the clipped policy loss with
     separate ``clip_low``/``clip_high`` (DAPO's clip-higher), plus ``kl_coef`` x KL to the frozen
     reference (in the loss, or in the reward with ``kl_in_reward``).
 
@@ -31,16 +33,21 @@ class GRPO(RLModule):
         super().__init__(**kwargs)
         if clip_low < 0 or clip_high < 0:
             raise ValueError(f"GRPO clip_low={clip_low!r}, clip_high={clip_high!r}; accepted: numbers >= 0")
+        if self.hparams.advantage_estimator == "cpgd" and self.hparams.kl_in_reward and self.hparams.kl_coef > 0:
+            raise ValueError("GRPO.advantage_estimator='cpgd' uses the reward before any KL penalty, and kl_in_reward=True; "
+                             "accepted: kl_in_reward=False (KL in the loss), or another estimator")
         self.clip_low, self.clip_high = clip_low, clip_high
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
         start = time.perf_counter()
         exp, rewards, metrics = self._rollout(batch)
+        shaped = self._shape_rewards(rewards, exp, metrics)
         kl = self._kl(exp.old_logp, exp.ref_logp) if hp.kl_in_reward else None
         exp.advantages, exp.returns = compute_advantages(
-            hp.advantage_estimator, rewards, exp.action_mask, hp.n_samples_per_prompt,
+            hp.advantage_estimator, shaped, exp.action_mask, hp.n_samples_per_prompt,
             kl=kl, kl_coef=hp.kl_coef, reduce=self._all_reduce_sum)
+        self._shape_advantages(exp, rewards, metrics)
         self._train_and_log(exp, rewards, metrics, start)
 
     def _train(self, exp: Experience) -> dict[str, Any]:

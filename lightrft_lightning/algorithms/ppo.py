@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightrft_lightning.algorithms.advantages import compute_advantages, whiten
+from lightrft_lightning.algorithms.advantages import compute_advantages
 from lightrft_lightning.algorithms.base import Experience, RLModule
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 from lightrft_lightning.algorithms.losses import value_loss
@@ -50,8 +50,9 @@ class PPO(RLModule):
         clip_low, clip_high: policy ratio clip range ``[1 - clip_low, 1 + clip_high]``.
         value_clip: values move at most this far from the rollout's values (None: no clipping).
         gamma, lam: GAE discount and lambda.
-        n_samples_per_prompt, kl_in_reward, advantage_estimator: as in ``RLModule``, with PPO's defaults
-            (1 sample, KL in the per-token reward, "gae", the only estimator PPO takes).
+        n_samples_per_prompt, kl_in_reward, advantage_estimator, advantages_norm: as in ``RLModule``, with
+            PPO's defaults (1 sample, KL in the per-token reward, "gae", the only estimator PPO takes, and
+            whitened advantages).
         **kwargs: the other arguments of :class:`~lightrft_lightning.algorithms.base.RLModule`.
     """
 
@@ -60,9 +61,9 @@ class PPO(RLModule):
     def __init__(self, critic_learning_rate: float = 9e-6, clip_low: float = 0.2, clip_high: float = 0.2,
                  value_clip: Optional[float] = 0.2, gamma: float = 1.0, lam: float = 0.95,
                  n_samples_per_prompt: int = 1, kl_in_reward: bool = True, advantage_estimator: str = "gae",
-                 **kwargs: Any) -> None:
+                 advantages_norm: bool = True, **kwargs: Any) -> None:
         super().__init__(n_samples_per_prompt=n_samples_per_prompt, kl_in_reward=kl_in_reward,
-                         advantage_estimator=advantage_estimator, **kwargs)
+                         advantage_estimator=advantage_estimator, advantages_norm=advantages_norm, **kwargs)
         self.clip_low, self.clip_high, self.value_clip = clip_low, clip_high, value_clip
         self.gamma, self.lam = gamma, lam
         self.critic = CriticModel(copy.deepcopy(self.actor.base_model), self.actor.config.hidden_size)
@@ -82,16 +83,17 @@ class PPO(RLModule):
         hp = self.hparams
         start = time.perf_counter()
         exp, rewards, metrics = self._rollout(batch)
+        shaped = self._shape_rewards(rewards, exp, metrics)
         with torch.no_grad():
             self.critic.eval()
             exp.values = torch.cat([self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
                                     for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
             self.critic.train()
         kl = self._kl(exp.old_logp, exp.ref_logp)
-        adv, exp.returns = compute_advantages("gae", rewards, exp.action_mask, hp.n_samples_per_prompt, kl=kl,
-                                              kl_coef=hp.kl_coef if hp.kl_in_reward else 0.0, values=exp.values,
-                                              gamma=self.gamma, lam=self.lam)
-        exp.advantages = whiten(adv, exp.action_mask, self._all_reduce_sum)
+        exp.advantages, exp.returns = compute_advantages(
+            "gae", shaped, exp.action_mask, hp.n_samples_per_prompt, kl=kl,
+            kl_coef=hp.kl_coef if hp.kl_in_reward else 0.0, values=exp.values, gamma=self.gamma, lam=self.lam)
+        self._shape_advantages(exp, rewards, metrics)
         if kl is not None:
             metrics["kl"] = (kl * exp.action_mask).sum() / exp.action_mask.sum()
         self._train_and_log(exp, rewards, metrics, start)

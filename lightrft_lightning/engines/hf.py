@@ -29,10 +29,13 @@ class HFEngine(LifecycleEngine):
         eos_token_id: the id (or ids) that end a completion (default: the model config's).
         sleep_level: what ``sleep()`` does by default: 1 keeps the weights in CPU memory, 2 drops them.
         device: where to generate (default: the model's device).
+        share_weights: use ``model``'s parameter tensors instead of copies (same device and dtype only):
+            no second copy of the weights, and a push of those same tensors copies nothing. A level-2
+            sleep drops only the engine's references; the push after it fills fresh tensors as usual.
     """
 
     def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: EosIds = None, sleep_level: int = 1,
-                 device: Any = None) -> None:
+                 device: Any = None, share_weights: bool = False) -> None:
         super().__init__(sleep_level)
         if any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters()):
             raise ValueError(
@@ -41,7 +44,14 @@ class HFEngine(LifecycleEngine):
             )
         first = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
-        self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+        memo: dict[int, Any] = {}
+        if share_weights:
+            if any(p.device != self.device for p in model.parameters()):
+                raise ValueError(f"HFEngine(share_weights=True): the model's weights are not all on {self.device}; "
+                                 "accepted: share_weights=False (a copy) or device=None")
+            # deepcopy takes these for the model's parameters: new Parameter objects over the same storage
+            memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+        self.model = copy.deepcopy(model, memo).to(self.device).eval().requires_grad_(False)
         self.pad_token_id = int(pad_token_id)
         eos = eos_token_id if eos_token_id is not None else getattr(self.model.config, "eos_token_id", None)
         self.eos_token_ids: list[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
@@ -115,7 +125,8 @@ class HFEngine(LifecycleEngine):
                 if param.shape != tensor.shape:
                     raise ValueError(f"HFEngine.update_weights: {name!r} has shape {tuple(tensor.shape)}; "
                                      f"accepted: {tuple(param.shape)}")
-                param.copy_(tensor)
+                if param.data_ptr() != tensor.data_ptr():  # shared weights: already there
+                    param.copy_(tensor)
                 self._missing.discard(id(param))
 
     def _unique_params(self) -> list[nn.Parameter]:

@@ -14,18 +14,28 @@ every ``accumulation_steps``-th call clips the global gradient norm to ``max_nor
 and counts the step when the norm is not finite), zeroes the gradients and steps the scheduler.
 The Lightning shape falls through to the Lightning strategy unchanged, so ``manual_backward`` and
 ``LightningOptimizer.step`` behave as Lightning documents.
+
+This module holds what every strategy is (config, process group, prepare/create_optimizer,
+backward/optimizer_step, checkpoints, collectives, export, engine sleep/wake-up, Lightning
+integration). LightRFT's compatibility helpers are mixins of their own, which ``StrategyBase``
+inherits: :class:`~lightrft_lightning.strategies.lightrft_compat.LightRFTCompatMixin` (model set-up,
+meta init, data loaders, offload, EMA, weight files, memory reports) and
+:class:`~lightrft_lightning.strategies.lightrft_engines.LightRFTEngineMixin` (LightRFT's rollout
+engine calls).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import dataclasses
 import logging
 import os
 import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -34,6 +44,21 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group  # noqa: F401  (process_group: clean exit)
 from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
+    LightRFTCompatMixin,
+    ResumableDistributedSampler,
+    SequenceParallelIdentity,
+    _parameters_on_meta,
+    is_actor,
+    is_engine,
+    lightrft_scheduler,
+    materialize_meta,
+)
+from lightrft_lightning.strategies.lightrft_engines import (  # noqa: F401  (re-exported: importable from here)
+    GenerationOutput,
+    LightRFTEngineMixin,
+    to_sampling_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +92,40 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-class StrategyBase:
+# LightRFT's constructor arguments, which are StrategyConfig fields here
+LIGHTRFT_INIT_FIELDS = ("seed", "max_norm", "micro_train_batch_size", "train_batch_size", "bf16", "zero_stage")
+
+
+def lightrft_config(owner: str, config: Any, args: Any, values: dict[str, Any]) -> StrategyConfig:
+    """The config of a strategy built either the Lightning way (``config``) or the LightRFT way
+    (``seed=..., max_norm=..., ..., args=args``): read from ``config`` or ``args``, then the LightRFT
+    constructor values that were given override the fields of the same name (one source of truth:
+    ``strategy.max_norm`` is ``strategy.config.max_norm``)."""
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        raise TypeError(f"{owner}({config!r}, ...): pass LightRFT's constructor values as keywords ({owner}(seed=..., "
+                        "max_norm=..., micro_train_batch_size=..., train_batch_size=..., args=...)); the first "
+                        "positional argument is a StrategyConfig or an args object")
+    if config is not None and args is not None:
+        raise TypeError(f"{owner}: got both config= and args=; accepted: one of them (args is LightRFT's name)")
+    cfg = StrategyConfig.from_args(config if config is not None else args)
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
+def _config_field(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set_, doc=f"``config.{name}`` (LightRFT's constructor attribute; setting it validates)")
+
+
+class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
     """LightRFT's strategy API. Mixed into each Lightning strategy (``LightRFTFake``,
-    ``LightRFTFSDP``, ``LightRFTDeepSpeed``) before the Lightning base class.
+    ``LightRFTFSDP``, ``LightRFTDeepSpeed``) before the Lightning base class. LightRFT's
+    compatibility helpers come from the two mixins (see the module docstring).
 
     Backends override the small hooks (``_prepare_model``, ``_no_gradient_sync``,
     ``_clip_grad_norm``, ``_model_state_dict``...) rather than the public methods.
@@ -80,6 +136,29 @@ class StrategyBase:
         self._train_states: dict[int, TrainState] = {}
         self._frozen_requires_grad: dict[int, dict[str, bool]] = {}
         self.engines: list[Any] = []
+        self._init_lightrft_compat()
+        self._init_lightrft_engines()
+
+    # LightRFT's constructor attributes: views of the config (one source of truth)
+    seed = _config_field("seed")
+    max_norm = _config_field("max_norm")
+    micro_train_batch_size = _config_field("micro_train_batch_size")
+    train_batch_size = _config_field("train_batch_size")
+
+    @property
+    def world_size(self) -> int:
+        """The data-parallel world size: the Trainer's cluster environment under a Trainer, else the
+        process group's size (1 without one)."""
+        env = getattr(self, "cluster_environment", None)
+        if env is not None:
+            return env.world_size()
+        return self.dp_world_size
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:  # Lightning's SingleDeviceStrategy assigns 1
+        if value != self.world_size:
+            raise AttributeError(f"{type(self).__name__}.world_size is the process group's size ({self.world_size}); "
+                                 f"it cannot be set to {value}")
 
     @property
     def args(self) -> Any:
@@ -87,8 +166,9 @@ class StrategyBase:
         return self.config.args if self.config.args is not None else self.config
 
     # ------------------------------------------------------------------ process group
-    def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
-        """Seed every RNG and, when launched with several processes, join the process group."""
+    def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
+        """Seed every RNG and, when launched with several processes, join the process group and build
+        the engine groups. ``num_gpu_per_node`` (LightRFT's) is not needed: ``LOCAL_RANK`` gives the device."""
         seed_everything(self.config.seed)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -96,6 +176,23 @@ class StrategyBase:
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend, timeout=timeout)
+        self._create_engine_groups()
+
+    def get_rank(self) -> int:
+        """This process's rank (0 without a process group)."""
+        return self.dp_rank
+
+    def set_seed(self, seed: int) -> None:
+        """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""
+        seed_everything(seed)
+
+    def sync_and_clear_cache(self) -> None:
+        """Wait for the device, meet every rank, and return cached accelerator memory to the driver."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._barrier()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def dp_world_size(self) -> int:
@@ -114,30 +211,64 @@ class StrategyBase:
         """Prepare models for this backend.
 
         A ``(model, optimizer, scheduler)`` tuple is prepared for training; a bare model is prepared
-        for inference (frozen, eval mode) until :meth:`create_optimizer` is called for it. ``None``
-        passes through. Returns one item for one argument, else a list in the same order.
+        for inference (frozen, eval mode) until :meth:`create_optimizer` is called for it; a list (or
+        tuple) of models, e.g. reward models, is a list of models prepared for inference. ``None``
+        and a ``(None, None, None)`` tuple pass through. An ``is_actor`` wrapper is prepared through
+        its ``.model`` (see :func:`is_actor`). Returns one item for one argument, else a list in the
+        same order. ``is_rlhf`` is LightRFT's (its DeepSpeed batch-size corner case) and changes nothing.
         """
-        prepared: list[Any] = []
-        for item in models:
-            if item is None:
-                prepared.append(None)
-            elif isinstance(item, (tuple, list)):
-                model, optimizer, scheduler = (list(item) + [None, None])[:3]
-                self._enable_gradient_checkpointing([model])
-                model, optimizer = self._prepare_model(model, optimizer, train=True)
-                self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer), scheduler)
-                prepared.append((model, optimizer, scheduler))
-            else:
-                self._frozen_requires_grad[id(item)] = {n: p.requires_grad for n, p in item.named_parameters()}
-                model, _ = self._prepare_model(item, None, train=False)
-                model.eval().requires_grad_(False)
-                prepared.append(model)
+        prepared = [self._prepare_item(item) for item in models]
         return prepared[0] if len(prepared) == 1 else prepared
 
+    def _prepare_item(self, item: Any) -> Any:
+        if item is None:
+            return None
+        if isinstance(item, (tuple, list)):
+            if all(isinstance(m, nn.Module) for m in item):  # a list of (reward) models
+                return [self._prepare_item(m) for m in item]
+            if len(item) > 3:
+                raise ValueError(f"prepare: a tuple of {len(item)} items is neither (model, optimizer, scheduler) nor "
+                                 "a list of models; accepted: (model, optimizer, scheduler), (model, optimizer), or "
+                                 "a list of modules")
+            model, optimizer, scheduler = (list(item) + [None, None])[:3]
+            if model is None:
+                return (None, None, None)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"prepare: the first item of a (model, optimizer, scheduler) tuple is a "
+                                f"{type(model).__name__}; accepted: an nn.Module")
+            inner = self._materialize(self._inner(model))
+            self._enable_gradient_checkpointing([inner])
+            prepared, optimizer = self._prepare_model(inner, optimizer, train=True)
+            self._train_states[id(prepared)] = TrainState(unwrap_optimizer(optimizer), scheduler)
+            return (self._rewrap(model, prepared), optimizer, scheduler)
+        if not isinstance(item, nn.Module):
+            raise TypeError(f"prepare: cannot prepare a {type(item).__name__}; accepted: an nn.Module, a (model, "
+                            "optimizer, scheduler) tuple, a list of modules, or None")
+        inner = self._materialize(self._inner(item))
+        self._frozen_requires_grad[id(inner)] = {n: p.requires_grad for n, p in inner.named_parameters()}
+        prepared, _ = self._prepare_model(inner, None, train=False)
+        prepared.eval().requires_grad_(False)
+        return self._rewrap(item, prepared)
+
+    @staticmethod
+    def _inner(model: Any) -> Any:
+        """The model the strategy works on: ``model.model`` for an ``is_actor`` wrapper, else ``model``."""
+        return model.model if is_actor(model) else model
+
+    @staticmethod
+    def _rewrap(model: Any, prepared: nn.Module) -> Any:
+        """Put a prepared inner model back into its ``is_actor`` wrapper (DeepSpeed returns a new object)."""
+        if is_actor(model):
+            if model.model is not prepared:
+                model.model = prepared
+            return model
+        return prepared
+
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        """AdamW over the model's trainable parameters; lr, betas and weight decay default to the
-        config (``actor_learning_rate``, ``adam_betas``, ``l2``). A model prepared for inference
-        becomes trainable again."""
+        """AdamW over the model's trainable parameters (an ``is_actor`` wrapper's ``.model``); lr, betas
+        and weight decay default to the config (``actor_learning_rate``, ``adam_betas``, ``l2``). A model
+        prepared for inference becomes trainable again."""
+        model = self._materialize(self._inner(model))
         flags = self._frozen_requires_grad.pop(id(model), None)
         if flags is not None:
             for name, param in model.named_parameters():
@@ -150,6 +281,18 @@ class StrategyBase:
         optimizer = self._build_optimizer(model, **kwargs)
         self._train_states[id(model)] = TrainState(optimizer)
         return optimizer
+
+    def unwrap_model(self, model: Any) -> Any:
+        """The user's module: through an ``is_actor`` wrapper's ``.model`` and the backend's wrapper
+        (a DeepSpeed engine's ``.module``)."""
+        if model is None:
+            return None
+        return self._unwrapped(self._inner(model))
+
+    def _args_config(self, args: Any) -> StrategyConfig:
+        if args is None or args is self.config.args or args is self.config:
+            return self.config
+        return StrategyConfig.from_args(args)
 
     def _enable_gradient_checkpointing(self, models: Iterable[nn.Module]) -> None:
         """With ``StrategyConfig.gradient_checkpointing``, recompute the activations of each Hugging Face
@@ -170,8 +313,32 @@ class StrategyBase:
         return [c for c in module.children() if any(p.requires_grad for p in c.parameters())]
 
     def setup(self, trainer: Any) -> None:
+        self._materialize_lightning_module()
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         super().setup(trainer)  # type: ignore[misc]
+
+    def _materialize_lightning_module(self) -> None:
+        """Give the parameters that ``trainer.init_module(empty_init=True)`` left on the meta device the
+        weights a normal construction gives (see :meth:`tensor_init_context`); every backend's ``setup``
+        calls it first."""
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if module is not None:
+            self._materialize(module)
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
+        """What ``trainer.init_module(empty_init=...)`` (and ``configure_model``) build under. With
+        ``empty_init=True``, on every backend: parameters are created on the meta device (no memory;
+        buffers stay real) and ``setup`` materializes them with the weights the same construction gives
+        without it (replayed on the RNG stream it had, so the same seed gives the same weights on every
+        rank; see ``materialize_meta``), before moving, sharding or partitioning them. Otherwise
+        Lightning's context of the backend."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init=empty_init):  # type: ignore[misc]
+                yield
+            return
+        with _parameters_on_meta(), self.precision_plugin.tensor_init_context():  # type: ignore[attr-defined]
+            yield
 
     def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
@@ -181,6 +348,7 @@ class StrategyBase:
         return model, optimizer
 
     def _state(self, model: nn.Module, optimizer: Any = None) -> TrainState:
+        model = self._inner(model)
         state = self._train_states.get(id(model))
         if state is None:
             state = self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer))
@@ -302,7 +470,9 @@ class StrategyBase:
     ) -> str:
         """Save ``model`` with its optimizer and scheduler and ``client_state`` as a DCP directory
         ``save_dir/tag`` (atomically: written aside, then renamed), keep at most ``max_num``
-        checkpoints and ``max_mem`` GB, and point ``save_dir/latest`` at it. Returns the path."""
+        checkpoints and ``max_mem`` GB, and point ``save_dir/latest`` at it. Returns the path.
+        LightRFT's FSDP keywords ``optimizer=`` / ``scheduler=`` must name the model's own (or give it one)."""
+        self._bind_ckpt_objects(model, kwargs)
         state = self._state(model)
         tag = tag or f"global_step{state.steps}"
         return checkpoint.save(
@@ -331,7 +501,11 @@ class StrategyBase:
         **kwargs: Any,
     ) -> tuple[str, dict]:
         """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into
-        ``model`` and its optimizer and scheduler. Returns ``(path, client_state)``."""
+        ``model`` and its optimizer and scheduler. Returns ``(path, client_state)``. LightRFT's FSDP call
+        shape ``load_ckpt(model, dir, optimizer, scheduler)`` and its ``optimizer=`` / ``scheduler=``
+        keywords work too (they must name the model's own, or give it one)."""
+        tag, load_module_strict = _lightrft_fsdp_load_args(tag, load_module_strict, kwargs)
+        self._bind_ckpt_objects(model, kwargs)
         state = self._state(model)
         optimizer = None if (load_module_only or not load_optimizer_states) else state.optimizer
         path = checkpoint.resolve(load_dir, tag)
@@ -343,6 +517,24 @@ class StrategyBase:
         if not load_module_only:
             state.load_counters(extra.get("train_state", {}))
         return path, extra["client_state"]
+
+    def _bind_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        """``optimizer=`` / ``scheduler=`` of a checkpoint call: the model's own, or its first one."""
+        state = self._state(model)
+        optimizer, scheduler = kwargs.pop("optimizer", None), kwargs.pop("scheduler", None)
+        if optimizer is not None:
+            optimizer = unwrap_optimizer(optimizer)
+            known = state.optimizer
+            if known is None:
+                state.optimizer = optimizer
+            elif optimizer is not known and optimizer is not getattr(known, "optimizer", None):
+                raise ValueError("save_ckpt/load_ckpt: optimizer= is not the optimizer this model trains with; accepted: "
+                                 "the optimizer given to prepare/create_optimizer for it, or none")
+        if scheduler is not None:
+            if state.scheduler is not None and scheduler is not state.scheduler:
+                raise ValueError("save_ckpt/load_ckpt: scheduler= is not the scheduler this model steps; accepted: the "
+                                 "scheduler given to prepare/optimizer_step for it, or none")
+            state.scheduler = scheduler
 
     def _model_state(self, model: nn.Module, optimizer: Optional[Optimizer]) -> dict[str, Any]:
         """Backend hook: the (sharded where sharded) state of a model and its optimizer for DCP."""
@@ -371,8 +563,11 @@ class StrategyBase:
     def save_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
         """Export ``model``'s full weights (gathered where sharded) as a Hugging Face directory with
         safetensors (tied weights stay tied); rank 0 writes. ``kwargs`` go to ``save_pretrained``."""
-        module = self._unwrapped(model)
-        state = self.full_state_dict(module)
+        from lightrft_lightning.convert import tied_aliases
+
+        module = self.unwrap_model(model)
+        aliases = tied_aliases(module)
+        state = {k: v for k, v in self.full_state_dict(module).items() if k not in aliases}
         if self.is_rank_0():
             module.save_pretrained(output_dir, state_dict=state, safe_serialization=True, **kwargs)
             if tokenizer is not None:
@@ -382,6 +577,13 @@ class StrategyBase:
     def _unwrapped(self, model: nn.Module) -> nn.Module:
         """The user's module inside what :meth:`prepare` returned."""
         return model
+
+    def _accelerator_device(self) -> torch.device:
+        """Where trained weights live (and reload to): the strategy's root device."""
+        try:
+            return torch.device(self.root_device)  # type: ignore[attr-defined]
+        except Exception:  # a standalone Lightning strategy without devices yet
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     # ------------------------------------------------------------------ collectives and logging
     def is_rank_0(self) -> bool:
@@ -499,3 +701,15 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # pragma: no cover - numpy ships with torch's deps
         pass
     torch.manual_seed(seed)
+
+
+def _lightrft_fsdp_load_args(tag: Any, strict: Any, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """LightRFT's FSDP ``load_ckpt(model, dir, optimizer, scheduler, ...)``: an optimizer in the ``tag``
+    slot (and a scheduler in the next) become ``optimizer=`` / ``scheduler=``."""
+    if hasattr(tag, "param_groups"):
+        kwargs["optimizer"], tag = tag, None
+        if not isinstance(strict, bool):
+            kwargs["scheduler"], strict = strict, True
+    return tag, strict
+
+

@@ -41,7 +41,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
-from lightrft_lightning.strategies.base import StrategyBase, seed_everything, unwrap_optimizer
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, seed_everything, unwrap_optimizer
 from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -127,23 +127,35 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     Args:
         config: a ``StrategyConfig`` or anything ``StrategyConfig.from_args`` reads. ``None`` (as when
             the strategy is built by name) keeps LightRFT's defaults but lets the Trainer's
-            ``precision`` and ``accumulate_grad_batches`` decide precision and accumulation.
+            ``accumulate_grad_batches`` decide accumulation. Under a ``Trainer`` its ``precision``
+            decides, as for every strategy; a config whose ``bf16``/``fp16`` disagree is refused.
         ds_config: a DeepSpeed config dict or JSON path merged over the one built from ``config``
             (its values win).
         **lightning_kwargs: ``DeepSpeedStrategy`` arguments for the process group and devices
             (``accelerator``, ``parallel_devices``, ``cluster_environment``, ``process_group_backend``,
             ``timeout``...); ``stage`` sets ``zero_stage``.
+        seed, max_norm, micro_train_batch_size, train_batch_size, zero_stage, bf16, args: LightRFT's
+            constructor (``DeepspeedStrategy(seed=42, ..., zero_stage=2, bf16=True, args=args)``,
+            keywords); the values given override those of ``args``.
     """
 
     strategy_name = "lightrft_deepspeed"
 
-    def __init__(self, config: Any = None, ds_config: Union[dict, str, Path, None] = None, **lightning_kwargs: Any) -> None:
+    def __init__(self, config: Any = None, ds_config: Union[dict, str, Path, None] = None, *,
+                 seed: Optional[int] = None, max_norm: Optional[float] = None,
+                 micro_train_batch_size: Optional[int] = None, train_batch_size: Optional[int] = None,
+                 zero_stage: Optional[int] = None, bf16: Optional[bool] = None, args: Any = None,
+                 **lightning_kwargs: Any) -> None:
         if not lightning_api.DEEPSPEED_AVAILABLE:
             raise ImportError(f"LightRFTDeepSpeed needs DeepSpeed, which is not installed; {_INSTALL_HINT}")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         stage = lightning_kwargs.pop("stage", None)
-        self._follow_trainer = config is None and ds_config is None
+        values = {"seed": seed, "max_norm": max_norm, "micro_train_batch_size": micro_train_batch_size,
+                  "train_batch_size": train_batch_size, "zero_stage": zero_stage, "bf16": bf16}
+        self._follow_trainer = config is None and args is None and all(
+            v is None for v in values.values())
+        config = lightrft_config(type(self).__name__, config, args, values)
         DeepSpeedStrategy.__init__(self, config={}, **lightning_kwargs)
         StrategyBase.__init__(self, config)  # `self.config` is the StrategyConfig from here on
         if stage is not None:
@@ -164,10 +176,16 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
     # ------------------------------------------------------------------ DeepSpeed config
     def _precision(self) -> str:
-        if self._follow_trainer and self._lightning_module is not None:
-            flag = str(self.precision_plugin.precision)
-            return "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
-        return "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
+        configured = "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
+        if self._lightning_module is None:
+            return configured
+        flag = str(self.precision_plugin.precision)  # under a Trainer its precision decides
+        precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
+        if not self._follow_trainer and precision != configured:
+            raise ValueError(f"LightRFTDeepSpeed: Trainer(precision={flag!r}) trains in {precision}, but the strategy's "
+                             f"config says {configured} (StrategyConfig.bf16={self.config.bf16}, fp16={self.config.fp16}); "
+                             "accepted: the same precision in both, or a strategy built without a config")
+        return precision
 
     @property
     def accumulation_steps(self) -> int:
@@ -209,6 +227,35 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return cfg
 
     @property
+    def bf16(self) -> bool:
+        """``config.bf16`` (LightRFT's attribute)."""
+        return self.config.bf16
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage (LightRFT's attribute; = :attr:`zero_stage`)."""
+        return self.zero_stage
+
+    # LightRFT's attribute; `prepare(..., is_rlhf=True)` changes nothing here (see README)
+    is_rlhf = False
+
+    def get_ds_train_config(self, is_actor: bool = False) -> dict[str, Any]:
+        """The DeepSpeed config of a training engine (LightRFT's name; ``is_actor`` changes nothing: no
+        pretraining-data batch doubling)."""
+        return self.ds_config(train=True)
+
+    def get_ds_eval_config(self, offload: bool = False) -> dict[str, Any]:
+        """The DeepSpeed config of an inference engine (ZeRO-3 if training uses it, else stage 0);
+        ``offload=True`` keeps its parameters in CPU memory (ZeRO-3 only)."""
+        cfg = self.ds_config(train=False)
+        if offload:
+            if cfg["zero_optimization"]["stage"] != 3:
+                raise ValueError("get_ds_eval_config(offload=True) needs ZeRO-3 (StrategyConfig.zero_stage=3); "
+                                 f"accepted: offload=False at zero_stage={self.zero_stage}")
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        return cfg
+
+    @property
     def zero_stage(self) -> int:
         return int(self.user_ds_config.get("zero_optimization", {}).get("stage", self.config.zero_stage))
 
@@ -224,9 +271,12 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             reset_seed()
             self.set_world_ranks()
             self._init_deepspeed_distributed()
+            self._create_engine_groups()
             return
         seed_everything(self.config.seed)
         self._init_process_group(timeout)
+        if self._engine_mp_group is None:
+            self._create_engine_groups()
 
     def _init_process_group(self, timeout: Optional[timedelta] = None) -> None:
         import deepspeed
@@ -300,12 +350,13 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         prepared = super().prepare(*models, is_rlhf=is_rlhf)
         for item in prepared if len(models) > 1 else [prepared]:
             if isinstance(item, tuple) and item[2] is not None:
-                item[0].engine.lr_scheduler = item[2]
+                self._engine(item[0]).lr_scheduler = item[2]
         return prepared
 
     def create_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
         """As ``StrategyBase.create_optimizer``; a model prepared for inference becomes a training
         engine (built on its first use)."""
+        model = self._inner(model)
         if not isinstance(model, DeepSpeedModel):
             return super().create_optimizer(model, **kwargs)
         optimizer = super().create_optimizer(model.module, **kwargs)
@@ -315,6 +366,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return optimizer
 
     def _engine(self, model: nn.Module) -> Any:
+        model = self._inner(model)
         if isinstance(model, DeepSpeedModel):
             return model.engine
         for _, handle in self._handles:
@@ -446,6 +498,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         optimizers; :meth:`engine_of` gives a child's engine."""
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
+        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then engines
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         module = self.lightning_module
         self.model = self.precision_plugin.convert_module(self.model)
@@ -519,6 +572,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """Save ``model``'s engine (weights, optimizer and scheduler, partitioned as trained) with
         ``client_state`` as a DeepSpeed checkpoint ``save_dir/tag`` (``latest`` names it), keeping
         at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
+        self._bind_engine_ckpt_objects(model, kwargs)
         state = self._state(model)
         tag = tag or f"global_step{state.steps}"
         extra = {"client_state": client_state or {}, "train_state": state.counters()}
@@ -543,6 +597,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     ) -> tuple[str, dict]:
         """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
         engine. Returns ``(path, client_state)``."""
+        from lightrft_lightning.strategies.base import _lightrft_fsdp_load_args
+
+        tag, load_module_strict = _lightrft_fsdp_load_args(tag, load_module_strict, kwargs)
+        self._bind_engine_ckpt_objects(model, kwargs)
         if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
         engine = self._engine(model)
@@ -559,6 +617,13 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             state = self._state(model)
             state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
+
+    def _bind_engine_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        """``optimizer=`` / ``scheduler=`` (LightRFT's FSDP keywords): the engine's own, or its scheduler."""
+        scheduler = kwargs.get("scheduler")
+        self._bind_ckpt_objects(model, kwargs)
+        if scheduler is not None:
+            self._engine(model).lr_scheduler = scheduler
 
     def save_checkpoint(self, checkpoint_dict: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Lightning checkpoint: a DCP directory ``filepath`` laid out as under ``LightRFTFSDP`` (the
@@ -640,6 +705,95 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
     def _unwrapped(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DeepSpeedModel) else model
+
+    # ------------------------------------------------------------------ LightRFT memory, EMA, weight files
+    def prepare_model(self, model: Any, is_training: bool = False, shard_size: Any = -1,
+                      reshard_after_forward: bool = True) -> Any:
+        """As ``StrategyBase.prepare_model``: a :class:`DeepSpeedModel` whose engine is built on first
+        use (a training engine once ``create_optimizer`` gave it an optimizer)."""
+        return super().prepare_model(model, is_training, shard_size, reshard_after_forward)
+
+    def _torch_optimizer(self, optimizer: Any) -> Any:
+        opt = unwrap_optimizer(optimizer)
+        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # DeepSpeed's ZeRO/bf16 wrappers
+            opt = opt.optimizer
+        return opt
+
+    def offload_model(self, models: Any, empty_cache: bool = True) -> int:
+        """As ``StrategyBase.offload_model``. On CUDA a ZeRO-3 training engine offloads all its states
+        with DeepSpeed's ``offload_states``; ZeRO-0/1/2 keep parameters in flat buffers that cannot move
+        piecewise, so those are refused (on CPU nothing needs to move and 0 is returned)."""
+        moved = 0
+        on_cpu = self._accelerator_device().type == "cpu"
+        for model in [m for m in (models if isinstance(models, (list, tuple)) else [models]) if m is not None]:
+            module = self.unwrap_model(model)
+            if on_cpu:  # the weights (and ZeRO-3 partitions) already are in CPU memory
+                continue
+            engine = self._engine(self._inner(model))
+            if not self.zero_stage_3 or not getattr(engine, "optimizer", None):
+                raise NotImplementedError(
+                    "LightRFTDeepSpeed.offload_model on CUDA needs a ZeRO-3 training engine (DeepSpeed's "
+                    f"offload_states); zero_stage={self.zero_stage}; accepted: zero_stage=3, or LightRFTFSDP")
+            before = torch.cuda.memory_allocated()
+            engine.offload_states()
+            moved += max(before - torch.cuda.memory_allocated(), 0)
+            self._offloaded[id(module)] = self._accelerator_device()
+        if empty_cache:
+            self.sync_and_clear_cache()
+        return moved
+
+    def reload_model(self, models: Any) -> int:
+        moved = 0
+        for model in [m for m in (models if isinstance(models, (list, tuple)) else [models]) if m is not None]:
+            module = self.unwrap_model(model)
+            if self._offloaded.pop(id(module), None) is None:
+                continue
+            before = torch.cuda.memory_allocated()
+            self._engine(self._inner(model)).reload_states()
+            moved += max(torch.cuda.memory_allocated() - before, 0)
+        return moved
+
+    @staticmethod
+    def _is_zero3_module(module: nn.Module) -> bool:
+        return any(hasattr(p, "ds_id") for p in module.parameters())
+
+    def _ema_update(self, param: torch.Tensor, ema_param: torch.Tensor, beta: float) -> None:
+        """ZeRO-3 partitions are gathered (both the model's and the EMA's), as LightRFT does."""
+        partitioned = [t for t in (param, ema_param) if hasattr(t, "ds_id")]
+        if not partitioned:
+            return super()._ema_update(param, ema_param, beta)
+        import deepspeed
+
+        modifier = 0 if hasattr(ema_param, "ds_id") else None
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier):
+            if modifier is None or dist.get_rank() == 0:
+                ema_param.data.mul_(beta).add_(param.data.to(ema_param.device, ema_param.dtype), alpha=1 - beta)
+
+    def load_model(self, model: nn.Module, path: str, map_location: Any = "cpu", strict: bool = False,
+                   key_replace_fn: Any = None) -> tuple[list[str], list[str]]:
+        """As ``StrategyBase.load_model``; a training engine's fp32 master weights follow the loaded ones."""
+        out = super().load_model(model, path, map_location, strict, key_replace_fn)
+        inner = self._inner(model)
+        if isinstance(inner, DeepSpeedModel) and inner.built and inner.is_training_engine:
+            restore = getattr(inner.engine.optimizer, "_restore_from_bit16_weights", None)
+            if restore is not None:
+                restore()
+        return out
+
+    def _load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not self._is_zero3_module(module):
+            return super()._load_full_state(module, state)
+        import deepspeed
+
+        params = dict(module.named_parameters())
+        for name, tensor in state.items():
+            if name in params:
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        params[name].data.copy_(tensor)
+        buffers = {k: v for k, v in state.items() if k not in params}
+        if buffers:
+            module.load_state_dict(buffers, strict=False)
 
 
 def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir: str, tag: Optional[str] = None) -> None:

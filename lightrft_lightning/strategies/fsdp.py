@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.config import StrategyConfig
-from lightrft_lightning.strategies.base import StrategyBase, unwrap_optimizer
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, unwrap_optimizer
 
 # Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy
 _PRECISIONS: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
@@ -61,6 +61,9 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend:
             as in Lightning's strategies (the ``Trainer`` fills them in).
         timeout: process group timeout; defaults to ``StrategyConfig.dist_timeout_minutes``.
+        seed, max_norm, micro_train_batch_size, train_batch_size, bf16, args: LightRFT's constructor
+            (``FSDPV2Strategy(seed=42, max_norm=1.0, ..., bf16=True, args=args)``, keywords); the values
+            given override those of ``args``.
     """
 
     strategy_name = "lightrft_fsdp"
@@ -75,8 +78,18 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         precision_plugin: Any = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = None,
+        *,
+        seed: Optional[int] = None,
+        max_norm: Optional[float] = None,
+        micro_train_batch_size: Optional[int] = None,
+        train_batch_size: Optional[int] = None,
+        bf16: Optional[bool] = None,
+        args: Any = None,
     ) -> None:
-        StrategyBase.__init__(self, config)
+        cfg = lightrft_config(type(self).__name__, config, args, {
+            "seed": seed, "max_norm": max_norm, "micro_train_batch_size": micro_train_batch_size,
+            "train_batch_size": train_batch_size, "bf16": bf16})
+        StrategyBase.__init__(self, cfg)
         ModelParallelStrategy.__init__(
             self,
             process_group_backend=process_group_backend,
@@ -87,35 +100,86 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         self.cluster_environment = cluster_environment
         self.precision_plugin = precision_plugin  # type: ignore[assignment]
         self._wrap_classes = list(wrap_classes or [])
+        self._meshes: dict[int, DeviceMesh] = {}
+
+    @property
+    def bf16(self) -> bool:
+        """``config.bf16`` (LightRFT's attribute)."""
+        return self.config.bf16
 
     # ------------------------------------------------------------------ process group and mesh
-    def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
-        """Seed every RNG, join the process group (nccl on CUDA, gloo on CPU) and build the mesh."""
+    def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
+        """Seed every RNG, join the process group (nccl on CUDA, gloo on CPU) and build the mesh and the
+        engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
         super().setup_distributed(timeout)
         self._device_mesh = self._build_mesh()
+        if self._engine_mp_group is None:
+            self._create_engine_groups()
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
         self._setup_distributed()
         self._device_mesh = self._build_mesh()
+        self._create_engine_groups()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
-    def _check_shard_size(self, world_size: int) -> None:
-        size = self.config.shard_size
-        if size is not None and world_size % size:
+    def _check_shard_size(self, world_size: int, size: Optional[int] = None, name: str = "StrategyConfig.shard_size") -> None:
+        size = self.config.shard_size if size is None else size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1 or world_size % size):
             raise ValueError(
-                f"StrategyConfig.shard_size={size} is invalid for world_size={world_size}; "
+                f"{name}={size!r} is invalid for world_size={world_size}; "
                 "accepted: None (shard over all ranks) or a divisor of the world size"
             )
 
-    def _build_mesh(self) -> DeviceMesh:
+    def prepare_model(self, model: Any, is_training: bool = False, shard_size: Union[int, str] = -1,
+                      reshard_after_forward: bool = True) -> Any:
+        """LightRFT's ``prepare_model``: shard ``model`` (an ``is_actor`` wrapper's ``.model``) with
+        ``shard_size`` ranks per shard group (-1: ``config.shard_size``, else all ranks) and FSDP2's
+        ``reshard_after_forward``, for training (``is_training``: build the optimizer after with
+        ``create_optimizer``) or inference (frozen, eval mode). Meta-initialized models are materialized
+        first. LightRFT's ``shard_size="auto"`` is not supported (an error says so)."""
+        if not isinstance(model, nn.Module) or hasattr(model, "wake_up"):
+            return model
+        if shard_size == "auto" or not (shard_size == -1 or (isinstance(shard_size, int) and shard_size >= 1)):
+            raise ValueError(f"LightRFTFSDP.prepare_model: shard_size={shard_size!r}; accepted: -1 (config.shard_size) "
+                             "or a divisor of the world size")
+        self._prepare_sharding = (None if shard_size == -1 else shard_size, reshard_after_forward)
+        try:
+            prepared = self.prepare(model)
+        finally:
+            self._prepare_sharding = (None, True)
+        if is_training:
+            self._make_trainable(prepared)
+        return prepared
+
+    _prepare_sharding: tuple[Optional[int], bool] = (None, True)
+
+    def _move_model(self, module: nn.Module, device: torch.device) -> int:
+        """FSDP2 moves its sharded parameters with ``module.to`` (it re-registers the shards)."""
+        if not isinstance(module, FSDPModule):
+            return super()._move_model(module, device)
+        moved = 0
+        for t in list(module.parameters()) + list(module.buffers()):
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if local.device != device:
+                moved += local.numel() * local.element_size()
+        if moved:
+            module.to(device)
+        return moved
+
+    def _load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not any(isinstance(p, DTensor) for p in module.parameters()):
+            return super()._load_full_state(module, state)
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _build_mesh(self, shard_size: Optional[int] = None) -> DeviceMesh:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if not dist.is_initialized():  # one process without a process group: FSDP2 still wants a mesh
             backend = "nccl" if self.root_device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        size = self.config.shard_size or world
+        size = shard_size or self.config.shard_size or world
         if size == world:
             return init_device_mesh(self.root_device.type, (world,), mesh_dim_names=("shard",))
         return init_device_mesh(self.root_device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
@@ -152,14 +216,23 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         param_dtype, reduce_dtype = _PRECISIONS[precision]
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: nn.Module, shard_size: Optional[int] = None, reshard_after_forward: bool = True) -> nn.Module:
         """``fully_shard`` each transformer block of ``model`` (bottom-up), then ``model`` itself;
-        a model that is already sharded is returned unchanged."""
+        a model that is already sharded is returned unchanged. ``shard_size`` (default
+        ``config.shard_size``) shards within groups of that many ranks (HSDP); ``reshard_after_forward``
+        is FSDP2's (False keeps the gathered weights between forward and backward)."""
         if isinstance(model, FSDPModule):
             return model
         if self._device_mesh is None:
             raise RuntimeError(f"{type(self).__name__}: call setup_distributed() before prepare() (a Trainer does it)")
         kwargs = self._fully_shard_kwargs()
+        if shard_size is not None:
+            world = dist.get_world_size()
+            self._check_shard_size(world, shard_size, "prepare_model: shard_size")
+            if shard_size not in self._meshes:
+                self._meshes[shard_size] = self._build_mesh(shard_size)
+            kwargs["mesh"] = self._meshes[shard_size]
+        kwargs["reshard_after_forward"] = reshard_after_forward
         if not self.config.fsdp_cpu_offload:
             model.to(self.root_device)
         blocks = self._block_classes(model)
@@ -186,14 +259,15 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         return classes
 
     def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
+        shard_size, reshard = self._prepare_sharding
         if optimizer is None:
-            return self.shard(model), None
+            return self.shard(model, shard_size, reshard), None
         opt = unwrap_optimizer(optimizer)
         if opt.state:
             raise ValueError("LightRFTFSDP.prepare: the optimizer has already stepped; prepare the model before "
                              "training so its state can be sharded with the parameters")
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-        self.shard(model)
+        self.shard(model, shard_size, reshard)
         params = dict(model.named_parameters(remove_duplicate=False))
         for group in opt.param_groups:  # rebind in place: schedulers keep pointing at this optimizer
             group["params"] = [params[names[id(p)]] for p in group["params"]]
@@ -224,6 +298,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then shard
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         self.model = self.precision_plugin.convert_module(self.model)
         if not self.config.fsdp_cpu_offload:

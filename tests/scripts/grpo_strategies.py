@@ -1,6 +1,6 @@
 """An example YAML (GRPO, built by the LightningCLI) run for 2 steps; writes each step's logged metrics.
 
-    torchrun --nproc_per_node=2 grpo_strategies.py examples/grpo_tiny_fsdp.yaml OUT.json
+    torchrun --nproc_per_node=2 grpo_strategies.py examples/grpo_tiny_fsdp.yaml OUT.json [STEPS [CLI ARGS...]]
 
 Greedy rollouts (temperature 0) make every prompt's completions independent of how prompts are
 split over ranks, so 2 ranks and 1 process must log the same loss and gradient norm. Also imported
@@ -29,32 +29,43 @@ def digit_reward(prompts, completions, metadata):
 
 
 class Recorder(Callback):
+    """Each step's logged metrics, plus the dtypes of the actor's parameters, of the optimizer's
+    (master) parameters and of the rollout engine's weights (``"none"`` on ranks without an engine)."""
+
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        self.dtypes: dict[str, str] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lightrft_lightning.callbacks import RolloutEngineCallback
+
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        engine = next(cb.engine for cb in trainer.callbacks if isinstance(cb, RolloutEngineCallback))
+        self.dtypes = {"actor": str({p.dtype for p in pl_module.actor.parameters()}),
+                       "master": str({p.dtype for g in trainer.optimizers[0].param_groups for p in g["params"]}),
+                       "engine": str(next(engine.model.parameters()).dtype) if engine is not None else "none"}
 
 
-def run(config: str, world: int = 1) -> list[dict[str, float]]:
+def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] = ()) -> Recorder:
     m = "--model.init_args."
-    args = ["--config", config, f"--trainer.devices={world}", f"--trainer.max_steps={STEPS}", "--trainer.logger=false",
+    args = ["--config", config, f"--trainer.devices={world}", f"--trainer.max_steps={steps}", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
             f"--data.batch_size={PROMPTS_PER_STEP // world}", "--data.val_path=null", "--data.shuffle=false",
             f"{m}temperature=0", f"{m}n_samples_per_prompt=2", f"{m}micro_train_batch_size=4", f"{m}epochs=2",
             f"{m}advantage_estimator=reinforce++", f"{m}kl_coef=0.05", f"{m}kl_estimator=k2",
-            f"{m}actor_learning_rate=0.01", f'{m}rewards={{"grpo_strategies:digit_reward": 1.0}}']
+            f"{m}actor_learning_rate=0.01", f'{m}rewards={{"grpo_strategies:digit_reward": 1.0}}', *extra]
     cli = LightRFTCLI(args=args, run=False, save_config_callback=None)
     recorder = Recorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return recorder.steps
+    return recorder
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    steps = run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")))
+    recorder = run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")), steps=int(sys.argv[3]) if len(sys.argv) > 3 else STEPS,
+                   extra=tuple(sys.argv[4:]))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:
-            json.dump(steps, f)
+            json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes}, f)

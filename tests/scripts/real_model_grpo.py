@@ -3,7 +3,10 @@ then the tied-weight checks: the rollout engine's logits after a weight sync and
 logits against the trained actor's. Greedy rollouts and a batch-normalized advantage make the step
 independent of how prompts split over ranks, so 2 FSDP2 ranks must log what 1 process logs.
 
+The Lightning checkpoint it writes (``OUT_DIR/<strategy>-ckpt``) is for the convert CLI's tied check.
+
     PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/real_model_grpo.py lightrft_fsdp OUT_DIR
+    PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/real_model_grpo.py lightrft_deepspeed_stage_3 OUT_DIR
     PYTHONPATH=. python tests/scripts/real_model_grpo.py lightrft_fake OUT_DIR
 """
 
@@ -52,6 +55,7 @@ def main() -> None:
                          callbacks=[Record()], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(model, data)
+    trainer.save_checkpoint(os.path.join(out, f"{name}-ckpt"))
     strategy, actor = trainer.strategy, model.actor
     _, ids = render_prompts([{"prompt": "What is 12 + 7?"}], model.tokenizer, apply_chat_template=True)
     ids = torch.tensor(ids)
