@@ -21,6 +21,7 @@ from lightrft_lightning.engines.hf import HFEngine
 from lightrft_lightning.engines.sglang import SGLangEngine
 from lightrft_lightning.engines.vllm import VLLMEngine
 from lightrft_lightning.engines.weight_sync import push_weights
+from lightrft_lightning.lora import has_lora
 
 log = logging.getLogger(__name__)
 _ENGINE_FIELDS = ("engine_type", "engine_tp_size", "engine_mem_util")
@@ -175,9 +176,11 @@ class RolloutEngineCallback(Callback):
             pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
         dtype = dtype or next(actor.parameters()).dtype
         kwargs = dict(pad_token_id=pad or 0, eos_token_id=eos, sleep_level=self.sleep_level, device=pl_module.device)
-        if all(_plain(p) and p.dtype == dtype and p.device == pl_module.device for p in actor.parameters()):
+        if not has_lora(actor) and all(_plain(p) and p.dtype == dtype and p.device == pl_module.device
+                                       for p in actor.parameters()):
             # one process holds the whole actor in the engine's dtype: generate from its own tensors (no
-            # second copy of the weights; the push after each step copies nothing)
+            # second copy of the weights; the push after each step copies nothing); a LoRA actor's engine
+            # holds the merged weights instead
             return HFEngine(actor, share_weights=True, **kwargs)
         return HFEngine.from_config(config, dtype=dtype, **kwargs)
 
@@ -195,7 +198,7 @@ class RolloutEngineCallback(Callback):
     def _log(self, pl_module: LightningModule) -> None:
         keys = ("wake_s", "sync_s", "sync_bytes", "generate_s", "sleep_s")
         log.debug("rollout: %s", {k: self.stats.get(k) for k in keys})
-        if not lightning_api.in_hook(pl_module):
+        if not lightning_api.can_log(pl_module):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))

@@ -18,6 +18,7 @@ __all__ = [
     "optimizers_to_device",
     "init_optimizers_and_lr_schedulers",
     "in_hook",
+    "can_log",
     "should_update_logs",
     "before_optimizer_step",
     "manual_step_progress",
@@ -30,6 +31,13 @@ def in_hook(module: Optional[pl.LightningModule]) -> bool:
     """Whether ``module`` is attached to a Trainer that is running one of its hooks (so ``self.log``
     and the Trainer's callbacks are available)."""
     return module is not None and module._trainer is not None and module._current_fx_name is not None
+
+
+def can_log(module: Optional[pl.LightningModule]) -> bool:
+    """Whether ``module.log`` is allowed in the hook running now (not, e.g., in ``on_train_end``)."""
+    from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
+
+    return in_hook(module) and _FxValidator.functions.get(module._current_fx_name) is not None
 
 
 def should_update_logs(trainer: "pl.Trainer") -> bool:

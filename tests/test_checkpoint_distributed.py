@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from lightrft_lightning import checkpoint
 from tests.launch import SCRIPTS, free_port, torchrun
@@ -87,11 +89,34 @@ def test_peer_death_fails_within_the_timeout():
     assert re.search(r"Timed out|Connection closed by peer|Connection reset by peer", err), err[-2000:]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_grpo_with_sampling_resumes_exactly(strategy, tmp_path):
-    out = torchrun("ckpt_grpo.py", 2, strategy, str(tmp_path), timeout=420).stdout
+@pytest.mark.parametrize("strategy, lora", [("fsdp", False), ("deepspeed", False), ("fsdp", True), ("deepspeed", True)],
+                         ids=["fsdp", "deepspeed", "fsdp-lora", "deepspeed-lora"])
+def test_grpo_with_sampling_resumes_exactly(strategy, lora, tmp_path):
+    out = torchrun("ckpt_grpo.py", 2, strategy, str(tmp_path), *(["lora"] if lora else []), timeout=420).stdout
     result = json.loads(re.search(r"^GRPO_RESUME (.*)$", out, re.M).group(1))
     assert result["resumed_from"] == "global_step2"
+    # a LoRA checkpoint holds the adapters, not the frozen base
+    assert result["stored_keys"] and all(".lora_" in k for k in result["stored_keys"]) == lora
+    if lora:
+        check_lora_exports(tmp_path / "a")
     assert result["resumed_rewards"] == result["straight_rewards"][2:]
     assert result["resumed_losses"] == result["straight_losses"][2:]
     assert result["max_param_diff"] == 0.0
+
+
+def check_lora_exports(root: Path) -> None:
+    """The adapter a 2-rank run exported, on the rebuilt base, computes what its merged export does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    base = tiny_causal_lm(vocab_size=13, hidden_size=32, tie_word_embeddings=True).eval()
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(root / "adapter")).eval()(input_ids=ids).logits
+        merged_model = AutoModelForCausalLM.from_pretrained(str(root / "merged"), dtype=torch.float32).eval()
+        merged = merged_model(input_ids=ids).logits
+    assert merged_model.lm_head.weight.data_ptr() == merged_model.model.embed_tokens.weight.data_ptr()
+    assert torch.allclose(adapted, merged, atol=1e-5) and not torch.allclose(adapted, before, atol=1e-3)

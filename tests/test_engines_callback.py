@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
 from lightrft_lightning import LightRFTFake
@@ -94,6 +94,22 @@ def test_no_push_without_an_optimizer_step_level_2_pushes_every_time():
     fit(module2, callback2, steps=2)
     assert callback2.stats["pushes"] == 4  # level 2 dropped the weights after each rollout
     assert module2.rollouts == module.rollouts
+
+
+def test_a_rollout_from_a_hook_that_cannot_log_still_runs():
+    """``on_train_end`` (an evaluation after training, say) refuses ``self.log``: the rollout runs, with
+    the final weights pushed, and its timings stay in ``stats`` only."""
+
+    class FinalRollout(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.out = find_rollout_callback(trainer).generate(pl_module, PROMPTS, PARAMS)
+
+    module, callback, final = RolloutModule("auto"), RolloutEngineCallback(), FinalRollout()
+    strategy = LightRFTFake(config={"train_batch_size": 1, "micro_train_batch_size": 1, "max_norm": 0.0})
+    Trainer(strategy=strategy, max_steps=2, callbacks=[callback, final], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False).fit(module)
+    assert callback.stats["pushes"] == 3 and len(final.out) == len(module.rollouts[-1])
+    assert [c.token_ids for c in final.out] != module.rollouts[-1]  # the weights after the last step
 
 
 def _cycle(push):

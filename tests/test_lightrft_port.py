@@ -230,6 +230,29 @@ def test_offload_reload_and_optimizer_state_on_cpu():
     assert stats["rss"] > 0.01
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on CPU nothing moves")
+def test_offload_moves_weights_and_optimizer_state_off_the_gpu_and_back():
+    s = FakeStrategy(seed=0, micro_train_batch_size=1, train_batch_size=1)
+    model = tiny_causal_lm().cuda()
+    opt = s.create_optimizer(model)
+    ids = torch.ones(1, 4, dtype=torch.long, device="cuda")
+    s.backward(model(input_ids=ids, labels=ids).loss, model, opt)
+    s.optimizer_step(opt, model, None)
+    before = {k: v.cpu() for k, v in model.state_dict().items()}
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if torch.is_tensor(t) and t.is_cuda)
+    moved = s.offload_model(model)
+    assert moved > 0 and all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert s.reload_model(model) == moved and all(t.is_cuda for t in model.state_dict().values())
+    assert all(torch.equal(v.cpu(), before[k]) for k, v in model.state_dict().items())
+    s.maybe_offload_optimizer(opt)
+    assert s.last_moved_bytes == state_bytes > 0
+    assert all(not t.is_cuda for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim())
+    s.maybe_load_optimizer(opt)
+    assert s.last_moved_bytes == state_bytes
+
+
 def test_moving_average_every_accumulated_gradient_calls(tmp_path):
     s = FakeStrategy(seed=0, micro_train_batch_size=1, train_batch_size=2)
     model, ema = nn.Linear(3, 2), nn.Linear(3, 2)

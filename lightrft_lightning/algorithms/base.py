@@ -27,6 +27,7 @@ from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.data import render_prompts
 from lightrft_lightning.engines.base import Completion, SamplingParams
+from lightrft_lightning.lora import LoRASettings, adapters_disabled, apply_lora, frozen_base_keys
 from lightrft_lightning.strategies.base import StrategyBase, enable_gradient_checkpointing
 from lightrft_lightning.tokenizer import load_tokenizer
 
@@ -154,6 +155,13 @@ class RLModule(pl.LightningModule):
         dynamic_sampling: DAPO's dynamic sampling, with fixed batch shapes: prompt groups whose samples
             all got the same reward are left out of the loss (their response tokens are masked, so they
             count neither in the loss nor in its token normalizer); needs ``n_samples_per_prompt >= 2``.
+        lora: ``{r, alpha, dropout, target_modules}`` (``alpha`` defaults to ``r``, ``target_modules`` to
+            the attention and MLP projections): train LoRA adapters of the actor (``peft``, the ``lora``
+            extra) instead of all its weights. Only the adapters are trainable and in the optimizer; the
+            KL reference is the same base with the adapters off (no second copy of the weights); the
+            rollout engine gets the merged weights (base + ``alpha / r`` x the adapter product);
+            checkpoints hold the adapters and their optimizer state, not the frozen base (rebuilt from
+            ``model``); PPO's critic trains adapters of its own copy of the backbone, and its value head.
 
     Reward shaping runs in this order: overlong penalty, running normalization, clip; then the
     advantage estimator, dynamic sampling, advantage normalization and clip. Each setting is also a
@@ -204,6 +212,7 @@ class RLModule(pl.LightningModule):
         overlong_buffer_len: int = 1024,
         overlong_buffer_penalty_factor: float = 1.0,
         dynamic_sampling: bool = False,
+        lora: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -249,7 +258,12 @@ class RLModule(pl.LightningModule):
         self.actor = load_causal_lm(path, len(self.tokenizer), model_config)
         self.actor.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.actor.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False) if kl_coef > 0 else None
+        self.lora = LoRASettings.parse(lora, owner)
+        if self.lora is not None:
+            apply_lora(self.actor, self.lora, owner)
+        # a LoRA actor's reference is its own base (adapters off)
+        reference_copy = kl_coef > 0 and self.lora is None
+        self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False) if reference_copy else None
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.actor)
         self.reward_fn = CombinedReward(DEFAULT_REWARDS if rewards is None else rewards)
@@ -323,10 +337,18 @@ class RLModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.reward_running_norm:
             checkpoint["reward_running_moments"] = self.reward_moments.state_dict()
+        if self.lora is not None:  # adapters only: the frozen base is rebuilt from `model`
+            frozen = frozen_base_keys(self)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "reward_running_moments" in checkpoint:
             self.reward_moments.load_state_dict(checkpoint["reward_running_moments"])
+        if self.lora is not None and "state_dict" in checkpoint:
+            # an adapters-only checkpoint: the base keeps the weights it was built with
+            state = checkpoint["state_dict"]
+            frozen = frozen_base_keys(self) - state.keys()
+            state.update({k: v for k, v in self.state_dict().items() if k in frozen})
 
     def _check_choice(self, name: str, value: str, accepted: tuple[str, ...]) -> None:
         if value not in accepted:
@@ -349,6 +371,11 @@ class RLModule(pl.LightningModule):
         if not isinstance(hp.gradient_checkpointing, bool):
             raise ValueError(f"{owner}.gradient_checkpointing={hp.gradient_checkpointing!r} is invalid; "
                              "accepted: True or False")
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a KL reference is scored: a frozen copy of the actor, or a LoRA actor's own base."""
+        return self.hparams.kl_coef > 0
 
     @property
     def micro_rollout_batch_size(self) -> int:
@@ -555,6 +582,15 @@ class RLModule(pl.LightningModule):
         return torch.cat([self.log_probs(model, mb.input_ids, mb.attention_mask, action_mask=mb.action_mask)[0]
                           for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
 
+    def _score_base(self, exp: Experience) -> Tensor:
+        """The log-probs of a LoRA actor's base model (adapters off, eval mode)."""
+        self.actor.eval()
+        try:
+            with adapters_disabled(self.actor):
+                return self._score(exp, self.actor)
+        finally:
+            self.actor.train()
+
     def _decode(self, completions: list[Completion]) -> list[str]:
         return self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
 
@@ -582,6 +618,8 @@ class RLModule(pl.LightningModule):
             self.actor.train()
         if self.ref is not None:
             exp.ref_logp = self._score(exp, self.ref)
+        elif self.has_reference:
+            exp.ref_logp = self._score_base(exp)
         meta = [_metadata(batch[c.prompt_index]) for c in completions]
         texts = self._decode(completions)
         scores = self.reward_fn.scores([prompts[c.prompt_index] for c in completions], texts, meta)
@@ -632,7 +670,7 @@ class RLModule(pl.LightningModule):
         """One pass and one optimizer step per rollout: the rollout policy is the policy being
         trained, so its log-probs are the detached ones of the training forward (one forward saved)."""
         strategy = self.trainer.strategy
-        kl_in_reward = self.ref is not None and self.hparams.kl_in_reward
+        kl_in_reward = self.has_reference and self.hparams.kl_in_reward
         return (self.hparams.epochs == 1 and not kl_in_reward
                 and samples == strategy.accumulation_steps * self.hparams.micro_train_batch_size)
 

@@ -54,15 +54,15 @@ class GRPO(RLModule):
         hp = self.hparams
         strategy = self.trainer.strategy
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        use_kl_loss = self.ref is not None and not hp.kl_in_reward
+        use_kl_loss = self.has_reference and not hp.kl_in_reward
         sums: dict[str, float] = {"loss/policy": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        if self.ref is not None:
+        if self.has_reference:
             sums["kl"] = 0.0
         count = 0
         for t in self._policy_terms(exp):
             loss = t.loss
             sums["loss/policy"] += loss.item()
-            if self.ref is not None:
+            if self.has_reference:
                 kl_term = kl_loss(t.logp, t.mb.ref_logp, t.mb.action_mask, hp.kl_estimator, hp.loss_agg, **t.agg)
                 sums["kl"] += kl_term.item()
                 if use_kl_loss:

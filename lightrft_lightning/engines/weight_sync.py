@@ -4,7 +4,9 @@ Each bucket holds at most ``bucket_bytes`` (a parameter larger than that travels
 extra memory a sync needs is about one bucket plus the largest parameter instead of a full state
 dict. Sharded parameters are gathered only when their bucket is reached: FSDP2
 ``DTensor`` with ``full_tensor()``, DeepSpeed ZeRO-3 parameters with
-``deepspeed.zero.GatheredParameters``; plain parameters are used as they are.
+``deepspeed.zero.GatheredParameters``; plain parameters are used as they are. A LoRA layer's base
+weight and adapters share a bucket; with ``merged=True`` they leave it as one merged weight under
+the base model's name (the trained model itself is never merged).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+
+from lightrft_lightning.lora import lora_group, lora_scalings, merge_lora
 
 # wrapper prefixes that are not part of the Hugging Face names (DeepSpeedEngine/DDP, torch.compile,
 # FSDP1, activation checkpointing)
@@ -42,15 +46,18 @@ def _full_shape(param: torch.Tensor) -> torch.Size:
 
 def plan_buckets(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None) -> list[list[tuple[str, nn.Parameter]]]:
     """Group ``model``'s parameters (in ``named_parameters`` order) into buckets of at most
-    ``bucket_bytes`` once gathered and cast to ``dtype``. Cheap: nothing is gathered."""
+    ``bucket_bytes`` once gathered and cast to ``dtype`` (a LoRA layer's parameters are never split).
+    Cheap: nothing is gathered."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes!r} is invalid; accepted: an integer >= 1")
     buckets: list[list[tuple[str, nn.Parameter]]] = []
     current: list[tuple[str, nn.Parameter]] = []
-    size = 0
+    size, group = 0, None
     for name, param in model.named_parameters():
         nbytes = _full_shape(param).numel() * (dtype or param.dtype).itemsize
-        if current and size + nbytes > bucket_bytes:
+        same_layer = group is not None and lora_group(name) == group
+        group = lora_group(name)
+        if current and size + nbytes > bucket_bytes and not same_layer:
             buckets.append(current)
             current, size = [], 0
         current.append((name, param))
@@ -94,7 +101,8 @@ def _full_tensor(tensor: torch.Tensor, bucket_bytes: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _gathered(bucket: list[tuple[str, nn.Parameter]], dtype: Optional[torch.dtype], bucket_bytes: int) -> Iterator[Bucket]:
+def _gathered(bucket: list[tuple[str, nn.Parameter]], dtype: Optional[torch.dtype], bucket_bytes: int,
+              scalings: Optional[dict[str, float]] = None) -> Iterator[Bucket]:
     zero3 = [p for _, p in bucket if _is_zero3(p)]
     if zero3:
         import deepspeed  # lazily: only ZeRO-3 models need it
@@ -106,33 +114,40 @@ def _gathered(bucket: list[tuple[str, nn.Parameter]], dtype: Optional[torch.dtyp
         out: Bucket = []
         for name, param in bucket:
             tensor = param.detach()
-            if dtype is not None and tensor.dtype != dtype:
+            merging = scalings is not None and lora_group(hf_name(name)) in scalings
+            if dtype is not None and tensor.dtype != dtype and not merging:
                 tensor = tensor.to(dtype)  # on a DTensor this casts the local shard before the gather
             if hasattr(tensor, "full_tensor"):
                 tensor = _full_tensor(tensor, bucket_bytes)
             out.append((hf_name(name), tensor))
-        yield out
+        # a merged weight is computed in the stored precision, then cast
+        yield out if scalings is None else merge_lora(out, scalings, dtype)
 
 
-def iter_weight_buckets(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
-    """Yield ``model``'s full weights as lists of ``(hf_name, tensor)``, gathered bucket by bucket.
+def iter_weight_buckets(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None,
+                        merged: bool = False) -> Iterator[Bucket]:
+    """Yield ``model``'s full weights as lists of ``(hf_name, tensor)``, gathered bucket by bucket;
+    with ``merged``, LoRA layers as their merged weights (the base model's names and shapes).
 
     Every rank of a sharded model must iterate to the end (the gathers are collectives). A tensor
     may alias the live parameter or a gathered buffer: it is valid until the next bucket is asked for.
     """
+    scalings = lora_scalings(model, hf_name) if merged else None
     for bucket in plan_buckets(model, bucket_bytes, dtype):
-        with _gathered(bucket, dtype, bucket_bytes) as tensors:
+        with _gathered(bucket, dtype, bucket_bytes, scalings or None) as tensors:
             yield tensors
 
 
 def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Optional[torch.dtype] = None) -> int:
     """Stream ``model``'s weights into ``engine`` (``None`` on ranks that hold no engine) and return
     the bytes streamed. Every rank must call it, with the same ``dtype`` (``None``: as stored), since
-    the buckets, and so the gathers, must match across ranks; the engine casts to its own dtype."""
+    the buckets, and so the gathers, must match across ranks; the engine casts to its own dtype.
+    LoRA layers arrive merged (see :func:`iter_weight_buckets`)."""
     buckets = plan_buckets(model, bucket_bytes, dtype)
+    scalings = lora_scalings(model, hf_name) or None
     moved = 0
     for index, bucket in enumerate(buckets):
-        with _gathered(bucket, dtype, bucket_bytes) as tensors:
+        with _gathered(bucket, dtype, bucket_bytes, scalings) as tensors:
             moved += sum(t.numel() * t.element_size() for _, t in tensors)
             if engine is not None:
                 engine.update_weights(tensors, last_bucket=index == len(buckets) - 1)

@@ -562,12 +562,35 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def save_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
         """Export ``model``'s full weights (gathered where sharded) as a Hugging Face directory with
-        safetensors (tied weights stay tied); rank 0 writes. ``kwargs`` go to ``save_pretrained``."""
+        safetensors (tied weights stay tied); rank 0 writes. ``kwargs`` go to ``save_pretrained``. A LoRA
+        model writes its adapter directory instead, as LightRFT does (see :meth:`save_merged_model`)."""
+        from lightrft_lightning.lora import has_lora, save_adapter
+
+        module = self.unwrap_model(model)
+        if not has_lora(module):
+            return self.save_merged_model(model, tokenizer, output_dir, **kwargs)
+        if kwargs:
+            raise ValueError(f"save_model: {sorted(kwargs)} would be ignored by a LoRA adapter export; accepted: none")
+        state = self.full_state_dict(module)
+        if self.is_rank_0():
+            save_adapter(module, state, output_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
+        self._barrier()
+
+    def save_merged_model(self, model: nn.Module, tokenizer: Any = None, output_dir: str = "", **kwargs: Any) -> None:
+        """Export ``model`` as a plain Hugging Face directory (safetensors, tied weights written once): its
+        full weights, gathered where sharded, with LoRA adapters merged into their base weights (the
+        trained model is left unmerged). Rank 0 writes; ``kwargs`` go to ``save_pretrained``."""
         from lightrft_lightning.convert import tied_aliases
+        from lightrft_lightning.lora import lora_scalings, merge_lora
 
         module = self.unwrap_model(model)
         aliases = tied_aliases(module)
         state = {k: v for k, v in self.full_state_dict(module).items() if k not in aliases}
+        scalings = lora_scalings(module)
+        if scalings:
+            state = dict(merge_lora(list(state.items()), scalings))
         if self.is_rank_0():
             module.save_pretrained(output_dir, state_dict=state, safe_serialization=True, **kwargs)
             if tokenizer is not None:

@@ -41,6 +41,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
+from lightrft_lightning.lora import has_lora
 from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, seed_everything, unwrap_optimizer
 from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
@@ -642,8 +643,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         checkpoint.save(str(path.parent), path.name, dcp_state, extra=checkpoint_dict, max_num=sys.maxsize,
                         max_mem=float("inf"), save_latest=False, is_rank_0=self.is_global_zero, barrier=self.barrier)
         for name, handle in self._training_handles():
+            # a LoRA model's frozen base is rebuilt from its model: its engine saves the adapters
             handle.engine.save_checkpoint(str(path / name), tag="checkpoint",
-                                          exclude_frozen_parameters=self.exclude_frozen_parameters)
+                                          exclude_frozen_parameters=self.exclude_frozen_parameters
+                                          or has_lora(handle.module))
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint` into the engines (optimizer states only
@@ -661,8 +664,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                                         f"{directory / checkpoint.LATEST} is missing")
             with weights_only_loads():
                 loaded, _ = handle.engine.load_checkpoint(
-                    str(directory), load_optimizer_states=fitting,
-                    load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading)
+                    str(directory), load_optimizer_states=fitting, load_lr_scheduler_states=False,
+                    load_module_strict=self.lightning_module.strict_loading and not has_lora(handle.module))
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")
             if name in counters:

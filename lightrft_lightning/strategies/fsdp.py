@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, unwrap_optimizer
 
 # Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy
@@ -348,12 +349,15 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         assert self.model is not None
         path = str(self.broadcast(str(checkpoint_path)))
         optimizers = [unwrap_optimizer(o) for o in self.optimizers]
-        template: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
+        model_state = get_model_state_dict(self.model)
+        frozen = frozen_base_keys(self.model)  # LoRA bases: rebuilt from their model, not in checkpoints
+        template: dict[str, Any] = {"state_dict": {k: v for k, v in model_state.items() if k not in frozen}}
         for idx, opt in enumerate(optimizers):
             template[f"optimizer_{idx}"] = get_optimizer_state_dict(self.model, opt)
         extra = checkpoint.load(path, template)
+        model_state.update(template["state_dict"])
         strict = self.lightning_module.strict_loading if self.lightning_module is not None else True
-        set_model_state_dict(self.model, template["state_dict"], options=StateDictOptions(strict=strict))
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=strict))
         for idx, opt in enumerate(optimizers):
             set_optimizer_state_dict(self.model, opt, template[f"optimizer_{idx}"])
         for name, counters in extra.pop("lightrft_train_states", {}).items():

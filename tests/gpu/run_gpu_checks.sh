@@ -16,4 +16,7 @@ timeout 300 $PY -m pytest tests/test_fsdp.py -m gpu -x -q -s 2>&1 | tee "$OUT/fs
 # --- LightRFTDeepSpeed (issue 4): fp32/bf16/fp16 ZeRO-2/3 on nccl, checkpoint round trip, HF export
 timeout 420 $PY -m pytest tests/test_deepspeed.py -m gpu -x -q -s 2>&1 | tee "$OUT/deepspeed_gpu.txt" || status=1
 
+# --- LightRFT port (issue 15): offload_model / maybe_offload_optimizer move bytes off the GPU and back
+timeout 120 $PY -m pytest tests/test_lightrft_port.py -m gpu -x -q -s 2>&1 | tee "$OUT/lightrft_port_gpu.txt" || status=1
+
 exit $status

@@ -35,12 +35,16 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
         self.dtypes: dict[str, str] = {}
+        self.adapters: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from lightrft_lightning.callbacks import RolloutEngineCallback
 
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
         engine = next(cb.engine for cb in trainer.callbacks if isinstance(cb, RolloutEngineCallback))
+        # how the LoRA adapters are held: DTensor shards (FSDP2), ZeRO-3 partitions, or plain
+        self.adapters = sorted({"DTensor" if hasattr(p, "full_tensor") else "zero3" if hasattr(p, "ds_id") else "plain"
+                                for n, p in pl_module.actor.named_parameters() if ".lora_" in n})
         self.dtypes = {"actor": str({p.dtype for p in pl_module.actor.parameters()}),
                        "master": str({p.dtype for g in trainer.optimizers[0].param_groups for p in g["params"]}),
                        "engine": str(next(engine.model.parameters()).dtype) if engine is not None else "none"}
@@ -68,4 +72,4 @@ if __name__ == "__main__":
                    extra=tuple(sys.argv[4:]))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:
-            json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes}, f)
+            json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes, "adapters": recorder.adapters}, f)
