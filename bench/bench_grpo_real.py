@@ -11,9 +11,15 @@ FLOP limit: FLOPs from the step's token counts (forward+backward = 6 x trained t
 over the fastest matmul rate measured by this script (fp32 and bf16, the same threads). Then the tiny
 random-init model (``bench_grpo_vs_trl.py``'s setting) so both regimes stay visible.
 
+Each at its best setting on this CPU: fp32 (no bf16 instructions: bf16 matmuls are ~100x slower),
+no gradient checkpointing (TRL defaults to bf16 and checkpointing; both are turned off), and our
+generator chosen with ``--engine``: the built-in HF engine, or real vLLM (its CPU build; run from the
+vLLM venv). TRL generates with ``transformers`` (its vLLM modes need CUDA).
+
 TRL is an optional dependency of this script only (``pip install trl``; 1.16 here).
 
 Usage: python bench/bench_grpo_real.py [--steps 6] [--prompts 4] [--n 4] [--tokens 32] [--threads 2]
+       VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 .venv-vllm/bin/python bench/bench_grpo_real.py --engine vllm
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ def ours(args) -> dict:
 
     from lightrft_lightning import LightRFTFake
     from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.callbacks import RolloutEngineCallback
     from lightrft_lightning.data import PromptDataModule
 
     class Clock(Callback):
@@ -80,9 +87,13 @@ def ours(args) -> dict:
                  clip_high=0.28, loss_agg="token", advantage_estimator="group_norm", kl_coef=0.0)
     data = PromptDataModule(prompts=rows(args), batch_size=args.prompts, shuffle=False)
     clock = Clock()
-    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake({"bf16": False, "max_norm": 1.0}),
-                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock])
+    engine = RolloutEngineCallback(pad_token_id=model.tokenizer.pad_token_id, eos_token_id=model.tokenizer.eos_token_id,
+                                   engine_kwargs={"enforce_eager": True, "max_model_len": 1024}
+                                   if args.engine == "vllm" else None)
+    strategy = LightRFTFake({"bf16": False, "max_norm": 1.0, "engine_type": args.engine})
+    trainer = pl.Trainer(accelerator="cpu", strategy=strategy, max_steps=args.steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock, engine])
     trainer.fit(model, data)
     tokens = _trained_tokens(model, args)
     return {"step_s": [b - a for a, b in zip(clock.ends, clock.ends[1:])], "steps": clock.steps,
@@ -131,7 +142,10 @@ def trl(args) -> dict:
                             max_completion_length=args.tokens, learning_rate=args.lr, lr_scheduler_type="constant",
                             warmup_steps=0, adam_beta2=0.95, beta=0.0, epsilon=0.2, epsilon_high=0.28,
                             loss_type="dapo", max_grad_norm=1.0, temperature=1.0, save_strategy="no", seed=args.seed,
-                            shuffle_dataset=False, disable_tqdm=True, dataloader_num_workers=0)
+                            shuffle_dataset=False, disable_tqdm=True, dataloader_num_workers=0,
+                            # TRL's defaults are bf16=True and gradient_checkpointing=True: on this AVX2-only
+                            # CPU bf16 matmuls run ~100x slower than fp32, and recomputation only costs time
+                            bf16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(data),
                               processing_class=tok, callbacks=[clock])
         trainer.train()
@@ -169,6 +183,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="our rollout engine")
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny-model comparison")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,7 +200,7 @@ def main() -> None:
           f"lr {args.lr}, {args.threads} threads; steps/s over steps 2..{args.steps}\n")
     print("| | steps/s | peak RSS GiB | reward per step |")
     print("|---|---|---|---|")
-    for name, r, rate in (("ours (GRPO + LightRFTFake)", o, o_rate), ("TRL GRPOTrainer", t, t_rate)):
+    for name, r, rate in ((f"ours (GRPO + LightRFTFake, {args.engine} engine)", o, o_rate), ("TRL GRPOTrainer", t, t_rate)):
         rewards = " ".join(f"{step['reward']:.3f}" for step in r["steps"])
         print(f"| {name} | {rate:.3f} | {r['peak_rss_gib']:.2f} | {rewards} |")
     print(f"| ours / TRL | **{o_rate / t_rate:.2f}** | {o['peak_rss_gib'] / t['peak_rss_gib']:.2f} | mean "

@@ -91,6 +91,11 @@ def apply_lora(model: nn.Module, settings: LoRASettings, owner: str) -> nn.Modul
     return peft.inject_adapter_in_model(settings.peft_config(), model)
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft ``PeftModel`` (adapters injected), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` of each peft LoRA layer in ``model``."""
     try:
@@ -180,6 +185,9 @@ def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], output_dir: s
     peft = _peft()
     from safetensors.torch import save_file
 
+    if isinstance(model, peft.PeftModel):  # LightRFT-style code wraps its actor with get_peft_model
+        model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+        return
     config = _adapter_config(model)
     config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
     adapter = peft.get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER)

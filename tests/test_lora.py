@@ -204,3 +204,30 @@ class Losses(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.callback_metrics["loss/policy"]))
+
+
+def test_a_peft_model_from_lightrft_style_code_exports_its_adapter_and_merged_weights(tmp_path):
+    """LightRFT's actors wrap the model with ``peft.get_peft_model``: ``save_model`` writes the adapter
+    (as LightRFT does), ``save_merged_model`` a plain tied model; both compute like the actor."""
+    import peft
+
+    from lightrft_lightning import FakeStrategy
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+
+    model = peft.get_peft_model(tiny_causal_lm(tie_word_embeddings=True),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter
+    strategy = FakeStrategy(seed=0, micro_train_batch_size=1, train_batch_size=1)
+    strategy.save_model(model, None, str(tmp_path / "adapter"))
+    strategy.save_merged_model(model, None, str(tmp_path / "merged"))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        loaded = peft.PeftModel.from_pretrained(tiny_causal_lm(tie_word_embeddings=True), str(tmp_path / "adapter"))
+        assert torch.allclose(loaded.eval()(input_ids=ids).logits, want, atol=1e-6)
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+        assert not torch.allclose(tiny_causal_lm(tie_word_embeddings=True)(input_ids=ids).logits, want, atol=1e-3)

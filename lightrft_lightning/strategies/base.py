@@ -583,9 +583,9 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         full weights, gathered where sharded, with LoRA adapters merged into their base weights (the
         trained model is left unmerged). Rank 0 writes; ``kwargs`` go to ``save_pretrained``."""
         from lightrft_lightning.convert import tied_aliases
-        from lightrft_lightning.lora import lora_scalings, merge_lora
+        from lightrft_lightning.lora import base_model, lora_scalings, merge_lora
 
-        module = self.unwrap_model(model)
+        module = base_model(self.unwrap_model(model))
         aliases = tied_aliases(module)
         state = {k: v for k, v in self.full_state_dict(module).items() if k not in aliases}
         scalings = lora_scalings(module)

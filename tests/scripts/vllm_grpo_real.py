@@ -2,12 +2,15 @@
 with a real ``VLLMEngine`` built from ``StrategyConfig(engine_type="vllm")`` under ``LightRFTFake``, fp32.
 After the last step, a greedy rollout (n=2) through the callback is compared token for token with the
 trained actor's own greedy decode, and the engine's log-probs with the actor's. Prints ``RESULT {json}``.
+With ``lora``: LoRA adapters train, the engine gets the merged weights and is compared with peft's
+merge of the actor (applied to a copy).
 
-    PYTHONPATH=. python tests/scripts/vllm_grpo_real.py [STEPS]
+    PYTHONPATH=. python tests/scripts/vllm_grpo_real.py [STEPS [lora]]
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -21,6 +24,7 @@ from lightrft_lightning.algorithms import GRPO
 from lightrft_lightning.callbacks import RolloutEngineCallback, find_rollout_callback
 from lightrft_lightning.data import PromptDataModule, render_prompts
 from lightrft_lightning.engines import SamplingParams, VLLMEngine
+from lightrft_lightning.lora import lora_layers
 from lightrft_lightning.tasks import arithmetic_problems
 from tests.launch import report
 from tests.vllm.common import greedy, max_logprob_diff, set_env
@@ -50,7 +54,9 @@ class Check(pl.Callback):
         callback = find_rollout_callback(trainer)
         _, ids = render_prompts([{"prompt": p} for p in CHECK], pl_module.tokenizer, apply_chat_template=True)
         out = callback.generate(pl_module, ids, SamplingParams(n=2, temperature=0.0, max_new_tokens=NEW, stop_at_eos=False))
-        actor = pl_module.actor.eval()
+        actor = copy.deepcopy(pl_module.actor).eval()
+        for _, layer in lora_layers(actor):
+            layer.merge()  # a LoRA actor: what the merged weights compute
         ref = greedy(actor, ids, NEW)
         engine = callback.engine
         self.summary = {
@@ -60,12 +66,13 @@ class Check(pl.Callback):
             "answer": pl_module.tokenizer.decode(out[0].token_ids, skip_special_tokens=True)}
 
 
-def main(steps: int) -> None:
+def main(steps: int, lora: bool) -> None:
     pl.seed_everything(0, verbose=False)
     model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
                  rewards={"tests.scripts.vllm_grpo_real:digit_share": 1.0}, n_samples_per_prompt=2,
-                 max_new_tokens=8, temperature=1.0, micro_train_batch_size=4, actor_learning_rate=1e-5,
-                 advantage_estimator="group_norm")
+                 max_new_tokens=8, temperature=1.0, micro_train_batch_size=4,
+                 actor_learning_rate=1e-3 if lora else 1e-5, advantage_estimator="group_norm",
+                 lora={"r": 8, "alpha": 16} if lora else None)
     data = PromptDataModule(prompts=arithmetic_problems(16, seed=3), batch_size=2, shuffle=False)
     check = Check()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"engine_type": "vllm", "seed": 0}),
@@ -87,5 +94,5 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     set_env()
     torch.set_num_threads(2)
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2, sys.argv[2:] == ["lora"])
     os._exit(0)  # skip vLLM's exit hooks
