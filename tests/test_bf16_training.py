@@ -17,7 +17,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import grpo_strategies  # noqa: E402  (also the 2-rank script)
 
-STEPS = 6
+STEPS = 5
 BF16 = ("--trainer.precision=bf16-mixed",)
 
 

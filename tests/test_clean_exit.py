@@ -4,7 +4,7 @@ import pytest
 
 from tests.launch import script_result, torchrun
 
-RUNS = 4
+RUNS = 3
 
 
 @pytest.mark.multiprocess

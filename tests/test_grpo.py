@@ -162,13 +162,13 @@ ZERO3 = ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false}',
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy, extra, rel, adapters", [
-    ("fsdp", (), 1e-4, []), ("deepspeed", (), 1e-4, []),
-    ("fsdp", LORA, 1e-5, ["DTensor"]), ("deepspeed", LORA, 1e-5, ["plain"]), ("deepspeed", LORA + ZERO3, 1e-5, ["zero3"]),
-], ids=["fsdp", "deepspeed", "fsdp-lora", "deepspeed-lora", "deepspeed-zero3-lora"])
-def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, rel, adapters, tmp_path, monkeypatch):
-    """examples/grpo_tiny_{fsdp,deepspeed}.yaml on 2 ranks against examples/grpo_tiny_fake.yaml (also
-    with LoRA adapters on a tied model: adapters sharded with their blocks, or partitioned)."""
+@pytest.mark.parametrize("strategy, extra, adapters", [
+    ("fsdp", LORA, ["DTensor"]), ("deepspeed", LORA, ["plain"]), ("deepspeed", LORA + ZERO3, ["zero3"]),
+], ids=["fsdp-lora", "deepspeed-lora", "deepspeed-zero3-lora"])
+def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, adapters, tmp_path, monkeypatch):
+    """examples/grpo_tiny_{fsdp,deepspeed}.yaml on 2 ranks against examples/grpo_tiny_fake.yaml, with LoRA
+    adapters on a tied model (adapters sharded with their blocks, or partitioned). A full fine-tune on 2
+    ranks against one process: tests/test_real_model.py (GRPO), tests/test_fsdp.py, tests/test_deepspeed.py."""
     module = f"lightrft_lightning.strategies.{strategy}"
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not in this checkout yet")
@@ -183,5 +183,5 @@ def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, r
     assert len(ranks) == len(one) == grpo_strategies.STEPS
     for got, ref in zip(ranks, one):
         for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac"):
-            assert got[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), key
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
     assert one[0]["loss/policy"] != 0 and one[0]["actor/grad_norm"] > 0

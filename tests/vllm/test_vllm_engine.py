@@ -208,9 +208,15 @@ def test_a_lora_actor_reaches_the_engine_merged(engine, model_dir):
     merged = copy.deepcopy(actor)
     for _, layer in lora_layers(merged):
         layer.merge()
-    push_weights(actor, engine, bucket_bytes=20_000)
+    def push(model: torch.nn.Module) -> None:
+        engine.sleep()
+        engine.wake_up(["weights"])
+        push_weights(model, engine, bucket_bytes=20_000)
+        engine.wake_up(["kv_cache"])
+
+    push(actor)
     count, got = matched(engine, merged)
     print(f"FIGURE lora_greedy_equal {count} of {len(PROMPTS)}")
     assert count == len(PROMPTS)
-    push_weights(load_actor(model_dir), engine, bucket_bytes=20_000)  # the base again
+    push(load_actor(model_dir))  # the base again
     assert matched(engine, load_actor(model_dir))[1] != got  # the adapters changed what it generates

@@ -39,14 +39,16 @@ def test_one_tensor_parallel_engine_over_two_ranks(model_dir):
     assert max(r["max_diff"] for r in ranks) < 1e-4
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_grpo_steps_on_the_real_model_with_vllm(lora):
-    args = [sys.executable, str(SCRIPTS / "vllm_grpo_real.py"), "2", *(["lora"] if lora else [])]
+def test_lora_grpo_steps_on_the_real_model_with_vllm():
+    """LoRA on the real model: each push sends the merged weights with the tied embedding and every
+    other parameter as they are (the path a full fine-tune's push takes too, which
+    test_cpu_example_yaml_on_two_fsdp_ranks runs on the real model)."""
+    args = [sys.executable, str(SCRIPTS / "vllm_grpo_real.py"), "2", "lora"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=500, env=script_env({"OMP_NUM_THREADS": "2"}),
                           cwd=ROOT)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     result = script_result(proc)
-    print(f"FIGURE smollm2 GRPO (lora={lora}): greedy prompts matched {result['prompts_matched']}/{result['prompts']}, "
+    print(f"FIGURE smollm2 LoRA GRPO: greedy prompts matched {result['prompts_matched']}/{result['prompts']}, "
           f"max logprob diff {result['max_logprob_diff']:.3g}, rewards {result['rewards']}")
     assert result["steps"] == 2 and result["prompts_matched"] == result["prompts"] == 3
     assert result["engine_dtype"] == "torch.float32" and result["max_logprob_diff"] < 1e-3
