@@ -5,7 +5,7 @@ extra memory a sync needs is about one bucket plus the largest parameter instead
 dict. Sharded parameters are gathered only when their bucket is reached: FSDP2
 ``DTensor`` with ``full_tensor()``, DeepSpeed ZeRO-3 parameters with
 ``deepspeed.zero.GatheredParameters``; plain parameters are used as they are. A LoRA layer's base
-weight and adapters share a bucket; with ``merged=True`` they leave it as one merged weight under
+weight and adapters share a bucket, and :func:`push_weights` sends them as one merged weight under
 the base model's name (the trained model itself is never merged).
 """
 
@@ -124,17 +124,14 @@ def _gathered(bucket: list[tuple[str, nn.Parameter]], dtype: Optional[torch.dtyp
         yield out if scalings is None else merge_lora(out, scalings, dtype)
 
 
-def iter_weight_buckets(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None,
-                        merged: bool = False) -> Iterator[Bucket]:
-    """Yield ``model``'s full weights as lists of ``(hf_name, tensor)``, gathered bucket by bucket;
-    with ``merged``, LoRA layers as their merged weights (the base model's names and shapes).
+def iter_weight_buckets(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Yield ``model``'s full weights as lists of ``(hf_name, tensor)``, gathered bucket by bucket.
 
     Every rank of a sharded model must iterate to the end (the gathers are collectives). A tensor
     may alias the live parameter or a gathered buffer: it is valid until the next bucket is asked for.
     """
-    scalings = lora_scalings(model, hf_name) if merged else None
     for bucket in plan_buckets(model, bucket_bytes, dtype):
-        with _gathered(bucket, dtype, bucket_bytes, scalings or None) as tensors:
+        with _gathered(bucket, dtype, bucket_bytes) as tensors:
             yield tensors
 
 
@@ -142,7 +139,7 @@ def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Option
     """Stream ``model``'s weights into ``engine`` (``None`` on ranks that hold no engine) and return
     the bytes streamed. Every rank must call it, with the same ``dtype`` (``None``: as stored), since
     the buckets, and so the gathers, must match across ranks; the engine casts to its own dtype.
-    LoRA layers arrive merged (see :func:`iter_weight_buckets`)."""
+    LoRA layers arrive merged: ``W + (B @ A) * alpha / r`` under the base weight's name."""
     buckets = plan_buckets(model, bucket_bytes, dtype)
     scalings = lora_scalings(model, hf_name) or None
     moved = 0
