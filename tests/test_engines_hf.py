@@ -38,6 +38,19 @@ def test_n_samples_grouped_by_prompt_and_distinct(actor):
     assert len({tuple(c.token_ids) for c in out[:4]}) > 1  # the samples of one prompt differ
 
 
+def test_each_prompt_is_prefilled_once_for_its_samples(actor):
+    engine = engine_for(actor)
+    rows: list[tuple[int, ...]] = []
+    hook = engine.model.model.embed_tokens.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
+    greedy = engine.generate(PROMPTS, SamplingParams(n=3, temperature=0, max_new_tokens=5, stop_at_eos=False))
+    hook.remove()
+    assert rows == [(3, 4)] + [(9, 1)] * 4  # 3 prompts (left-padded to 4) once, then 9 samples per token
+    alone = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=5, stop_at_eos=False))
+    for i, c in enumerate(greedy):  # each sample continues its own prompt's cache
+        assert c.prompt_index == i // 3 and c.token_ids == alone[i // 3].token_ids
+        assert max(abs(x - y) for x, y in zip(c.logprobs, alone[i // 3].logprobs)) < 1e-5
+
+
 def test_left_padding_gives_the_tokens_and_logprobs_of_unpadded_generation(actor):
     engine = engine_for(actor)
     greedy = SamplingParams(temperature=0, max_new_tokens=8, stop_at_eos=False)

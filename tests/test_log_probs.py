@@ -28,3 +28,61 @@ def test_log_probs_from_the_first_response_position_equal_the_full_computation()
     torch.testing.assert_close(part[:, 5:], full[:, 5:], rtol=0, atol=1e-6)
     torch.testing.assert_close(part_ent[:, 5:], full_ent[:, 5:], rtol=0, atol=1e-6)
     assert (part[:, :5] == 0).all() and (part_ent[:, :5] == 0).all()
+
+
+def _group_rollout(prompt_lengths: list[int], response_lengths: list[list[int]], vocab: int = 16, seed: int = 0):
+    """Right-padded prompt+response rows, each prompt's samples next to each other, and their response mask."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for p, lengths in zip(prompt_lengths, response_lengths):
+        prompt = torch.randint(0, vocab, (p,), generator=gen)
+        rows += [(p, torch.cat([prompt, torch.randint(0, vocab, (n,), generator=gen)])) for n in lengths]
+    width = max(len(r) for _, r in rows)
+    ids, attn, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width), torch.zeros(len(rows), width - 1)
+    for i, (p, r) in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)], mask[i, p - 1:len(r) - 1] = r, 1, 1
+    return ids, attn.long(), mask
+
+
+def _forward_rows(model) -> tuple[list[tuple[int, ...]], object]:
+    shapes: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes, hook
+
+
+def test_the_samples_of_a_prompt_run_as_one_packed_row_with_the_same_log_probs_and_gradients():
+    module = GRPO(tokenizer_chars="0123456789", temperature=0.7)
+    model = tiny_causal_lm(seed=0, vocab_size=16, tie_word_embeddings=True).eval()
+    ids, attn, mask = _group_rollout([9, 12], [[3, 7, 1, 5], [6, 2, 4, 8]])
+    mask[5] = 0  # a sample left out of the loss (dynamic sampling): not forwarded at all
+    shapes, hook = _forward_rows(model)
+    packed, packed_ent = module.log_probs(model, ids, attn, entropy=True, action_mask=mask)
+    (packed * mask).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, full_ent = module.log_probs(model, ids, attn, entropy=True)
+    (full * mask).sum().backward()
+    hook.remove()
+    # two rows: prompt 9 + 16 response tokens, prompt 12 + 6 + 4 + 8 (the masked sample's 2 left out)
+    assert shapes == [(2, 30), (8, 20)]
+    on = mask.bool()
+    torch.testing.assert_close(packed[on], full[on], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed_ent[on], full_ent[on], rtol=0, atol=1e-5)
+    assert (packed[~on] == 0).all() and (packed_ent[~on] == 0).all()
+    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_packing_is_skipped_when_it_would_cost_more_than_it_saves():
+    module = GRPO(tokenizer_chars="0123456789")
+    model = tiny_causal_lm(seed=0, vocab_size=16, hidden_size=32, intermediate_size=64).eval()
+    # a 2-token prompt and long responses: one packed row's attention over 4 x 60 tokens costs more
+    # than the 6 prompt tokens it saves
+    ids, attn, mask = _group_rollout([2], [[60, 60, 60, 60]])
+    shapes, hook = _forward_rows(model)
+    with torch.no_grad():
+        logp, _ = module.log_probs(model, ids, attn, action_mask=mask)
+        full, _ = module.log_probs(model, ids, attn)
+    hook.remove()
+    assert shapes == [(4, 62), (4, 62)]
+    torch.testing.assert_close(logp[mask.bool()], full[mask.bool()], rtol=0, atol=1e-6)

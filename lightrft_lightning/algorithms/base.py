@@ -22,6 +22,7 @@ from lightrft_lightning.algorithms.advantages import (KL_ESTIMATORS, RunningMome
                                                      check_group_size, kl_penalty, normalize_and_clip,
                                                      overlong_penalty, tied_groups)
 from lightrft_lightning.algorithms.losses import LOSS_AGGS, policy_loss
+from lightrft_lightning.algorithms.packing import SharedPromptBatch, pack_shared_prompts
 from lightrft_lightning.algorithms.rewards import CombinedReward
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
@@ -558,23 +559,49 @@ class RLModule(pl.LightningModule):
     def log_probs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, entropy: bool = False,
                   action_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
-        and the entropy of each next-token distribution when asked. With ``action_mask``, the LM head
-        runs only from the first response position on (``logits_to_keep``: prompts hold most tokens,
-        and the vocabulary projection is a large share of the forward); earlier positions are 0."""
-        start = _first_action(action_mask) if action_mask is not None and _takes_logits_to_keep(model) else 0
+        and the entropy of each next-token distribution when asked. With ``action_mask`` (Hugging Face
+        causal LMs), positions it leaves out are 0 and the forward does less: the samples of a prompt
+        run as one packed sequence when that saves compute (the prompt forwarded once; see
+        :mod:`~lightrft_lightning.algorithms.packing`), and the LM head runs only from the first response
+        position on (``logits_to_keep``: prompts hold most tokens, and the vocabulary projection is a
+        large share of the forward)."""
+        inner = _causal_lm(model) if action_mask is not None else None
+        config = getattr(inner, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            packed = pack_shared_prompts(input_ids, action_mask, config)
+            if packed is not None:
+                return self._packed_log_probs(model, packed, input_ids.shape, entropy)
+        start = _first_action(action_mask) if inner is not None else 0
         keep = {"logits_to_keep": input_ids.shape[1] - start} if 0 < start < input_ids.shape[1] - 1 else {}
         start = start if keep else 0
         # no KV cache: nothing decodes from it (and checkpointed layers would refuse it)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits[:, :-1]
+        logp, ent = self._token_log_probs(logits, input_ids[:, start + 1:], entropy)
+        if start:
+            logp = nn.functional.pad(logp, (start, 0))
+            ent = nn.functional.pad(ent, (start, 0)) if ent is not None else None
+        return logp, ent
+
+    def _packed_log_probs(self, model: nn.Module, packed: SharedPromptBatch, shape: torch.Size,
+                          entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+        start = packed.first_prediction
+        width = packed.input_ids.shape[1]
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       attention_mask=packed.attention_mask, use_cache=False, logits_to_keep=width - start).logits
+        logp, ent = self._token_log_probs(logits[packed.group, packed.position - start], packed.target, entropy)
+        index = (packed.row, packed.column)
+        logp = logp.new_zeros(shape[0], shape[1] - 1).index_put(index, logp)
+        ent = ent.new_zeros(shape[0], shape[1] - 1).index_put(index, ent) if ent is not None else None
+        return logp, ent
+
+    def _token_log_probs(self, logits: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """The log-prob of each target under ``logits`` at the sampling temperature, and the entropy."""
         logits = logits.float()
         if self.hparams.temperature > 0 and self.hparams.temperature != 1.0:
             logits = logits / self.hparams.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, input_ids[:, start + 1:, None]).squeeze(-1)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
-        if start:
-            logp = nn.functional.pad(logp, (start, 0))
-            ent = nn.functional.pad(ent, (start, 0)) if ent is not None else None
         return logp, ent
 
     @torch.no_grad()
@@ -756,9 +783,9 @@ def _first_action(action_mask: Tensor) -> int:
     return int(used[0]) if len(used) else action_mask.shape[1]
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether ``model``'s forward (a DeepSpeed engine's: its module's) accepts ``logits_to_keep``, as
-    Hugging Face causal LMs do."""
+def _causal_lm(model: nn.Module) -> Optional[nn.Module]:
+    """``model`` (a DeepSpeed engine's: its module) when its forward takes ``logits_to_keep``, as Hugging
+    Face causal LMs do; else None."""
     inner = getattr(model, "module", None)
     target = inner if isinstance(inner, nn.Module) else model
-    return "logits_to_keep" in inspect.signature(target.forward).parameters
+    return target if "logits_to_keep" in inspect.signature(target.forward).parameters else None

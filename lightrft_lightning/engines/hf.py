@@ -16,7 +16,8 @@ EosIds = Union[int, list[int], None]
 
 
 class HFEngine(LifecycleEngine):
-    """Batched generation with a KV cache and left padding from its own copy of a causal LM.
+    """Batched generation with a KV cache and left padding from its own copy of a causal LM. Each
+    prompt is prefilled once and its cache repeated for its ``n`` samples.
 
     ``sleep(1)`` moves the weights to CPU memory (nothing moves when the engine already runs on
     CPU), ``sleep(2)`` drops them: a complete :meth:`update_weights` is then needed before the next
@@ -137,11 +138,10 @@ class HFEngine(LifecycleEngine):
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         from transformers import DynamicCache
 
-        rows = [p for p in prompts for _ in range(params.n)]
-        batch, width = len(rows), max(map(len, rows))
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        batch, width = len(prompts) * params.n, max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, row in enumerate(prompts):
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -151,12 +151,16 @@ class HFEngine(LifecycleEngine):
             generator = torch.Generator(self.device).manual_seed(params.seed)
         eos = torch.tensor(self.eos_token_ids if params.stop_at_eos else [], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.model.config)
+        logits = self._next_logits(ids, mask, positions, cache)
+        if params.n > 1:  # the samples of a prompt continue from its one prefill
+            cache.batch_repeat_interleave(params.n)
+            logits, mask, positions = (t.repeat_interleave(params.n, dim=0) for t in (logits, mask, positions))
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long, device=self.device)
         tokens, logprobs = [], []
         for step in range(params.max_new_tokens):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                **{self._cache_kw: cache}, logits_to_keep=1).logits[:, -1, :].float()
+            if step:
+                logits = self._next_logits(ids, mask, positions, cache)
             logp = torch.log_softmax(logits, dim=-1)
             token = _sample(logits, logp, params, generator)
             logprobs.append(logp.gather(-1, token[:, None])[:, 0])
@@ -176,6 +180,11 @@ class HFEngine(LifecycleEngine):
                        logprobs=token_logprobs[i][: lengths[i]], finish_reason="eos" if stops[i] else "length")
             for i in range(batch)
         ]
+
+    def _next_logits(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The fp32 logits after the last position of ``ids``, extending ``cache``."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._cache_kw: cache}, logits_to_keep=1).logits[:, -1, :].float()
 
 
 def _sample(logits: torch.Tensor, logp: torch.Tensor, params: SamplingParams,

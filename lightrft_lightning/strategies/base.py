@@ -341,7 +341,11 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             yield
 
     def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if "fused" not in kwargs and "foreach" not in kwargs:
+            # one kernel per tensor instead of a dozen passes over all of them: ~5x faster on CPU
+            kwargs["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, **kwargs)
 
     def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
         """Backend hook: shard or wrap ``model``; return it with its (possibly rebuilt) optimizer."""
