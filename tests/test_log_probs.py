@@ -86,3 +86,16 @@ def test_packing_is_skipped_when_it_would_cost_more_than_it_saves():
     hook.remove()
     assert shapes == [(4, 62), (4, 62)]
     torch.testing.assert_close(logp[mask.bool()], full[mask.bool()], rtol=0, atol=1e-6)
+
+
+def test_a_config_without_sizes_or_a_split_response_is_not_packed():
+    from types import SimpleNamespace
+
+    from lightrft_lightning.algorithms.packing import pack_shared_prompts
+
+    ids, _, mask = _group_rollout([5], [[4, 4]])
+    config = SimpleNamespace(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    assert pack_shared_prompts(ids, mask, config).input_ids.shape == (1, 13)
+    assert pack_shared_prompts(ids, mask, SimpleNamespace()) is None  # nothing to estimate the cost from
+    mask[0, 5] = 0  # a response with a hole: not one span
+    assert pack_shared_prompts(ids, mask, config) is None

@@ -40,8 +40,9 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
     prediction of token ``j + 1`` as a response token) that share a prompt with their neighbours.
 
     None when packing would not save compute under ``config`` (a Hugging Face model config: the
-    attention a group's row adds against the prompt tokens it saves), when no row has a response
-    token, or when a row's response is not one contiguous span.
+    attention a group's row adds against the prompt tokens it saves; a config without ``hidden_size``
+    and ``num_attention_heads`` never packs), when no row has a response token, or when a row's
+    response is not one contiguous span.
     """
     mask = action_mask.detach().bool().cpu()
     ids = input_ids.detach().cpu()
@@ -62,7 +63,8 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
         return None
     row_lengths = [prompt + sum(lengths[i] for i in rows) for prompt, rows in groups]
     width = max(row_lengths)
-    if _cost(len(groups), width, config) >= _cost(ids.shape[0], ids.shape[1], config):
+    packed_cost, padded_cost = _cost(len(groups), width, config), _cost(ids.shape[0], ids.shape[1], config)
+    if packed_cost is None or packed_cost >= padded_cost:
         return None
     packed = torch.zeros((len(groups), width), dtype=ids.dtype)
     positions = torch.zeros_like(packed)
@@ -91,11 +93,14 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
                              as_tensor(position), torch.cat(target).to(device), as_tensor(row), as_tensor(column))
 
 
-def _cost(rows: int, width: int, config: Any) -> float:
+def _cost(rows: int, width: int, config: Any) -> Optional[float]:
     """Multiply-adds of a decoder forward over ``rows`` x ``width`` tokens, up to a common factor: the
-    projections per token and the attention per (query, key) pair, from a Llama-style config."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
+    projections per token and the attention per (query, key) pair, from a Llama-style config (None
+    when it has no sizes to estimate from)."""
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not hidden or not heads:
+        return None
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     mlp = getattr(config, "intermediate_size", None) or 4 * hidden
