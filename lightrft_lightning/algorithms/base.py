@@ -560,8 +560,9 @@ class RLModule(pl.LightningModule):
                   action_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
         and the entropy of each next-token distribution when asked. With ``action_mask`` (Hugging Face
-        causal LMs), positions it leaves out are 0 and the forward does less: the samples of a prompt
-        run as one packed sequence when that saves compute (the prompt forwarded once; see
+        causal LMs) the forward does less, and only the positions it marks are meaningful (those before
+        the first response are 0): the samples of a prompt run as one packed sequence when that saves
+        compute (the prompt forwarded once, every unmarked position 0; see
         :mod:`~lightrft_lightning.algorithms.packing`), and the LM head runs only from the first response
         position on (``logits_to_keep``: prompts hold most tokens, and the vocabulary projection is a
         large share of the forward)."""
