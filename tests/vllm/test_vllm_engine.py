@@ -59,6 +59,14 @@ def matched(engine: VLLMEngine, actor: torch.nn.Module) -> tuple[int, list[list[
     return sum(got[2 * i] == ref[i] and got[2 * i + 1] == ref[i] for i in range(len(PROMPTS))), got
 
 
+def push_awake(engine: VLLMEngine, model: torch.nn.Module, bucket_bytes: int) -> None:
+    """A rollout callback's cycle around a push: sleep, wake the weights, push, wake the KV cache."""
+    engine.sleep()
+    engine.wake_up(["weights"])
+    push_weights(model, engine, bucket_bytes=bucket_bytes)
+    engine.wake_up(["kv_cache"])
+
+
 def test_platform_and_lifecycle(engine, model_dir):
     assert not engine.sleep_mode  # CPU: vLLM has no sleep mode; the adapter did not ask for it
     assert engine.weights_survive_sleep and engine.dtype == torch.float32
@@ -87,11 +95,8 @@ def test_greedy_equals_the_actor_after_every_push(engine, model_dir, bucket_byte
     rollouts, counts = [], []
     for step in range(3):
         train_step(actor, opt, seed=step)
-        engine.sleep()
-        engine.wake_up(["weights"])
         reloads = engine.reloads
-        push_weights(actor, engine, bucket_bytes=bucket_bytes)
-        engine.wake_up(["kv_cache"])
+        push_awake(engine, actor, bucket_bytes)
         count, got = matched(engine, actor)
         counts.append(count)
         rollouts.append(got)
@@ -208,15 +213,9 @@ def test_a_lora_actor_reaches_the_engine_merged(engine, model_dir):
     merged = copy.deepcopy(actor)
     for _, layer in lora_layers(merged):
         layer.merge()
-    def push(model: torch.nn.Module) -> None:
-        engine.sleep()
-        engine.wake_up(["weights"])
-        push_weights(model, engine, bucket_bytes=20_000)
-        engine.wake_up(["kv_cache"])
-
-    push(actor)
+    push_awake(engine, actor, 20_000)
     count, got = matched(engine, merged)
     print(f"FIGURE lora_greedy_equal {count} of {len(PROMPTS)}")
     assert count == len(PROMPTS)
-    push(load_actor(model_dir))  # the base again
+    push_awake(engine, load_actor(model_dir), 20_000)  # the base again
     assert matched(engine, load_actor(model_dir))[1] != got  # the adapters changed what it generates
