@@ -8,7 +8,9 @@ rollout. Each framework runs in its own subprocess (one after the other) so that
 is its own. Printed: steps/s after the first (warm-up) step, the reward of every step, our per-phase
 seconds (generate, score, train, weight sync), peak memory, and our training phase against this CPU's
 FLOP limit: FLOPs from the step's token counts (forward+backward = 6 x trained tokens x parameters)
-over the fastest matmul rate measured by this script (fp32 and bf16, the same threads). Then the tiny
+over the fastest matmul rate measured by this script (fp32 and bf16, the same threads), for the
+step's tokens and for the token positions our training forwards ran (the groups whose rewards all tie
+have advantage 0 and no gradient: ours does not forward them; TRL does). Then the tiny
 random-init model (``bench_grpo_vs_trl.py``'s setting) so both regimes stay visible.
 
 Each at its best setting on this CPU: fp32 (no bf16 instructions: bf16 matmuls are ~100x slower),
@@ -60,6 +62,7 @@ def matmul_tflops(dtype_name: str, size: int = 1024, seconds: float = 1.0) -> fl
 
 def ours(args) -> dict:
     import lightning.pytorch as pl
+    import torch
     from lightning.pytorch.callbacks import Callback
 
     from lightrft_lightning import LightRFTFake
@@ -72,15 +75,24 @@ def ours(args) -> dict:
             self.ends: list[float] = []
             self.steps: list[dict[str, float]] = []
 
+            self.forwarded = 0  # token positions of this step's training forwards (padding included)
+
         def on_train_start(self, trainer, pl_module) -> None:
+            pl_module.actor.register_forward_pre_hook(self.count, with_kwargs=True)
             self.ends.append(time.perf_counter())
+
+        def count(self, module, args, kwargs) -> None:
+            if torch.is_grad_enabled():
+                self.forwarded += kwargs["input_ids"].numel()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.ends.append(time.perf_counter())
             m = trainer.callback_metrics
             self.steps.append({"reward": float(m["reward"]), "generate": float(m["rollout/generate_s"]),
                                "sync": float(m["rollout/sync_s"]), "score": float(m["time/score"]),
-                               "train": float(m["time/train"]), "response_length": float(m["response_length"])})
+                               "train": float(m["time/train"]), "response_length": float(m["response_length"]),
+                               "all_tied": float(m["groups/all_tied"]), "forwarded": self.forwarded})
+            self.forwarded = 0
 
     pl.seed_everything(args.seed, verbose=False)
     model = GRPO(model=MODEL, apply_chat_template=True, rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0},
@@ -211,16 +223,22 @@ def main() -> None:
     print("\nour step, mean seconds per phase over steps 2..: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
           + f" (step {sum(o['step_s'][1:]) / len(o['step_s'][1:]):.2f})")
     response = sum(s["response_length"] for s in timed) / len(timed)
-    # our training forward runs each prompt once for its group (shared-prompt packing)
-    seq_tokens = (o["prompt_tokens"] + response * args.n) * args.prompts
+    tied = sum(s["all_tied"] for s in timed) / len(timed)
+    forwarded = sum(s["forwarded"] for s in timed) / len(timed)
+    # every sample of the step with each prompt once per group (shared-prompt packing), and with a prompt
+    # per sample (what TRL forwards); ours skips the groups whose rewards all tie (advantage 0: no gradient)
+    step_tokens = (o["prompt_tokens"] + response * args.n) * args.prompts
     unshared = (o["prompt_tokens"] + response) * args.prompts * args.n
-    flops = 6 * o["params"] * seq_tokens  # forward + backward of every trained token
     best = max(o["matmul_tflops"].values())
-    limit = flops / (best * 1e12)
     rates = ", ".join(f"{k} {v:.3f}" for k, v in o["matmul_tflops"].items())
-    print(f"training phase: {flops / 1e12:.2f} TFLOP ({seq_tokens:.0f} tokens forwarded: each prompt once per group; "
-          f"{unshared:.0f} with a prompt per sample); matmul TFLOP/s measured: {rates}; limit {limit:.2f} s at the "
-          f"fastest; ours {phases['train']:.2f} s = **{phases['train'] / limit:.1f}x** the limit")
+    print(f"training phase ({tied:.0%} of groups tied, not forwarded): ours {phases['train']:.2f} s; matmul TFLOP/s "
+          f"measured: {rates}; FLOPs = 6 x parameters x tokens, at the fastest rate:")
+    for what, tokens in (("the step's tokens, each prompt once per group", step_tokens),
+                         ("the step's tokens, a prompt per sample", unshared),
+                         ("the token positions our training forwards ran", forwarded)):
+        limit = 6 * o["params"] * tokens / (best * 1e12)
+        print(f"- {what}: {tokens:.0f} tokens, {6 * o['params'] * tokens / 1e12:.2f} TFLOP, limit {limit:.2f} s: "
+              f"ours = **{phases['train'] / limit:.2f}x** the limit")
     if not args.no_tiny:
         tiny = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_grpo_vs_trl.py"),
                                "--threads", str(args.threads)], capture_output=True, text=True)

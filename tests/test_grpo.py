@@ -88,6 +88,37 @@ def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant):
         assert all(not p.requires_grad for p in model.ref.parameters())
 
 
+@pytest.mark.parametrize("loss_agg", ["token", "sequence"])
+def test_samples_with_zero_advantage_are_not_forwarded_and_change_nothing(loss_agg, monkeypatch):
+    # a random model rarely counts right: most groups of 4 tie at reward 0, so their advantages are 0
+    def run():
+        pl.seed_everything(0, verbose=False)
+        model = tiny_grpo(n_samples_per_prompt=4, micro_train_batch_size=8, loss_agg=loss_agg)
+        rows: list[int] = []
+        model.actor.register_forward_pre_hook(
+            lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+            with_kwargs=True)
+        grads: dict[str, list[torch.Tensor]] = {}
+        for name, p in model.actor.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: grads.setdefault(name, []).append(p.grad.clone()))
+        _, rec = fit(model, PromptDataModule(prompts=counting_prompts(64), batch_size=8), 1)
+        return rec.metrics[0], rows, grads
+
+    metrics, rows, grads = run()
+    monkeypatch.setattr("lightrft_lightning.algorithms.base._with_advantage", lambda mask, advantages: mask)
+    full_metrics, full_rows, full_grads = run()
+    assert 0 < metrics["groups/all_tied"] < 1
+    assert sum(rows) < sum(full_rows), (rows, full_rows)
+    for key in ("reward", "loss/policy"):
+        assert metrics[key] == pytest.approx(full_metrics[key], rel=1e-5, abs=1e-8), key
+    assert grads.keys() == full_grads.keys()
+    largest = max(float(g.abs().max()) for gs in full_grads.values() for g in gs)
+    assert largest > 0
+    for name in grads:  # micro-batches whose samples all tie still run a backward: every gradient is there
+        for g, full in zip(grads[name], full_grads[name], strict=True):
+            torch.testing.assert_close(g, full, rtol=1e-5, atol=1e-6 * largest, msg=name)
+
+
 def test_sizes_that_do_not_divide_are_refused():
     with pytest.raises(ValueError, match="train_batch_size=20 is not divisible by micro_train_batch_size=8"):
         fit(tiny_grpo(micro_train_batch_size=8, train_batch_size=20), PromptDataModule(prompts=counting_prompts(64),

@@ -99,3 +99,25 @@ def test_a_config_without_sizes_or_a_split_response_is_not_packed():
     assert pack_shared_prompts(ids, mask, SimpleNamespace()) is None  # nothing to estimate the cost from
     mask[0, 5] = 0  # a response with a hole: not one span
     assert pack_shared_prompts(ids, mask, config) is None
+
+
+def test_rows_without_a_response_token_are_not_forwarded():
+    module = GRPO(tokenizer_chars="0123456789")
+    model = tiny_causal_lm(seed=0, vocab_size=16, hidden_size=32, intermediate_size=64).eval()
+    ids, attn, mask = _group_rollout([2], [[60, 60, 50, 60]])  # not packed (as above)
+    mask[1] = 0
+    shapes, hook = _forward_rows(model)
+    logp, ent = module.log_probs(model, ids, attn, entropy=True, action_mask=mask)
+    (logp * mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, full_ent = module.log_probs(model, ids, attn, entropy=True)
+    (full * mask).sum().backward()
+    hook.remove()
+    assert shapes == [(3, 62), (4, 62)]
+    on = mask.bool()
+    torch.testing.assert_close(logp[on], full[on], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent[on], full_ent[on], rtol=0, atol=1e-6)
+    assert (logp[1] == 0).all() and (ent[1] == 0).all()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -532,7 +532,11 @@ class RLModule(pl.LightningModule):
 
     def _policy_terms(self, exp: Experience) -> Iterator[PolicyTerms]:
         """For each micro-batch of each optimization epoch: the actor's log-probs and entropy and the
-        clipped policy loss, aggregated so that accumulated micro-batches add up to the step's loss."""
+        clipped policy loss, aggregated so that accumulated micro-batches add up to the step's loss.
+
+        Without a reference model the loss is the clipped term alone, so samples whose advantage is 0
+        on every token are not forwarded (their log-probs are 0; entropy and clip fraction are over
+        the samples trained): the loss and its gradient are the same."""
         hp = self.hparams
         accumulation = self.trainer.strategy.accumulation_steps
         normalizer = self._token_normalizer(exp) if hp.loss_agg == "token" else None
@@ -543,12 +547,13 @@ class RLModule(pl.LightningModule):
                     agg["num_tokens"] = normalizer[i // accumulation]
                 elif hp.loss_agg == "constant":
                     agg["max_len"] = hp.max_new_tokens
+                mask = mb.action_mask if self.has_reference else _with_advantage(mb.action_mask, mb.advantages)
                 logp, entropy = self.log_probs(self.actor, mb.input_ids, mb.attention_mask, entropy=True,
-                                               action_mask=mb.action_mask)
+                                               action_mask=mask)
                 old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mb.action_mask,
+                loss, clip_frac = policy_loss(logp, old_logp, mb.advantages, mask,
                                               self.clip_low, self.clip_high, hp.loss_agg, **agg)
-                mean_entropy = ((entropy * mb.action_mask).sum() / mb.action_mask.sum().clamp(min=1)).item()
+                mean_entropy = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
                 yield PolicyTerms(mb, agg, logp, loss, clip_frac.item(), mean_entropy)
 
     def _micro_batches(self, exp: Experience, size: Optional[int] = None) -> Iterator[Experience]:
@@ -561,12 +566,19 @@ class RLModule(pl.LightningModule):
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
         and the entropy of each next-token distribution when asked. With ``action_mask`` (Hugging Face
         causal LMs) the forward does less, and only the positions it marks are meaningful (those before
-        the first response are 0): the samples of a prompt run as one packed sequence when that saves
+        the first response are 0): rows it does not mark at all are not forwarded (their log-probs are 0),
+        the samples of a prompt run as one packed sequence when that saves
         compute (the prompt forwarded once, every unmarked position 0; see
         :mod:`~lightrft_lightning.algorithms.packing`), and the LM head runs only from the first response
         position on (``logits_to_keep``: prompts hold most tokens, and the vocabulary projection is a
         large share of the forward)."""
         inner = _causal_lm(model) if action_mask is not None else None
+        rows = action_mask.bool().any(1) if inner is not None else None
+        if rows is not None and bool(rows.any()) and not bool(rows.all()):  # rows without a response: not forwarded
+            logp, ent = self.log_probs(model, input_ids[rows], attention_mask[rows], entropy, action_mask[rows])
+            shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+            logp = logp.new_zeros(shape).index_put((rows,), logp)
+            return logp, ent.new_zeros(shape).index_put((rows,), ent) if ent is not None else None
         config = getattr(inner, "config", None)
         if getattr(config, "_attn_implementation", None) == "sdpa":
             packed = pack_shared_prompts(input_ids, action_mask, config)
@@ -776,6 +788,17 @@ class RLModule(pl.LightningModule):
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     """What a reward function gets besides the prompt and the completion: the row's other fields."""
     return {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+
+
+def _with_advantage(action_mask: Tensor, advantages: Tensor) -> Tensor:
+    """``action_mask`` without the samples whose advantage is 0 on every token, which add exactly 0 to
+    the clipped policy loss and its gradient (a GRPO group whose rewards all tie): their forward is
+    skipped. One sample stays when no other would, so that the micro-batch still has a backward."""
+    trained = ((advantages != 0) & action_mask.bool()).any(1)
+    if not trained.any():
+        trained = action_mask.bool().any(1)
+        trained &= trained.cumsum(0) == 1
+    return action_mask * trained[:, None].to(action_mask.dtype)
 
 
 def _first_action(action_mask: Tensor) -> int:
