@@ -98,6 +98,17 @@ def test_policy_loss_clips_on_both_sides():
     close(frac, 0.5)
 
 
+def test_policy_loss_ignores_the_log_probs_outside_the_mask():
+    # a row left out of the forward has log-probs 0 against its rollout's: no overflow into the loss
+    logp = torch.tensor([[-0.5, 0.0]], requires_grad=True)
+    loss, frac = policy_loss(logp, torch.tensor([[-0.4, -200.0]]), torch.tensor([[1.0, 0.0]]),
+                             torch.tensor([[1.0, 0.0]]), 0.2, 0.2)
+    close(loss, -math.exp(-0.1))
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+    close(frac, 0.0)
+
+
 def test_clip_higher_is_separate_from_clip_lower():
     logp = torch.log(torch.tensor([[1.25]]))
     close(policy_loss(logp, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2, 0.2)[0], -1.2)

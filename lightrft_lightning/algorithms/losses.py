@@ -36,12 +36,13 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     """PPO clipped surrogate with separate lower and upper clip ranges (DAPO's clip-higher).
 
     Returns ``(loss, clip_fraction)``: the fraction of response tokens whose clipped term was chosen.
+    Positions outside ``mask`` take no part, whatever their log-probs (the ratio there is 1).
     """
-    ratio = torch.exp(logp - old_logp)
+    m = mask.to(logp.dtype)
+    ratio = torch.exp((logp - old_logp) * m)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
-    m = mask.to(loss.dtype)
     clip_frac = ((clipped < unclipped).to(loss.dtype) * m).sum() / m.sum().clamp(min=1)
     return aggregate(loss, mask, agg, **agg_kwargs), clip_frac.detach()
 
