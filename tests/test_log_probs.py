@@ -50,27 +50,35 @@ def _forward_rows(model) -> tuple[list[tuple[int, ...]], object]:
     return shapes, hook
 
 
+def _masked_against_full(module, model, ids, attn, mask, zero, atol: float) -> list[tuple[int, ...]]:
+    """``log_probs`` with ``mask`` against the full computation: equal log-probs, entropies and
+    gradients of ``(logp * mask).sum()`` on the masked positions, 0 where ``zero`` marks. Returns the
+    shapes each forward ran."""
+    shapes, hook = _forward_rows(model)
+    logp, ent = module.log_probs(model, ids, attn, entropy=True, action_mask=mask)
+    (logp * mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, full_ent = module.log_probs(model, ids, attn, entropy=True)
+    (full * mask).sum().backward()
+    hook.remove()
+    on = mask.bool()
+    torch.testing.assert_close(logp[on], full[on], rtol=0, atol=atol)
+    torch.testing.assert_close(ent[on], full_ent[on], rtol=0, atol=atol)
+    assert (logp[zero] == 0).all() and (ent[zero] == 0).all()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    return shapes
+
+
 def test_the_samples_of_a_prompt_run_as_one_packed_row_with_the_same_log_probs_and_gradients():
     module = GRPO(tokenizer_chars="0123456789", temperature=0.7)
     model = tiny_causal_lm(seed=0, vocab_size=16, tie_word_embeddings=True).eval()
     ids, attn, mask = _group_rollout([9, 12], [[3, 7, 1, 5], [6, 2, 4, 8]])
     mask[5] = 0  # a sample left out of the loss (dynamic sampling): not forwarded at all
-    shapes, hook = _forward_rows(model)
-    packed, packed_ent = module.log_probs(model, ids, attn, entropy=True, action_mask=mask)
-    (packed * mask).sum().backward()
-    packed_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    full, full_ent = module.log_probs(model, ids, attn, entropy=True)
-    (full * mask).sum().backward()
-    hook.remove()
+    shapes = _masked_against_full(module, model, ids, attn, mask, ~mask.bool(), atol=1e-5)
     # two rows: prompt 9 + 16 response tokens, prompt 12 + 6 + 4 + 8 (the masked sample's 2 left out)
     assert shapes == [(2, 30), (8, 20)]
-    on = mask.bool()
-    torch.testing.assert_close(packed[on], full[on], rtol=0, atol=1e-5)
-    torch.testing.assert_close(packed_ent[on], full_ent[on], rtol=0, atol=1e-5)
-    assert (packed[~on] == 0).all() and (packed_ent[~on] == 0).all()
-    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_packing_is_skipped_when_it_would_cost_more_than_it_saves():
@@ -106,18 +114,4 @@ def test_rows_without_a_response_token_are_not_forwarded():
     model = tiny_causal_lm(seed=0, vocab_size=16, hidden_size=32, intermediate_size=64).eval()
     ids, attn, mask = _group_rollout([2], [[60, 60, 50, 60]])  # not packed (as above)
     mask[1] = 0
-    shapes, hook = _forward_rows(model)
-    logp, ent = module.log_probs(model, ids, attn, entropy=True, action_mask=mask)
-    (logp * mask).sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    full, full_ent = module.log_probs(model, ids, attn, entropy=True)
-    (full * mask).sum().backward()
-    hook.remove()
-    assert shapes == [(3, 62), (4, 62)]
-    on = mask.bool()
-    torch.testing.assert_close(logp[on], full[on], rtol=0, atol=1e-6)
-    torch.testing.assert_close(ent[on], full_ent[on], rtol=0, atol=1e-6)
-    assert (logp[1] == 0).all() and (ent[1] == 0).all()
-    for got, want in zip(grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert _masked_against_full(module, model, ids, attn, mask, 1, atol=1e-6) == [(3, 62), (4, 62)]  # row 1: 0
