@@ -74,7 +74,6 @@ def ours(args) -> dict:
         def __init__(self) -> None:
             self.ends: list[float] = []
             self.steps: list[dict[str, float]] = []
-
             self.forwarded = 0  # token positions of this step's training forwards (padding included)
 
         def on_train_start(self, trainer, pl_module) -> None:
