@@ -566,15 +566,14 @@ class RLModule(pl.LightningModule):
         """Log-probs of each next token under ``model`` (at the sampling temperature), ``[N, L-1]``,
         and the entropy of each next-token distribution when asked. With ``action_mask`` (Hugging Face
         causal LMs) the forward does less, and only the positions it marks are meaningful (those before
-        the first response are 0): rows it does not mark at all are not forwarded (their log-probs are 0),
-        the samples of a prompt run as one packed sequence when that saves
-        compute (the prompt forwarded once, every unmarked position 0; see
-        :mod:`~lightrft_lightning.algorithms.packing`), and the LM head runs only from the first response
-        position on (``logits_to_keep``: prompts hold most tokens, and the vocabulary projection is a
-        large share of the forward)."""
+        the first response are 0): rows it marks nowhere are not forwarded (their log-probs are 0), the
+        samples of a prompt run as one packed sequence when that saves compute (the prompt forwarded
+        once, every unmarked position 0; see :mod:`~lightrft_lightning.algorithms.packing`), and the LM
+        head runs only from the first response position on (``logits_to_keep``: prompts hold most
+        tokens, and the vocabulary projection is a large share of the forward)."""
         inner = _causal_lm(model) if action_mask is not None else None
         rows = action_mask.bool().any(1) if inner is not None else None
-        if rows is not None and bool(rows.any()) and not bool(rows.all()):  # rows without a response: not forwarded
+        if rows is not None and 0 < int(rows.sum()) < len(rows):
             logp, ent = self.log_probs(model, input_ids[rows], attention_mask[rows], entropy, action_mask[rows])
             shape = (input_ids.shape[0], input_ids.shape[1] - 1)
             logp = logp.new_zeros(shape).index_put((rows,), logp)

@@ -41,8 +41,8 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
 
     None when packing would not save compute under ``config`` (a Hugging Face model config: the
     attention a group's row adds against the prompt tokens it saves; a config without ``hidden_size``
-    and ``num_attention_heads`` never packs), when no row has a response token, or when a row's
-    response is not one contiguous span.
+    and ``num_attention_heads`` never packs), or when a row's response is empty or not one contiguous
+    span (``RLModule.log_probs`` leaves rows without a response token out before packing).
     """
     mask = action_mask.detach().bool().cpu()
     ids = input_ids.detach().cpu()
@@ -50,17 +50,13 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
     firsts = mask.int().argmax(1).tolist()
     groups: list[tuple[int, list[int]]] = []  # (prompt length, rows)
     for i, (length, first) in enumerate(zip(lengths, firsts)):
-        if length == 0:
-            continue  # nothing to predict (masked, or an empty response): contributes nothing
-        if not bool(mask[i, first:first + length].all()):
+        if length == 0 or not bool(mask[i, first:first + length].all()):
             return None
         prompt = first + 1
         if groups and groups[-1][0] == prompt and torch.equal(ids[groups[-1][1][0], :prompt], ids[i, :prompt]):
             groups[-1][1].append(i)
         else:
             groups.append((prompt, [i]))
-    if not groups:
-        return None
     row_lengths = [prompt + sum(lengths[i] for i in rows) for prompt, rows in groups]
     width = max(row_lengths)
     packed_cost, padded_cost = _cost(len(groups), width, config), _cost(ids.shape[0], ids.shape[1], config)
