@@ -444,6 +444,9 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self.pre_backward(loss)
         loss = self.precision_plugin.pre_backward(loss, module)
         handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
+        if module.automatic_optimization:
+            # Lightning's closure already divided the loss by accumulate_grad_batches: not again
+            kwargs.setdefault("scale_wrt_gas", False)
         handle.engine.backward(loss, *args[1:], **kwargs)
         loss = self.precision_plugin.post_backward(loss, module)
         self.post_backward(loss)
