@@ -94,6 +94,14 @@ def test_bad_value_from_args_is_reported():
         StrategyConfig.from_args(argparse.Namespace(zero_stage=5))
 
 
+@pytest.mark.parametrize("value", ["no", "banana", "yes", 1])
+@pytest.mark.parametrize("wrap", [argparse.Namespace, dict], ids=["namespace", "dict"])
+def test_a_flag_from_args_must_be_a_bool(wrap, value):
+    # a string is never read as a flag: "no" would otherwise be truthy
+    with pytest.raises(TypeError, match=r"StrategyConfig.bf16 must be bool, got"):
+        StrategyConfig.from_args(wrap(bf16=value))
+
+
 def test_accumulation_steps_uses_world_size():
     config = StrategyConfig(train_batch_size=32, micro_train_batch_size=4)
     assert config.accumulation_steps(1) == 8

@@ -675,18 +675,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                 self._state(handle.module).load_counters(counters[name])
         return extra
 
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        names = {
-            "lightrft_deepspeed": ({}, "LightRFT DeepSpeed (ZeRO stage from the config), several engines, CPU and CUDA"),
-            "lightrft_deepspeed_stage_1": ({"stage": 1}, "LightRFT DeepSpeed ZeRO-1"),
-            "lightrft_deepspeed_stage_2": ({"stage": 2}, "LightRFT DeepSpeed ZeRO-2"),
-            "lightrft_deepspeed_stage_3": ({"stage": 3}, "LightRFT DeepSpeed ZeRO-3"),
-        }
-        for name, (init, description) in names.items():
-            if name not in strategy_registry:
-                strategy_registry.register(name, cls, description=description, **init)
-
     def _training_handles(self) -> list[tuple[str, DeepSpeedModel]]:
         return [(name, handle) for name, handle in self._handles if handle.is_training_engine]
 
@@ -800,6 +788,9 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         buffers = {k: v for k, v in state.items() if k not in params}
         if buffers:
             module.load_state_dict(buffers, strict=False)
+
+
+DeepspeedStrategy = LightRFTDeepSpeed  # LightRFT's name
 
 
 def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir: str, tag: Optional[str] = None) -> None:

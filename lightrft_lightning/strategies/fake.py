@@ -60,10 +60,5 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
     def _prepare_model(self, model: Any, optimizer: Any, train: bool) -> tuple[Any, Any]:
         return model.to(self.root_device), optimizer
 
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(cls.strategy_name, cls, description="LightRFT API in one process")
-
 
 FakeStrategy = LightRFTFake

@@ -370,10 +370,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
             if id(module) in self._train_states:
                 yield name, self._train_states[id(module)]
 
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(cls.strategy_name, cls, description="LightRFT API on FSDP2 (CPU and GPU)")
+
+FSDPV2Strategy = LightRFTFSDP  # LightRFT's name
 
 
 @contextmanager
@@ -383,4 +381,3 @@ def _without_gradient_sync(model: FSDPModule) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
