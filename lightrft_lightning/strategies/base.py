@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,19 +39,20 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from lightning.fabric.utilities.seed import seed_everything
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group  # noqa: F401  (process_group: clean exit)
 from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.parallel.meta_init import parameters_on_meta
 from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
     LightRFTCompatMixin,
     ResumableDistributedSampler,
     SequenceParallelIdentity,
-    _parameters_on_meta,
     is_actor,
     is_engine,
     lightrft_scheduler,
-    materialize_meta,
 )
 from lightrft_lightning.strategies.lightrft_engines import (  # noqa: F401  (re-exported: importable from here)
     GenerationOutput,
@@ -85,11 +85,6 @@ class TrainState:
         for key in ("micro_steps", "steps", "skipped_steps"):
             if key in counters:
                 setattr(self, key, counters[key])
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer behind a Lightning ``LightningOptimizer`` (or the optimizer itself)."""
-    return getattr(optimizer, "_optimizer", optimizer)
 
 
 # LightRFT's constructor arguments, which are StrategyConfig fields here
@@ -169,7 +164,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
     def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
         """Seed every RNG and, when launched with several processes, join the process group and build
         the engine groups. ``num_gpu_per_node`` (LightRFT's) is not needed: ``LOCAL_RANK`` gives the device."""
-        seed_everything(self.config.seed)
+        seed_everything(self.config.seed, verbose=False)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             timeout = timeout or timedelta(minutes=self.config.dist_timeout_minutes)
@@ -184,7 +179,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def set_seed(self, seed: int) -> None:
         """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""
-        seed_everything(seed)
+        seed_everything(seed, verbose=False)
 
     def sync_and_clear_cache(self) -> None:
         """Wait for the device, meet every rank, and return cached accelerator memory to the driver."""
@@ -331,13 +326,13 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         ``empty_init=True``, on every backend: parameters are created on the meta device (no memory;
         buffers stay real) and ``setup`` materializes them with the weights the same construction gives
         without it (replayed on the RNG stream it had, so the same seed gives the same weights on every
-        rank; see ``materialize_meta``), before moving, sharding or partitioning them. Otherwise
+        rank; see ``parallel.meta_init.materialize_meta``), before moving, sharding or partitioning them. Otherwise
         Lightning's context of the backend."""
         if not empty_init:
             with super().tensor_init_context(empty_init=empty_init):  # type: ignore[misc]
                 yield
             return
-        with _parameters_on_meta(), self.precision_plugin.tensor_init_context():  # type: ignore[attr-defined]
+        with parameters_on_meta(), self.precision_plugin.tensor_init_context():  # type: ignore[attr-defined]
             yield
 
     def _build_optimizer(self, model: nn.Module, **kwargs: Any) -> Optimizer:
@@ -508,7 +503,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         ``model`` and its optimizer and scheduler. Returns ``(path, client_state)``. LightRFT's FSDP call
         shape ``load_ckpt(model, dir, optimizer, scheduler)`` and its ``optimizer=`` / ``scheduler=``
         keywords work too (they must name the model's own, or give it one)."""
-        tag, load_module_strict = _lightrft_fsdp_load_args(tag, load_module_strict, kwargs)
+        tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
         self._bind_ckpt_objects(model, kwargs)
         state = self._state(model)
         optimizer = None if (load_module_only or not load_optimizer_states) else state.optimizer
@@ -718,19 +713,7 @@ def enable_gradient_checkpointing(model: nn.Module, checkpoint_kwargs: Optional[
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover - numpy ships with torch's deps
-        pass
-    torch.manual_seed(seed)
-
-
-def _lightrft_fsdp_load_args(tag: Any, strict: Any, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+def lightrft_load_args(tag: Any, strict: Any, kwargs: dict[str, Any]) -> tuple[Any, bool]:
     """LightRFT's FSDP ``load_ckpt(model, dir, optimizer, scheduler, ...)``: an optimizer in the ``tag``
     slot (and a scheduler in the next) become ``optimizer=`` / ``scheduler=``."""
     if hasattr(tag, "param_groups"):

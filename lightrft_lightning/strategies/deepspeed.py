@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.seed import reset_seed, seed_everything
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
@@ -42,7 +42,8 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.lora import has_lora
-from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, seed_everything, unwrap_optimizer
+from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, lightrft_load_args
 from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     # ------------------------------------------------------------------ DeepSpeed config
     def _precision(self) -> str:
         configured = "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
-        if self._lightning_module is None:
+        if self.lightning_module is None:
             return configured
         flag = str(self.precision_plugin.precision)  # under a Trainer its precision decides
         precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
@@ -190,8 +191,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
     @property
     def accumulation_steps(self) -> int:
-        if self._follow_trainer and self._lightning_module is not None:
-            return self._lightning_module.trainer.accumulate_grad_batches
+        if self._follow_trainer and self.lightning_module is not None:
+            return self.lightning_module.trainer.accumulate_grad_batches
         return super().accumulation_steps
 
     def ds_config(self, train: bool = True) -> dict[str, Any]:
@@ -274,7 +275,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             self._init_deepspeed_distributed()
             self._create_engine_groups()
             return
-        seed_everything(self.config.seed)
+        seed_everything(self.config.seed, verbose=False)
         self._init_process_group(timeout)
         if self._engine_mp_group is None:
             self._create_engine_groups()
@@ -601,9 +602,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     ) -> tuple[str, dict]:
         """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
         engine. Returns ``(path, client_state)``."""
-        from lightrft_lightning.strategies.base import _lightrft_fsdp_load_args
-
-        tag, load_module_strict = _lightrft_fsdp_load_args(tag, load_module_strict, kwargs)
+        tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
         self._bind_engine_ckpt_objects(model, kwargs)
         if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")

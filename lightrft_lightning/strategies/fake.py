@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, seed_everything
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
 
 
 class LightRFTFake(StrategyBase, SingleDeviceStrategy):
@@ -55,7 +56,7 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
 
     def setup_distributed(self, timeout: Any = None, num_gpu_per_node: Optional[int] = None) -> None:
         """Seed every RNG; a fake strategy joins no process group (its engine groups are None)."""
-        seed_everything(self.config.seed)
+        seed_everything(self.config.seed, verbose=False)
 
     def _prepare_model(self, model: Any, optimizer: Any, train: bool) -> tuple[Any, Any]:
         return model.to(self.root_device), optimizer

@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
-from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, unwrap_optimizer
+from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
 
 # Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy
 _PRECISIONS: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
@@ -124,7 +125,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         self._device_mesh = self._build_mesh()
         self._create_engine_groups()
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        lightning_api.share_device_mesh(self.lightning_module, self._device_mesh)
 
     def _check_shard_size(self, world_size: int, size: Optional[int] = None, name: str = "StrategyConfig.shard_size") -> None:
         size = self.config.shard_size if size is None else size

@@ -3,7 +3,8 @@ examples make beyond what every strategy is (model set-up with ``prepare_model``
 ``prepare_models_and_optimizers`` / ``prepare_reward_model``, meta init with ``init_model_context``,
 ``setup_dataloader`` with resume, offload/reload of weights and optimizer state, ``moving_average``,
 ``load_model``, ``report_memory``), and the module-level pieces only they use (LightRFT's scheduler and
-resumable sampler, meta-parameter materialization, the ``is_actor`` / ``is_engine`` conventions).
+resumable sampler, the ``is_actor`` / ``is_engine`` conventions). Meta init itself is
+:mod:`lightrft_lightning.parallel.meta_init`.
 
 ``StrategyBase`` inherits the mixin; the backends override its small hooks (``_move_model``,
 ``_load_full_state``, ``_ema_update``, ``_torch_optimizer``) where they shard or partition.
@@ -12,11 +13,9 @@ resumable sampler, meta-parameter materialization, the ``is_actor`` / ``is_engin
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -24,6 +23,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta, parameters_on_meta
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,13 @@ class LightRFTCompatMixin:
         if not meta_init:
             yield
             return
-        with _parameters_on_meta():
+        with parameters_on_meta():
             yield
 
     def _materialize(self, model: nn.Module) -> nn.Module:
         """Give a model built under ``init_model_context(meta_init=True)`` real, initialized parameters
         (on CPU: the backend moves or shards them next)."""
-        if isinstance(model, nn.Module) and any(p.is_meta for p in model.parameters()):
+        if isinstance(model, nn.Module) and has_meta(model):
             materialize_meta(model, torch.device("cpu"), self.config.seed)
         return model
 
@@ -232,7 +233,6 @@ class LightRFTCompatMixin:
 
     def _torch_optimizer(self, optimizer: Any) -> Optimizer:
         """The torch optimizer that holds the state (backends unwrap their own wrappers)."""
-        from lightrft_lightning.strategies.base import unwrap_optimizer
 
         return unwrap_optimizer(optimizer)
 
@@ -391,181 +391,6 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     def set_epoch(self, epoch: int, consumed_samples: int = 0) -> None:
         super().set_epoch(epoch)
         self.consumed_indices = consumed_samples // self.num_replicas
-
-
-_INIT_STATE = "_lightrft_init_state"  # a module attribute: how it was being built (see _parameters_on_meta)
-
-
-@dataclass(frozen=True)
-class _InitState:
-    """The RNG state, default dtype and default device when a module's construction began (``order``:
-    the how-many-th module built under the context)."""
-
-    order: int
-    cpu_rng: torch.Tensor
-    cuda_rng: Optional[torch.Tensor]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def _current_init_state() -> _InitState:
-    device = torch.get_default_device()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return _InitState(next(_INIT_ORDER), torch.get_rng_state(), cuda, torch.get_default_dtype(), device)
-
-
-_INIT_ORDER = itertools.count()
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create module parameters on the meta device; buffers (rotary tables...) stay real. Each module
-    built inside records the RNG state, default dtype and device its construction began with, so that
-    :func:`materialize_meta` can give it the weights a normal construction would have given."""
-    original_register, original_init = nn.Module.register_parameter, nn.Module.__init__
-
-    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        original_register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    def init(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        state = _current_init_state()
-        original_init(module, *args, **kwargs)
-        if _INIT_STATE not in module.__dict__:  # the outermost __init__ of the module's classes
-            module.__dict__[_INIT_STATE] = state
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    nn.Module.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original_register  # type: ignore[method-assign]
-        nn.Module.__init__ = original_init  # type: ignore[method-assign]
-
-
-def _has_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
-
-
-def materialize_meta(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Replace meta parameters with real ones on ``device`` (shared parameters stay shared), initialized
-    as a normal construction would have initialized them.
-
-    A model built under :func:`_parameters_on_meta` (``init_model_context(meta_init=True)``,
-    ``trainer.init_module(empty_init=True)``) replays its construction: its modules in the order they
-    were built, on the RNG stream, default dtype and device that construction had; a Hugging Face
-    model is built again from its config and its weights are taken over, any other module reruns its
-    ``reset_parameters``. The weights are then bit for bit those of the same code run without meta
-    init (the same seed gives the same weights on every rank), except that the meta build did not
-    advance the global RNG. A model put on the meta device otherwise (no record) is initialized as
-    before: the Hugging Face ``_init_weights`` (else each module's ``reset_parameters``) under ``seed``.
-    """
-    if not _has_meta(model):
-        return
-    _materialize_replay(model, device, seed, {})
-
-
-def _empty_params(module: nn.Module, device: torch.device, new: dict[int, nn.Parameter]) -> set[int]:
-    """Give ``module``'s own meta parameters uninitialized storage on ``device``; returns the new ones' ids."""
-    made = set()
-    for name, param in list(module._parameters.items()):
-        if param is None or not param.is_meta:
-            continue
-        if id(param) not in new:
-            new[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
-            made.add(id(new[id(param)]))
-        module._parameters[name] = new[id(param)]
-    return made
-
-
-def _materialize_with_seed(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter]) -> None:
-    fresh: set[int] = set()
-    for module in model.modules():
-        fresh |= _empty_params(module, device, new)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if hasattr(model, "_init_weights") and _is_hf_model(model):
-            for module in model.modules():
-                if any(id(p) in fresh for p in module.parameters(recurse=False)):
-                    model._init_weights(module)
-            if hasattr(model, "tie_weights"):
-                model.tie_weights()
-        else:
-            for module in model.modules():
-                if hasattr(module, "reset_parameters") and any(id(p) in fresh for p in module.parameters(recurse=False)):
-                    module.reset_parameters()
-
-
-@contextlib.contextmanager
-def _replaying(state: _InitState) -> Iterator[None]:
-    """Run code with the default dtype and device a module's construction began with."""
-    dtype = torch.get_default_dtype()
-    with torch.device(state.device):
-        torch.set_default_dtype(state.dtype)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(dtype)
-
-
-def _rebuild_hf(module: nn.Module, state: _InitState, device: torch.device, new: dict[int, nn.Parameter]) -> None:
-    """Build the Hugging Face model again from its config as its construction began, and take over the
-    weights of its meta parameters (by name and shape); the others are left to the caller."""
-    try:
-        with _replaying(state):
-            rebuilt = type(module)(module.config)  # consumes the RNG stream as the first construction did
-    except Exception as err:  # a model class that cannot be built from its config alone
-        log.warning("materialize: %s could not be rebuilt from its config (%s); its own init runs instead",
-                    type(module).__name__, err)
-        return
-    weights = dict(rebuilt.named_parameters(remove_duplicate=False))
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        for name, param in list(sub._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            if id(param) not in new:
-                source = weights.get(f"{prefix}.{name}" if prefix else name)
-                if source is None or source.shape != param.shape:
-                    continue
-                new[id(param)] = nn.Parameter(source.detach().to(device=device, dtype=param.dtype),
-                                              requires_grad=param.requires_grad)
-            sub._parameters[name] = new[id(param)]
-
-
-def _materialize_replay(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter]) -> None:
-    """Replay the construction of ``model``'s modules in the order they were built, on one RNG stream as
-    a normal construction consumes it: each module continues the stream of the one built before it,
-    unless the RNG changed between their constructions (a reseed, e.g. a factory's ``manual_seed``),
-    in which case it starts from its own recorded state."""
-    modules = [m for m in model.modules() if getattr(m, _INIT_STATE, None) is not None]
-    modules.sort(key=lambda m: getattr(m, _INIT_STATE).order)
-    owners = {id(m): m for m in modules if _is_hf_model(m)}
-    previous: Optional[torch.Tensor] = None
-    with torch.random.fork_rng(devices=[]):
-        for module in modules:
-            if not _has_meta(module):
-                continue
-            state = getattr(module, _INIT_STATE)
-            if previous is None or not torch.equal(state.cpu_rng, previous):
-                torch.set_rng_state(state.cpu_rng)
-            previous = state.cpu_rng
-            if id(module) in owners:
-                _rebuild_hf(module, state, device, new)
-            if any(p is not None and p.is_meta for p in module._parameters.values()):
-                _empty_params(module, device, new)
-                owner = next((o for o in owners.values() if any(m is module for m in o.modules())), None)
-                with _replaying(state):
-                    if hasattr(module, "reset_parameters"):
-                        module.reset_parameters()
-                    elif owner is not None and hasattr(owner, "_init_weights"):
-                        owner._init_weights(module)
-                    else:
-                        raise TypeError(f"materialize: {type(module).__name__} has meta parameters and no "
-                                        "reset_parameters, so its initialization cannot be replayed; accepted: modules "
-                                        "with reset_parameters, Hugging Face models, or building it without meta/empty init")
-    if _has_meta(model):  # modules put on the meta device some other way (no record)
-        _materialize_with_seed(model, device, seed, new)
 
 
 class SequenceParallelIdentity:
