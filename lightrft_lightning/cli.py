@@ -19,8 +19,9 @@ from lightrft_lightning.algorithms.base import RLModule
 from lightrft_lightning.data import PromptDataModule
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining argv and
-# returning the exit status
+# returning the exit status; and what each does, for --help
 COMMANDS = {"convert": "lightrft_lightning.convert:main"}
+COMMAND_HELP = {"convert": "convert checkpoints and models (dcp-to-hf, deepspeed-to-hf, hf-to-dcp, gguf-to-hf)"}
 
 
 class LightRFTCLI(LightningCLI):
@@ -29,6 +30,9 @@ class LightRFTCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        others = "; ".join(f"{name}: {COMMAND_HELP[name]} ({name} --help)" for name in COMMANDS)
+        kwargs.setdefault("parser_kwargs", {}).setdefault(
+            "description", f"LightningCLI over the RLHF modules (fit, validate). Other subcommands: {others}")
         super().__init__(RLModule, PromptDataModule, subclass_mode_model=True, args=args, run=run, **kwargs)
 
     @staticmethod
@@ -38,17 +42,17 @@ class LightRFTCLI(LightningCLI):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        module, _, fn = COMMANDS[argv[0]].partition(":")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module, _, fn = COMMANDS[args[0]].partition(":")
         try:
             command = getattr(importlib.import_module(module), fn)
         except ModuleNotFoundError as err:
             if err.name != module:
                 raise
-            sys.exit(f"lightrft-lightning {argv[0]}: not available in this version ({module} is missing)")
-        sys.exit(command(argv[1:]))  # the command's return value is the exit status
-    LightRFTCLI(args=argv)
+            sys.exit(f"lightrft-lightning {args[0]}: not available in this version ({module} is missing)")
+        sys.exit(command(args[1:]))  # the command's return value is the exit status
+    LightRFTCLI(args=argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -86,3 +86,13 @@ def test_only_fit_and_validate_and_other_commands_are_dispatched(monkeypatch, ca
     monkeypatch.setitem(cli.COMMANDS, "convert", "lightrft_lightning.no_such_module:main")
     with pytest.raises(SystemExit, match="not available in this version"):
         main(["convert"])
+
+
+def test_console_script_help_lists_convert_without_warnings():
+    import subprocess
+
+    done = subprocess.run([str(Path(sys.executable).parent / "lightrft-lightning"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "{fit,validate}" in done.stdout and "convert" in done.stdout
+    assert "args parameter" not in done.stderr  # LightningCLI's warning about args and sys.argv both given
