@@ -277,9 +277,12 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     # ------------------------------------------------------------------ training step hooks
     def _no_gradient_sync(self, model: nn.Module, boundary: bool) -> AbstractContextManager:
+        # Every micro-step reduce-scatters its gradients, so each rank only ever holds its shard of them
+        # (turning the sync off would keep a full unsharded fp32 gradient per rank until the boundary, as
+        # torchtitan notes); with HSDP only the all-reduce across replicas waits for the boundary.
         if boundary or not isinstance(model, FSDPModule):
             return nullcontext()
-        return _without_gradient_sync(model)
+        return _without_replica_all_reduce(model)
 
     def _clip_grad_norm(self, model: nn.Module, optimizer: Optimizer, max_norm: float) -> torch.Tensor:
         norm = super()._clip_grad_norm(model, optimizer, max_norm)
@@ -376,9 +379,9 @@ FSDPV2Strategy = LightRFTFSDP  # LightRFT's name
 
 
 @contextmanager
-def _without_gradient_sync(model: FSDPModule) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)
+def _without_replica_all_reduce(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_all_reduce(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(True)

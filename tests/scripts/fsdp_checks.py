@@ -52,8 +52,10 @@ def train(strategy, rows, micro_batches, reduce):
         for i, micro in enumerate(rows(batch).split(MICRO)):
             loss = model(input_ids=micro, labels=micro).loss
             strategy.backward(loss, model, opt)
-            if i == 0 and isinstance(model, FSDPModule):  # non-boundary: no reduce-scatter, no sharded grad yet
-                assert all(p.grad is None for p in model.parameters()), "gradients were synchronised early"
+            if i == 0 and isinstance(model, FSDPModule):
+                # non-boundary micro-step: reduce-scattered already, so a rank holds only its gradient shard
+                # (no full unsharded gradient kept until the boundary: issue 29, risk 3)
+                assert all(isinstance(p.grad, DTensor) for p in model.parameters()), "gradient not reduce-scattered"
             strategy.optimizer_step(opt, model, None)
             step_loss += loss.item() / micro_batches
         losses.append(reduce(step_loss))
