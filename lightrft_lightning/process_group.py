@@ -21,9 +21,28 @@ import atexit
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 _GLOO_WORKER = "pt_gloo_runloop"
+
+
+def default_backend(device_type: str) -> str:
+    """The process group backend for ranks on ``device_type``: on CUDA ``cpu:gloo,cuda:nccl``, so that
+    collectives on CPU tensors (FSDP2's CPU-offloaded shards and gradients, their clip norm, weight
+    pushes and EMA of offloaded models) run over gloo instead of failing on an NCCL-only group; else gloo."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective over tensors on ``device`` runs in the current process group: CUDA for an
+    NCCL-only group, the tensors' own device where the group serves it, else CPU."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and "cuda:nccl" in backend:
+        return device
+    return torch.device("cpu")
 _TASKS = "/proc/self/task"
 
 

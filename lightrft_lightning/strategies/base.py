@@ -42,7 +42,7 @@ from torch import nn
 from lightning.fabric.utilities.seed import seed_everything
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint, lightning_api, process_group  # noqa: F401  (process_group: clean exit)
+from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.parallel.meta_init import parameters_on_meta
@@ -166,10 +166,10 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         the engine groups. ``num_gpu_per_node`` (LightRFT's) is not needed: ``LOCAL_RANK`` gives the device."""
         seed_everything(self.config.seed, verbose=False)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
             timeout = timeout or timedelta(minutes=self.config.dist_timeout_minutes)
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = process_group.default_backend("cuda" if torch.cuda.is_available() else "cpu")
             dist.init_process_group(backend=backend, timeout=timeout)
         self._create_engine_groups()
 
@@ -631,8 +631,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         if self.dp_world_size == 1:
             return data
         tensor = data.clone() if is_tensor else torch.tensor(data, dtype=torch.float64)
-        device = self._collective_device()
-        out = tensor.to(device)
+        out = tensor.to(process_group.collective_device(tensor.device))
         dist.all_reduce(out, op=_REDUCE_OPS[op])
         if op == "mean":
             out = out / self.dp_world_size
@@ -653,15 +652,10 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             tensor = tensor.unsqueeze(0)
         if self.dp_world_size == 1:
             return tensor
-        device = self._collective_device()
+        device = process_group.collective_device(tensor.device)
         parts = [torch.empty_like(tensor, device=device) for _ in range(self.dp_world_size)]
         dist.all_gather(parts, tensor.to(device))
         return torch.cat(parts).to(tensor.device)
-
-    def _collective_device(self) -> torch.device:
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     # ------------------------------------------------------------------ rollout engines
     def engines_sleep(self, engines: Optional[Iterable[Any]] = None, level: Optional[int] = None) -> None:

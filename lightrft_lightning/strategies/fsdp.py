@@ -27,7 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint, lightning_api
+from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.lightning_api import unwrap_optimizer
@@ -121,6 +121,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
+        if self._process_group_backend is None:
+            self._process_group_backend = process_group.default_backend(self.root_device.type)
         self._setup_distributed()
         self._device_mesh = self._build_mesh()
         self._create_engine_groups()
@@ -179,7 +181,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def _build_mesh(self, shard_size: Optional[int] = None) -> DeviceMesh:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if not dist.is_initialized():  # one process without a process group: FSDP2 still wants a mesh
-            backend = "nccl" if self.root_device.type == "cuda" else "gloo"
+            backend = process_group.default_backend(self.root_device.type)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         size = shard_size or self.config.shard_size or world
         if size == world:
