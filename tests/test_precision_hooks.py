@@ -60,7 +60,7 @@ class LightRFTShape(L.LightningModule):
 
 def fit(module: L.LightningModule, plugins=None) -> tuple[L.Trainer, Recorder]:
     recorder = Recorder()
-    config = StrategyConfig(bf16=False, micro_train_batch_size=2, train_batch_size=2, max_norm=0.0)
+    config = StrategyConfig(micro_train_batch_size=2, train_batch_size=2, max_norm=0.0)  # precision: the Trainer's
     trainer = L.Trainer(accelerator="cpu", strategy=LightRFTFake(config), max_steps=4, plugins=plugins,
                         callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)

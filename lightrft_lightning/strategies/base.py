@@ -104,6 +104,8 @@ def lightrft_config(owner: str, config: Any, args: Any, values: dict[str, Any]) 
         raise TypeError(f"{owner}: got both config= and args=; accepted: one of them (args is LightRFT's name)")
     cfg = StrategyConfig.from_args(config if config is not None else args)
     given = {k: v for k, v in values.items() if v is not None}
+    if "bf16" in given:
+        given["_precision_given"] = True
     return dataclasses.replace(cfg, **given) if given else cfg
 
 
@@ -307,7 +309,24 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         """The children of a LightningModule that hold trainable parameters (actor, critic...)."""
         return [c for c in module.children() if any(p.requires_grad for p in c.parameters())]
 
+    def training_precision(self) -> str:
+        """The precision models train in ("bf16", "fp16" or "fp32"), on every backend alike: under a Trainer
+        its ``precision`` decides, and a config whose ``bf16``/``fp16`` were given and disagree is refused;
+        standalone, the config's."""
+        configured = self.config.precision
+        if getattr(self, "lightning_module", None) is None:
+            return configured
+        flag = str(self.precision_plugin.precision)  # type: ignore[attr-defined]
+        precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
+        if self.config._precision_given and precision != configured:
+            raise ValueError(f"{type(self).__name__}: Trainer(precision={flag!r}) trains in {precision}, but the "
+                             f"strategy's config says {configured} (StrategyConfig.bf16={self.config.bf16}, "
+                             f"fp16={self.config.fp16}); accepted: the same precision in both, or a config that "
+                             "leaves bf16 and fp16 unset")
+        return precision
+
     def setup(self, trainer: Any) -> None:
+        self.training_precision()  # refuses a config that disagrees with the Trainer
         self._materialize_lightning_module()
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         super().setup(trainer)  # type: ignore[misc]

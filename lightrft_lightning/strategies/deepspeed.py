@@ -177,18 +177,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self._precision_plugin = plugin
 
     # ------------------------------------------------------------------ DeepSpeed config
-    def _precision(self) -> str:
-        configured = "bf16" if self.config.bf16 else "fp16" if self.config.fp16 else "fp32"
-        if self.lightning_module is None:
-            return configured
-        flag = str(self.precision_plugin.precision)  # under a Trainer its precision decides
-        precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
-        if not self._follow_trainer and precision != configured:
-            raise ValueError(f"LightRFTDeepSpeed: Trainer(precision={flag!r}) trains in {precision}, but the strategy's "
-                             f"config says {configured} (StrategyConfig.bf16={self.config.bf16}, fp16={self.config.fp16}); "
-                             "accepted: the same precision in both, or a strategy built without a config")
-        return precision
-
     @property
     def accumulation_steps(self) -> int:
         if self._follow_trainer and self.lightning_module is not None:
@@ -212,7 +200,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
-        precision = self._precision()
+        precision = self.training_precision()
         if precision == "bf16":
             cfg["bf16"] = {"enabled": True}
         elif precision == "fp16":

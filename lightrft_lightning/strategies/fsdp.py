@@ -52,7 +52,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     unless ``configure_model`` already applied ``fully_shard``.
 
     Precision: under a ``Trainer`` its ``precision`` ("32-true", "bf16-mixed", "bf16-true",
-    "16-mixed") picks the ``MixedPrecisionPolicy``; standalone, ``StrategyConfig.bf16``/``fp16`` do.
+    "16-mixed") picks the ``MixedPrecisionPolicy`` (a config whose ``bf16``/``fp16`` were given must
+    agree); standalone, ``StrategyConfig.bf16``/``fp16`` do.
     Gradients are always reduced in fp32. ``StrategyConfig.shard_size`` shards inside groups of that
     many ranks and replicates across groups (HSDP); ``fsdp_cpu_offload`` keeps parameters, gradients
     and optimizer state in CPU memory.
@@ -210,10 +211,11 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     @property
     def mp_policy(self) -> MixedPrecisionPolicy:
         """The ``MixedPrecisionPolicy`` every model is sharded with."""
-        if self._precision_plugin is not None:
-            precision = str(self._precision_plugin.precision)
+        trained = self.training_precision()
+        if self.lightning_module is not None:
+            precision = str(self.precision_plugin.precision)
         else:
-            precision = "bf16-mixed" if self.config.bf16 else "16-mixed" if self.config.fp16 else "32-true"
+            precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[trained]
         if precision not in _PRECISIONS:
             raise ValueError(f"{type(self).__name__}: precision={precision!r} is not supported; accepted: "
                              + ", ".join(map(repr, _PRECISIONS)))

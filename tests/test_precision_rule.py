@@ -1,0 +1,61 @@
+"""One precision rule on every backend: under a Trainer its ``precision`` decides; a strategy config that
+was given ``bf16``/``fp16`` values that disagree is refused the same way by all three strategies, and a
+config that leaves them at LightRFT's defaults follows the Trainer."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+
+from lightrft_lightning import LightRFTDeepSpeed, LightRFTFake, LightRFTFSDP, StrategyConfig
+
+STRATEGIES = {"fake": LightRFTFake, "fsdp": LightRFTFSDP, "deepspeed": LightRFTDeepSpeed}
+
+
+class Regression(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2)
+
+
+def fit(strategy, precision: str) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision=precision, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Regression())
+    return trainer
+
+
+def test_which_precision_a_config_was_given():
+    assert not StrategyConfig()._precision_given and StrategyConfig().precision == "bf16"
+    assert StrategyConfig(bf16=True)._precision_given and StrategyConfig(bf16=False).precision == "fp32"
+    assert not dataclasses.replace(StrategyConfig(), seed=1)._precision_given
+    assert dataclasses.replace(StrategyConfig(fp16=True, bf16=False), seed=1)._precision_given
+    assert StrategyConfig.from_args(argparse.Namespace(bf16=False))._precision_given
+    assert not LightRFTFSDP(train_batch_size=1).config._precision_given and LightRFTFSDP(bf16=True).config._precision_given
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_config_given_another_precision_is_refused_on_every_backend(name):
+    with pytest.raises(ValueError, match=rf"{STRATEGIES[name].__name__}: Trainer\(precision='32-true'\) trains in fp32, "
+                                         r"but the strategy's config says bf16 \(StrategyConfig.bf16=True, fp16=False\); "
+                                         "accepted: the same precision in both"):
+        fit(STRATEGIES[name](StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2)), "32-true")
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_config_at_the_defaults_follows_the_trainer(name):
+    trainer = fit(STRATEGIES[name](StrategyConfig(train_batch_size=2, micro_train_batch_size=2)), "32-true")
+    assert trainer.strategy.training_precision() == "fp32" and trainer.global_step == 1
