@@ -93,14 +93,15 @@ def test_registered_names_and_precision_mapping():
 def test_blocks_to_shard_come_from_no_split_modules_or_wrap_classes():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2MLP
 
+    from lightrft_lightning.parallel.fsdp2 import block_classes
     from lightrft_lightning.tiny_models import tiny_causal_lm
 
     model = tiny_causal_lm()
-    assert LightRFTFSDP()._block_classes(model) == (Qwen2DecoderLayer,)
-    assert LightRFTFSDP(wrap_classes=["Qwen2MLP"])._block_classes(model) == (Qwen2MLP,)
-    assert LightRFTFSDP(wrap_classes=[Qwen2MLP])._block_classes(model) == (Qwen2MLP,)
+    assert block_classes(model, [], "LightRFTFSDP") == (Qwen2DecoderLayer,)
+    assert block_classes(model, ["Qwen2MLP"], "LightRFTFSDP") == (Qwen2MLP,)
+    assert block_classes(model, [Qwen2MLP], "LightRFTFSDP") == (Qwen2MLP,)
     with pytest.raises(ValueError, match=r"wrap_classes=\['Block'\] match no module of Qwen2ForCausalLM"):
-        LightRFTFSDP(wrap_classes=["Block"])._block_classes(model)
+        block_classes(model, ["Block"], "LightRFTFSDP")
     with pytest.raises(RuntimeError, match=r"call setup_distributed\(\) before prepare\(\)"):
         LightRFTFSDP().prepare(model)
 

@@ -31,11 +31,9 @@ class Regression(L.LightningModule):
         return torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2)
 
 
-def fit(strategy, precision: str) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision=precision, max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Regression())
-    return trainer
+def trainer(strategy, precision: str) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision=precision, max_steps=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
 def test_which_precision_a_config_was_given():
@@ -47,15 +45,27 @@ def test_which_precision_a_config_was_given():
     assert not LightRFTFSDP(train_batch_size=1).config._precision_given and LightRFTFSDP(bf16=True).config._precision_given
 
 
+REFUSED = (r"{}: Trainer\(precision='32-true'\) trains in fp32, but the strategy's config says bf16 "
+           r"\(StrategyConfig.bf16=True, fp16=False\); accepted: the same precision in both")
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_config_given_another_precision_is_refused_on_every_backend(name):
-    with pytest.raises(ValueError, match=rf"{STRATEGIES[name].__name__}: Trainer\(precision='32-true'\) trains in fp32, "
-                                         r"but the strategy's config says bf16 \(StrategyConfig.bf16=True, fp16=False\); "
-                                         "accepted: the same precision in both"):
-        fit(STRATEGIES[name](StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2)), "32-true")
+    # the Trainer hands its precision to the strategy when it is built; setup asks this same question
+    strategy = STRATEGIES[name](StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2))
+    with pytest.raises(ValueError, match=REFUSED.format(STRATEGIES[name].__name__)):
+        trainer(strategy, "32-true").strategy.training_precision()
+
+
+def test_the_refusal_happens_at_setup():
+    strategy = LightRFTFake(StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2))
+    with pytest.raises(ValueError, match=REFUSED.format("LightRFTFake")):
+        trainer(strategy, "32-true").fit(Regression())
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_config_at_the_defaults_follows_the_trainer(name):
-    trainer = fit(STRATEGIES[name](StrategyConfig(train_batch_size=2, micro_train_batch_size=2)), "32-true")
-    assert trainer.strategy.training_precision() == "fp32" and trainer.global_step == 1
+    strategy = STRATEGIES[name](StrategyConfig(train_batch_size=2, micro_train_batch_size=2))
+    assert strategy.training_precision() == "bf16"  # standalone: LightRFT's default
+    assert trainer(strategy, "32-true").strategy.training_precision() == "fp32"
+    assert trainer(STRATEGIES[name](StrategyConfig(train_batch_size=2)), "bf16-mixed").strategy.training_precision() == "bf16"

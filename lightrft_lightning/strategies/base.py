@@ -314,9 +314,10 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         its ``precision`` decides, and a config whose ``bf16``/``fp16`` were given and disagree is refused;
         standalone, the config's."""
         configured = self.config.precision
-        if getattr(self, "lightning_module", None) is None:
+        plugin = getattr(self, "_precision_plugin", None)  # set by the Trainer
+        if plugin is None:
             return configured
-        flag = str(self.precision_plugin.precision)  # type: ignore[attr-defined]
+        flag = str(plugin.precision)
         precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
         if self.config._precision_given and precision != configured:
             raise ValueError(f"{type(self).__name__}: Trainer(precision={flag!r}) trains in {precision}, but the "

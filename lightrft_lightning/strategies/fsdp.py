@@ -22,26 +22,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
+from lightrft_lightning.parallel import fsdp2
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
-
-# Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy
-_PRECISIONS: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
-    "32-true": (None, None),
-    "bf16-mixed": (torch.bfloat16, torch.float32),
-    "bf16-true": (None, torch.float32),
-    "16-mixed": (torch.float16, torch.float32),
-    "16-true": (None, torch.float32),
-}
-
 
 class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     """FSDP2 strategy with the LightRFT API; registered with Lightning as ``"lightrft_fsdp"``.
@@ -131,12 +122,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         lightning_api.share_device_mesh(self.lightning_module, self._device_mesh)
 
     def _check_shard_size(self, world_size: int, size: Optional[int] = None, name: str = "StrategyConfig.shard_size") -> None:
-        size = self.config.shard_size if size is None else size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1 or world_size % size):
-            raise ValueError(
-                f"{name}={size!r} is invalid for world_size={world_size}; "
-                "accepted: None (shard over all ranks) or a divisor of the world size"
-            )
+        fsdp2.check_shard_size(world_size, self.config.shard_size if size is None else size, name)
 
     def prepare_model(self, model: Any, is_training: bool = False, shard_size: Union[int, str] = -1,
                       reshard_after_forward: bool = True) -> Any:
@@ -180,14 +166,10 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def _build_mesh(self, shard_size: Optional[int] = None) -> DeviceMesh:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         if not dist.is_initialized():  # one process without a process group: FSDP2 still wants a mesh
             backend = process_group.default_backend(self.root_device.type)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        size = shard_size or self.config.shard_size or world
-        if size == world:
-            return init_device_mesh(self.root_device.type, (world,), mesh_dim_names=("shard",))
-        return init_device_mesh(self.root_device.type, (world // size, size), mesh_dim_names=("replicate", "shard"))
+        return fsdp2.build_mesh(self.root_device.type, dist.get_world_size(), shard_size or self.config.shard_size)
 
     @property
     def root_device(self) -> torch.device:
@@ -212,57 +194,28 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def mp_policy(self) -> MixedPrecisionPolicy:
         """The ``MixedPrecisionPolicy`` every model is sharded with."""
         trained = self.training_precision()
-        if self.lightning_module is not None:
-            precision = str(self.precision_plugin.precision)
+        if self._precision_plugin is not None:  # the Trainer's, with its exact flag (bf16-true...)
+            precision = str(self._precision_plugin.precision)
         else:
             precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[trained]
-        if precision not in _PRECISIONS:
-            raise ValueError(f"{type(self).__name__}: precision={precision!r} is not supported; accepted: "
-                             + ", ".join(map(repr, _PRECISIONS)))
-        param_dtype, reduce_dtype = _PRECISIONS[precision]
-        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        return fsdp2.mixed_precision_policy(precision, type(self).__name__)
 
     def shard(self, model: nn.Module, shard_size: Optional[int] = None, reshard_after_forward: bool = True) -> nn.Module:
-        """``fully_shard`` each transformer block of ``model`` (bottom-up), then ``model`` itself;
-        a model that is already sharded is returned unchanged. ``shard_size`` (default
-        ``config.shard_size``) shards within groups of that many ranks (HSDP); ``reshard_after_forward``
-        is FSDP2's (False keeps the gathered weights between forward and backward)."""
-        if isinstance(model, FSDPModule):
-            return model
+        """``fully_shard`` each transformer block of ``model`` (bottom-up), then ``model`` itself
+        (:func:`~lightrft_lightning.parallel.fsdp2.apply_fsdp`); a model that is already sharded is returned
+        unchanged. ``shard_size`` (default ``config.shard_size``) shards within groups of that many ranks
+        (HSDP); ``reshard_after_forward`` is FSDP2's (False keeps the gathered weights between forward and
+        backward)."""
         if self._device_mesh is None:
             raise RuntimeError(f"{type(self).__name__}: call setup_distributed() before prepare() (a Trainer does it)")
-        kwargs = self._fully_shard_kwargs()
+        mesh = self.device_mesh
         if shard_size is not None:
-            world = dist.get_world_size()
-            self._check_shard_size(world, shard_size, "prepare_model: shard_size")
+            self._check_shard_size(dist.get_world_size(), shard_size, "prepare_model: shard_size")
             if shard_size not in self._meshes:
                 self._meshes[shard_size] = self._build_mesh(shard_size)
-            kwargs["mesh"] = self._meshes[shard_size]
-        kwargs["reshard_after_forward"] = reshard_after_forward
-        if not self.config.fsdp_cpu_offload:
-            model.to(self.root_device)
-        blocks = self._block_classes(model)
-        for module in reversed(list(model.modules())):
-            if module is not model and isinstance(module, blocks) and not isinstance(module, FSDPModule):
-                fully_shard(module, **kwargs)
-        return fully_shard(model, **kwargs)
-
-    def _fully_shard_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"mesh": self.device_mesh, "mp_policy": self.mp_policy}
-        if self.config.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type == "cuda")
-        return kwargs
-
-    def _block_classes(self, model: nn.Module) -> tuple[type, ...]:
-        names = {c if isinstance(c, str) else c.__name__ for c in self._wrap_classes}
-        if not self._wrap_classes:
-            for module in model.modules():
-                names.update(getattr(module, "_no_split_modules", None) or ())
-        classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
-        if self._wrap_classes and not classes:
-            raise ValueError(f"{type(self).__name__}: wrap_classes={sorted(names)} match no module of "
-                             f"{type(model).__name__}; accepted: classes of its submodules")
-        return classes
+            mesh = self._meshes[shard_size]
+        return fsdp2.apply_fsdp(model, mesh, self.mp_policy, fsdp2.block_classes(model, self._wrap_classes, type(self).__name__),
+                                cpu_offload=self.config.fsdp_cpu_offload, reshard_after_forward=reshard_after_forward)
 
     def _prepare_model(self, model: nn.Module, optimizer: Optional[Optimizer], train: bool) -> tuple[nn.Module, Any]:
         shard_size, reshard = self._prepare_sharding
@@ -310,10 +263,10 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then shard
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
         self.model = self.precision_plugin.convert_module(self.model)
-        if not self.config.fsdp_cpu_offload:
-            self.model_to_device()
         if not any(isinstance(m, FSDPModule) for m in self.model.modules()):  # else configure_model sharded it
             self._shard_lightning_module(self.model)
+        if not self.config.fsdp_cpu_offload:
+            self.model_to_device()  # what sharding left: frozen children without parameters, buffers
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -326,7 +279,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
             if any(True for _ in child.parameters()):
                 self.shard(child)
         if any(True for _ in module.parameters(recurse=False)):
-            fully_shard(module, **self._fully_shard_kwargs())
+            fsdp2.apply_fsdp(module, self.device_mesh, self.mp_policy, (), cpu_offload=self.config.fsdp_cpu_offload)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
