@@ -71,7 +71,7 @@ def train_step(work: torch.Tensor) -> None:
 def blocked(state: dict, root: Path, asynchronous: bool, steps_between: int, saves: int = 3) -> tuple[float, float]:
     """(seconds training was blocked by saves, total wall seconds) for ``saves`` saves."""
     work = torch.randn(384, 384)
-    pending = checkpoint._Pending()
+    pending = None
     block = 0.0
     start = time.perf_counter()
     for i in range(saves):
@@ -80,12 +80,9 @@ def blocked(state: dict, root: Path, asynchronous: bool, steps_between: int, sav
                 t.add_(1e-3)  # training mutates the weights in place after each save
             train_step(work)
         t0 = time.perf_counter()
-        pending.wait()  # the next save waits for the previous one
-        if asynchronous:
-            with checkpoint.async_saves(pending):
-                checkpoint.save(str(root), f"s{i}", state, {}, max_num=2, no_dist=True)
-        else:
-            checkpoint.save(str(root), f"s{i}", state, {}, max_num=2, no_dist=True)
+        if pending is not None:
+            pending.wait()  # the next save waits for the previous one
+        pending = checkpoint.save(str(root), f"s{i}", state, {}, max_num=2, no_dist=True, async_save=asynchronous)
         block += time.perf_counter() - t0
     t0 = time.perf_counter()
     pending.wait()

@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,12 +31,13 @@ class DCPCheckpoint(Checkpoint):
 
     The strategy writes the files: DCP directories under ``LightRFTFSDP`` and single-process
     strategies (``LightRFTFake``, through :class:`~lightrft_lightning.checkpoint.DCPCheckpointIO`),
-    the same DCP directory plus DeepSpeed's own per-engine checkpoints under ``LightRFTDeepSpeed``. A checkpoint is written into a hidden
-    directory and renamed once every rank is done; ``latest`` moves only after that, so a crash
-    mid-save leaves the previous checkpoint and ``latest`` untouched.
+    the same DCP directory plus DeepSpeed's own per-engine checkpoints under ``LightRFTDeepSpeed``,
+    all through the one checkpoint writer (:mod:`lightrft_lightning.checkpoint.publish`): a checkpoint
+    is written into a hidden directory and renamed once every rank is done; ``latest`` moves only
+    after that, so a crash mid-save leaves the previous checkpoint and ``latest`` untouched.
 
     Saved and restored: every model and optimizer, the schedulers, the loops' step counters, the
-    strategy's step counters, the datamodule's state (the prompt sampler position of
+    strategy's step counters (stored by the strategy), the datamodule's state (the prompt sampler position of
     ``PromptDataModule``) and each rank's torch, numpy and python RNG states. The RNG states are
     applied just before the first training step after resuming (before the next epoch's DataLoader
     iterator draws its seed when the save ended an epoch), so a resumed run draws the same numbers
@@ -88,7 +88,8 @@ class DCPCheckpoint(Checkpoint):
         self.resumed_from: Optional[str] = None
         self.last_saved: Optional[str] = None
         self._last_step: Optional[int] = None
-        self._pending = checkpoint._Pending()
+        self._pending: Optional[checkpoint.SaveHandle] = None
+        self._pending_tag: Optional[str] = None
         self._to_restore: Optional[dict[str, Any]] = None
         self._trainer: Optional[pl.Trainer] = None
 
@@ -104,9 +105,15 @@ class DCPCheckpoint(Checkpoint):
         strategy = trainer.strategy
         if _writes_through_checkpoint_io(strategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = checkpoint.DCPCheckpointIO()
-        writes_dcp = _is_dcp_strategy(strategy) or (
-            _writes_through_checkpoint_io(strategy) and isinstance(strategy.checkpoint_io, checkpoint.DCPCheckpointIO))
-        if self.async_save and not writes_dcp:
+        through_io = _writes_through_checkpoint_io(strategy)
+        writes_ours = (isinstance(strategy.checkpoint_io, checkpoint.DCPCheckpointIO) if through_io
+                       else isinstance(strategy, StrategyBase))
+        if not writes_ours:
+            raise ValueError(
+                f"DCPCheckpoint: {type(strategy).__name__} with checkpoint_io {type(strategy.checkpoint_io).__name__} "
+                "does not write through lightrft_lightning.checkpoint; accepted: LightRFTFake, LightRFTFSDP, "
+                "LightRFTDeepSpeed, or a strategy whose checkpoint_io is DCPCheckpointIO")
+        if self.async_save and not (through_io or _is_dcp_strategy(strategy)):
             raise ValueError(
                 f"DCPCheckpoint(async_save=True) needs a strategy that writes DCP (LightRFTFake, LightRFTFSDP); "
                 f"{type(strategy).__name__} writes its own format synchronously; accepted: async_save=False"
@@ -134,8 +141,8 @@ class DCPCheckpoint(Checkpoint):
             _set_rng_state(rng[_rank() % len(rng)])
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's RNG states (gathered: this runs on every rank while saving), the strategy's
-        step counters and the schedulers the strategy steps that Lightning does not save."""
+        """Every rank's RNG states (gathered: this runs on every rank while saving) and whether the
+        save ended an epoch. The strategy stores its step counters itself."""
         rng = _rng_state()
         if dist.is_initialized() and dist.get_world_size() > 1:
             states: list[Any] = [None] * dist.get_world_size()
@@ -144,8 +151,7 @@ class DCPCheckpoint(Checkpoint):
             states = [rng]
         trainer = self._trainer
         at_epoch_end = trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        return {"rng": states, "counters": _counters(trainer) if trainer is not None else {},
-                "at_epoch_end": at_epoch_end}
+        return {"rng": states, "at_epoch_end": at_epoch_end}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict
@@ -156,16 +162,6 @@ class DCPCheckpoint(Checkpoint):
         state, self._to_restore = self._to_restore, None
         if state.get("rng"):
             _set_rng_state(state["rng"][_rank() % len(state["rng"])])
-        strategy = trainer.strategy
-        if isinstance(strategy, StrategyBase):
-            for name, values in state.get("counters", {}).items():
-                module = _submodule(pl_module, name)
-                if module is None:
-                    continue
-                train_state = strategy._state(module)
-                train_state.load_counters(values)
-                if values.get("scheduler") is not None and train_state.scheduler is not None:
-                    train_state.scheduler.load_state_dict(values["scheduler"])
 
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -194,38 +190,30 @@ class DCPCheckpoint(Checkpoint):
         self.wait()
         step = trainer.global_step
         tag = f"global_step{step}"
-        tmp, final = self.dirpath / f".tmp-{tag}", self.dirpath / tag
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            for stale in self.dirpath.glob(".tmp-*"):  # left by a run that died mid-save
-                shutil.rmtree(stale, ignore_errors=True)
-        trainer.strategy.barrier("DCPCheckpoint.save")
-        if self.async_save:
-            with checkpoint.async_saves(self._pending):
-                trainer.save_checkpoint(tmp)
-            self._pending.finishers.append(lambda: self._publish(trainer, tag, tmp, final))
-        else:
-            trainer.save_checkpoint(tmp)
-            self._publish(trainer, tag, tmp, final)
+            checkpoint.remove_partial(self.dirpath)  # left by a run that died mid-save
+        options = checkpoint.Publish(
+            latest=True, max_num=self.max_num, max_mem=self.max_mem,
+            keep={self.resumed_from} if self.resumed_from else set(),
+            is_checkpoint=lambda p: _TAG.fullmatch(p.name) is not None, async_save=self.async_save)
+        trainer.save_checkpoint(self.dirpath / tag, storage_options=options)
+        self._pending, self._pending_tag = options.handle, tag
+        if not self.async_save:
+            self.wait()
         self._last_step = step
-        return str(final)
+        return str(self.dirpath / tag)
 
     def wait(self) -> None:
-        """Finish the pending asynchronous save, if any."""
-        if self._pending:
-            self._pending.wait()
-
-    def _publish(self, trainer: pl.Trainer, tag: str, tmp: Path, final: Path) -> None:
-        trainer.strategy.barrier("DCPCheckpoint.publish")
-        if trainer.is_global_zero:
-            checkpoint._replace_dir(tmp, final)
-            checkpoint.write_latest(self.dirpath, tag)
-            keep = {tag} | ({self.resumed_from} if self.resumed_from else set())
-            checkpoint.rotate(self.dirpath, self.max_num, self.max_mem, keep=keep,
-                              is_checkpoint=lambda p: _TAG.fullmatch(p.name) is not None)
-        trainer.strategy.barrier("DCPCheckpoint.published")
+        """Finish the pending save, if any (every rank must call it)."""
+        handle, tag = self._pending, self._pending_tag
+        self._pending = self._pending_tag = None
+        if tag is None:
+            return
+        if handle is not None:  # None on the ranks of a strategy that writes from rank 0 alone
+            handle.wait()
         self.last_saved = tag
-        rank_zero_log(trainer, f"DCPCheckpoint: saved {final}")
+        if self._trainer is not None:
+            rank_zero_log(self._trainer, f"DCPCheckpoint: saved {self.dirpath / tag}")
 
 
 def rank_zero_log(trainer: pl.Trainer, message: str) -> None:
@@ -246,36 +234,13 @@ def _is_last_step(trainer: pl.Trainer) -> bool:
 
 def _writes_through_checkpoint_io(strategy: Strategy) -> bool:
     """Strategies whose ``save_checkpoint`` is Lightning's (one process writes through ``checkpoint_io``)."""
-    return type(strategy).save_checkpoint is Strategy.save_checkpoint
+    return type(strategy).save_checkpoint in (Strategy.save_checkpoint, StrategyBase.save_checkpoint)
 
 
 def _is_dcp_strategy(strategy: Strategy) -> bool:
     from lightrft_lightning.strategies.fsdp import LightRFTFSDP
 
     return isinstance(strategy, LightRFTFSDP)
-
-
-def _counters(trainer: pl.Trainer) -> dict[str, dict[str, int]]:
-    strategy, module = trainer.strategy, trainer.lightning_module
-    if not isinstance(strategy, StrategyBase) or module is None:
-        return {}
-    lightning_schedulers = {id(c.scheduler) for c in trainer.lr_scheduler_configs}
-    out = {}
-    for name, sub in module.named_modules():
-        state = strategy._train_states.get(id(sub))
-        if state is not None:
-            out[name] = state.counters()
-            # a scheduler given to strategy.prepare/optimizer_step that Lightning does not know about
-            scheduler = state.scheduler if id(state.scheduler) not in lightning_schedulers else None
-            out[name]["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    return out
-
-
-def _submodule(module: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _rank() -> int:

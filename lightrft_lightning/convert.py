@@ -152,7 +152,7 @@ def hf_to_dcp(hf_dir: str, out_dir: str, tag: str = "hf") -> str:
     for file in files:
         state.update(load_file(str(file)))
     extra = {"scheduler": None, "train_state": {"micro_steps": 0, "steps": 0, "skipped_steps": 0}, "client_state": {}}
-    return checkpoint.save(out_dir, tag, {"model": state}, extra, max_num=2**62, max_mem=float("inf"), no_dist=True)
+    return checkpoint.save(out_dir, tag, {"model": state}, extra, max_num=2**62, max_mem=float("inf"), no_dist=True).path
 
 
 def gguf_to_hf(gguf_file: str, out_dir: str) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from lightrft_lightning import LightRFTFake, checkpoint
 from lightrft_lightning.checkpoint import CheckpointError
+from lightrft_lightning.checkpoint.dcp import quiet_single_process, write_crc
 from lightrft_lightning.tiny_models import tiny_causal_lm
 
 PWNED = Path("/tmp/lightrft_lightning_pwned")
@@ -122,7 +123,7 @@ def test_pickle_payload_in_an_entry_is_refused(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     forged = tmp_path / "forged"
-    with checkpoint._single_process_quiet():
+    with quiet_single_process():
         dcp.save({"model": {"evil": _Payload()}}, checkpoint_id=str(forged), no_dist=True)
     PWNED.unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match=r"'model\.evil'.*weights_only=True refuses"):
@@ -137,7 +138,7 @@ def test_pickle_payload_in_extra_state_is_refused(tmp_path):
     buffer = io.BytesIO()
     torch.save({"scheduler": _Payload()}, buffer)
     (path / checkpoint.EXTRA_STATE).write_bytes(buffer.getvalue())
-    checkpoint._write_crc(path, 0, names=[checkpoint.EXTRA_STATE])
+    write_crc(path, 0, names=[checkpoint.EXTRA_STATE])
     PWNED.unlink(missing_ok=True)
     strategy, model = fresh()
     with pytest.raises(CheckpointError, match=r"extra_state\.pt cannot be loaded with weights_only=True"):
@@ -206,3 +207,25 @@ def test_engine_that_fails_to_wake_leaves_training_state_untouched(tmp_path):
     after = [v for s in module.optimizers().optimizer.state.values() for v in s.values()]
     assert len(optim) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(optim, after))
     assert checkpoint.read_latest(tmp_path) == "global_step2"  # the last good checkpoint stays the latest
+
+
+def test_publish_fsyncs_the_directory_after_the_rename_and_after_latest(tmp_path, monkeypatch):
+    """Durability: the rename and ``latest`` are fsynced on the directory; DCP's shards are fsynced
+    once (by DCP's ``FileSystemWriter(sync_files=True)``), not again by the writer."""
+    strategy, model = fresh()
+    real_fsync = os.fsync
+    synced: list[tuple[Path, bool, bool, object]] = []
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((path, path.is_dir(), (tmp_path / "ck").is_dir(), checkpoint.read_latest(tmp_path)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = Path(strategy.save_ckpt(model, str(tmp_path), tag="ck"))
+    root_syncs = [(published, latest) for p, is_dir, published, latest in synced if is_dir and p == tmp_path]
+    assert (True, None) in root_syncs  # after the rename, before latest
+    assert root_syncs[-1] == (True, "ck")  # after latest
+    shards = [p for p, *_ in synced if p.suffix == ".distcp"]
+    assert shards and len(shards) == len(set(shards)) == len(list(path.glob("*.distcp")))
+    assert any(p.name == checkpoint.EXTRA_STATE for p, *_ in synced)  # the writer's own files are synced

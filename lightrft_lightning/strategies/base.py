@@ -63,6 +63,7 @@ from lightrft_lightning.strategies.lightrft_engines import (  # noqa: F401  (re-
 log = logging.getLogger(__name__)
 
 ReduceOp = str
+TRAIN_STATES = "lightrft_train_states"  # the key of the strategy's step counters in a Lightning checkpoint
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
@@ -506,7 +507,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             save_latest=save_latest,
             is_rank_0=self.is_rank_0(),
             barrier=self._barrier,
-        )
+        ).path
 
     def load_ckpt(
         self,
@@ -572,6 +573,46 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             optim_state_dict=state.get("optimizer", {}),
             options=StateDictOptions(strict=strict),
         )
+
+    def train_states_dict(self) -> dict[str, dict[str, Any]]:
+        """The step counters of each model of the ``LightningModule`` this strategy trains, by submodule
+        name, with the state of a scheduler the strategy steps that Lightning does not save. Stored
+        once per Lightning checkpoint, under :data:`TRAIN_STATES`."""
+        module = getattr(self, "lightning_module", None)
+        if module is None:
+            return {}
+        lightning_schedulers = {id(c.scheduler) for c in getattr(self, "lr_scheduler_configs", [])}
+        out = {}
+        for name, sub in module.named_modules():
+            state = self._train_states.get(id(sub))
+            if state is not None:
+                scheduler = state.scheduler if id(state.scheduler) not in lightning_schedulers else None
+                out[name] = {**state.counters(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        return out
+
+    def load_train_states_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        """Restore what :meth:`train_states_dict` returned into the models of the ``LightningModule``."""
+        module = self.lightning_module
+        for name, values in states.items():
+            try:
+                sub = module.get_submodule(name)
+            except AttributeError:
+                continue
+            state = self._state(sub)
+            state.load_counters(values)
+            if values.get("scheduler") is not None and state.scheduler is not None:
+                state.scheduler.load_state_dict(values["scheduler"])
+
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Lightning's (``checkpoint_io`` writes it on rank 0), with :meth:`train_states_dict`."""
+        checkpoint_dict[TRAIN_STATES] = self.train_states_dict()
+        super().save_checkpoint(checkpoint_dict, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Lightning's, restoring the step counters :meth:`save_checkpoint` stored."""
+        loaded = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        self.load_train_states_dict(loaded.pop(TRAIN_STATES, {}))
+        return loaded
 
     # ------------------------------------------------------------------ export
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -43,7 +42,7 @@ from torch.optim import Optimizer
 from lightrft_lightning import checkpoint, lightning_api
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.lightning_api import unwrap_optimizer
-from lightrft_lightning.strategies.base import StrategyBase, lightrft_config, lightrft_load_args
+from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config, lightrft_load_args
 from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -570,12 +569,15 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         tag = tag or f"global_step{state.steps}"
         extra = {"client_state": client_state or {}, "train_state": state.counters()}
         engine = self._engine(model)
-        engine.save_checkpoint(save_dir, tag=tag, client_state=extra, save_latest=save_latest,
-                               exclude_frozen_parameters=kwargs.get("exclude_frozen_parameters", False))
-        if self.is_rank_0():
-            checkpoint.rotate(Path(save_dir), max_num=max_num, max_mem=max_mem, keep={tag}, is_checkpoint=_is_ds_tag)
-        self._barrier()
-        return str(Path(save_dir) / tag)
+        exclude_frozen = kwargs.get("exclude_frozen_parameters", False)
+
+        def fill(tmp: Path) -> None:
+            engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra, save_latest=False,
+                                   exclude_frozen_parameters=exclude_frozen)
+
+        options = checkpoint.Publish(latest=save_latest, max_num=max_num, max_mem=max_mem, is_checkpoint=_is_ds_tag)
+        return checkpoint.write_checkpoint(Path(save_dir) / tag, fill, options, is_rank_0=self.is_rank_0(),
+                                           barrier=self._barrier).path
 
     def load_ckpt(
         self,
@@ -616,27 +618,33 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if scheduler is not None:
             self._engine(model).lr_scheduler = scheduler
 
-    def save_checkpoint(self, checkpoint_dict: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint_dict: dict, filepath: Any,
+                        storage_options: Optional[checkpoint.Publish] = None) -> checkpoint.SaveHandle:
         """Lightning checkpoint: a DCP directory ``filepath`` laid out as under ``LightRFTFSDP`` (the
-        module's full ``state_dict``, keyed as on every backend, and the Trainer's state in
-        ``extra_state.pt``), plus one DeepSpeed checkpoint per training engine in
+        module's full ``state_dict``, keyed as on every backend, and the Trainer's state and step
+        counters in ``extra_state.pt``), plus one DeepSpeed checkpoint per training engine in
         ``filepath/<child name>/`` (partitioned weights, optimizer and engine state), which resuming
-        loads. Frozen children are in ``state_dict`` only."""
-        if storage_options is not None:
-            raise TypeError("LightRFTDeepSpeed.save_checkpoint: storage_options is not supported (DeepSpeed writes the files)")
+        loads, written through the checkpoint writer. Frozen children are in ``state_dict`` only.
+        ``storage_options`` may be a :class:`~lightrft_lightning.checkpoint.Publish` (not asynchronous:
+        DeepSpeed writes its files synchronously)."""
+        options = checkpoint.Publish.of(storage_options, type(self).__name__)
+        if options.async_save:
+            raise ValueError("LightRFTDeepSpeed.save_checkpoint: Publish.async_save=True is not supported (DeepSpeed "
+                             "writes its checkpoints synchronously); accepted: async_save=False")
         path = Path(self.broadcast(str(filepath)))
         dcp_state = {"state_dict": checkpoint_dict.pop("state_dict", {})}
         checkpoint_dict.pop("optimizer_states", None)
-        checkpoint_dict["lightrft_train_states"] = {
-            name: self._state(handle.module).counters() for name, handle in self._training_handles()
-        }
-        checkpoint.save(str(path.parent), path.name, dcp_state, extra=checkpoint_dict, max_num=sys.maxsize,
-                        max_mem=float("inf"), save_latest=False, is_rank_0=self.is_global_zero, barrier=self.barrier)
-        for name, handle in self._training_handles():
-            # a LoRA model's frozen base is rebuilt from its model: its engine saves the adapters
-            handle.engine.save_checkpoint(str(path / name), tag="checkpoint",
-                                          exclude_frozen_parameters=self.exclude_frozen_parameters
-                                          or has_lora(handle.module))
+        checkpoint_dict[TRAIN_STATES] = self.train_states_dict()
+
+        def fill(tmp: Path) -> None:
+            checkpoint.write_dcp(tmp, dcp_state, checkpoint_dict, is_rank_0=self.is_global_zero)
+            for name, handle in self._training_handles():
+                # a LoRA model's frozen base is rebuilt from its model: its engine saves the adapters
+                handle.engine.save_checkpoint(str(tmp / name), tag="checkpoint",
+                                              exclude_frozen_parameters=self.exclude_frozen_parameters
+                                              or has_lora(handle.module))
+
+        return checkpoint.write_checkpoint(path, fill, options, is_rank_0=self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint` into the engines (optimizer states only
@@ -646,7 +654,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             raise FileNotFoundError(f"{path} is not a LightRFTDeepSpeed checkpoint: {path / checkpoint.EXTRA_STATE} is missing")
         extra = checkpoint.load_extra(str(path))
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        counters = extra.pop("lightrft_train_states", {})
         for name, handle in self._training_handles():
             directory = path / name
             if not (directory / checkpoint.LATEST).is_file():
@@ -658,8 +665,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                     load_module_strict=self.lightning_module.strict_loading and not has_lora(handle.module))
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")
-            if name in counters:
-                self._state(handle.module).load_counters(counters[name])
+        self.load_train_states_dict(extra.pop(TRAIN_STATES, {}))
         return extra
 
     def _training_handles(self) -> list[tuple[str, DeepSpeedModel]]:
@@ -778,17 +784,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
 
 DeepspeedStrategy = LightRFTDeepSpeed  # LightRFT's name
-
-
-def export_hf_from_checkpoint(checkpoint_dir: str, model: nn.Module, output_dir: str, tag: Optional[str] = None) -> None:
-    """Convert a DeepSpeed checkpoint of ``model`` (any ZeRO stage, any world size) to a Hugging Face
-    safetensors directory with DeepSpeed's ``zero_to_fp32``, in one process, without a process group.
-    ``model`` gives the architecture and config (its weights are not used)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
 
 
 def _load_zero3_weights(engine: Any, load_dir: str, tag: Optional[str]) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +31,7 @@ from lightrft_lightning.parallel import fsdp2
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.lightning_api import unwrap_optimizer
-from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
+from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
 
 class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     """FSDP2 strategy with the LightRFT API; registered with Lightning as ``"lightrft_fsdp"``.
@@ -289,20 +288,21 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         assert self.model is not None
         return get_optimizer_state_dict(self.model, unwrap_optimizer(optimizer))
 
-    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath: Any,
+                        storage_options: Optional[checkpoint.Publish] = None) -> checkpoint.SaveHandle:
         """Write a Lightning checkpoint as a DCP directory ``filepath`` (model and optimizers sharded,
-        the rest in its ``extra_state.pt``)."""
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        the rest and the step counters in its ``extra_state.pt``) through the checkpoint writer;
+        ``storage_options`` may be a :class:`~lightrft_lightning.checkpoint.Publish`."""
+        options = checkpoint.Publish.of(storage_options, type(self).__name__)
         path = Path(self.broadcast(str(filepath)))
-        checkpoint_dict["lightrft_train_states"] = {
-            name: state.counters() for name, state in self._named_train_states()
-        }
+        checkpoint_dict[TRAIN_STATES] = self.train_states_dict()
         dcp_state = {"state_dict": checkpoint_dict.pop("state_dict")}
         for idx, state in enumerate(checkpoint_dict.pop("optimizer_states", [])):
             dcp_state[f"optimizer_{idx}"] = state
-        checkpoint.save(str(path.parent), path.name, dcp_state, extra=checkpoint_dict, max_num=sys.maxsize,
-                        max_mem=float("inf"), save_latest=False, is_rank_0=self.is_global_zero, barrier=self.barrier)
+        return checkpoint.write_checkpoint(
+            path, lambda tmp: checkpoint.write_dcp(tmp, dcp_state, checkpoint_dict, async_save=options.async_save,
+                                                   is_rank_0=self.is_global_zero),
+            options, is_rank_0=self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint` into the sharded model and optimizers
@@ -321,16 +321,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=strict))
         for idx, opt in enumerate(optimizers):
             set_optimizer_state_dict(self.model, opt, template[f"optimizer_{idx}"])
-        for name, counters in extra.pop("lightrft_train_states", {}).items():
-            self._state(self.model.get_submodule(name)).load_counters(counters)
+        self.load_train_states_dict(extra.pop(TRAIN_STATES, {}))
         return extra
-
-    def _named_train_states(self) -> Iterator[tuple[str, Any]]:
-        assert self.model is not None
-        for name, module in self.model.named_modules():
-            if id(module) in self._train_states:
-                yield name, self._train_states[id(module)]
-
 
 FSDPV2Strategy = LightRFTFSDP  # LightRFT's name
 

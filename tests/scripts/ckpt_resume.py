@@ -38,18 +38,18 @@ def arm_kill(point: str) -> None:
     """SIGKILL rank 1 during the save of step 4."""
     if int(os.environ["RANK"]) != 1:
         return
-    import lightrft_lightning.callbacks.dcp_checkpoint as module
+    import lightrft_lightning.checkpoint.publish as module
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "publish":
-        real = module.DCPCheckpoint._publish
+        real = module.place
 
-        def publish(self, trainer, tag, tmp, final):
-            die() if tag == "global_step4" else real(self, trainer, tag, tmp, final)
+        def place(tmp, final, *args, **kwargs):
+            die() if final.name == "global_step4" else real(tmp, final, *args, **kwargs)
 
-        module.DCPCheckpoint._publish = publish
+        module.place = place
     else:  # "write": while the shards are written
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
 

@@ -2,7 +2,7 @@
 
 For each ZeRO stage: train, ``save_ckpt``, keep training (reference losses), then a fresh model and
 strategy ``load_ckpt`` and must reproduce those losses; rotation keeps ``max_num`` tags; the HF
-export (``save_model`` with GatheredParameters, and ``export_hf_from_checkpoint`` with zero_to_fp32)
+export (``save_model`` with GatheredParameters, and ``convert.deepspeed_to_hf`` with zero_to_fp32)
 loads in transformers with the engine's logits; a frozen model prepared for inference gives the
 logits of the unprepared model; a checkpoint holding an arbitrary pickle is refused. Every check raises on failure; rank 0 prints a JSON summary.
 """
@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightrft_lightning import get_strategy
-from lightrft_lightning.strategies.deepspeed import DeepSpeedModel, export_hf_from_checkpoint
+from lightrft_lightning.convert import deepspeed_to_hf
+from lightrft_lightning.strategies.deepspeed import DeepSpeedModel
 from lightrft_lightning.tiny_models import tiny_causal_lm
 from tests.launch import report
 
@@ -92,7 +93,7 @@ def check(stage: int, root: Path) -> dict:
         assert any(f.suffix == ".safetensors" for f in hf_dir.iterdir())
         with torch.no_grad():
             export_diff = (hf(input_ids=ids).logits - logits).abs().max().item()
-        export_hf_from_checkpoint(str(ckpt), tiny_causal_lm(seed=5), str(z2f_dir))
+        deepspeed_to_hf(str(ckpt), str(z2f_dir), str(hf_dir))  # hf_dir: the model's config
         from_ckpt = AutoModelForCausalLM.from_pretrained(str(z2f_dir)).eval()
     # the checkpoint holds the weights as of global_step2, which model2 has moved away from: compare to a reload
     strategy3, model3, _, _ = build(stage)

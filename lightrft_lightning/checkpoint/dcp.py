@@ -1,13 +1,15 @@
-"""DCP checkpoint directories: atomic save, ``latest`` pointer, rotation, integrity checks and a
-pickle-safe load.
+"""Reading DCP checkpoint directories, and their integrity: CRC-32 records, a pickle-safe load, the
+template-free loader and the errors that explain a refused checkpoint. The only module that uses
+``torch.distributed.checkpoint``'s private names.
 
-Layout of ``save_dir``::
+Layout of a checkpoint directory (written by :mod:`lightrft_lightning.checkpoint.publish`)::
 
-    latest                  text file holding the tag of the newest complete checkpoint
     <tag>/.metadata         torch.distributed.checkpoint metadata
     <tag>/__*_*.distcp      DCP shards (model and optimizer state, sharded or not)
     <tag>/extra_state.pt    scheduler, step counters and client state (tensors and plain types)
     <tag>/.crc32-<rank>     CRC-32 of the files rank <rank> wrote, checked before loading
+
+and ``latest`` next to the tag directories holds the tag of the newest complete checkpoint.
 
 Nothing here unpickles arbitrary objects: ``.metadata`` goes through an unpickler that only builds
 DCP's own metadata classes, and every other pickle loads with ``torch.load(weights_only=True)``.
@@ -17,24 +19,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
-import shutil
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -121,167 +120,6 @@ class _SafeFullLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
     """Rebuilds the whole saved state dict from the metadata (one process), refusing arbitrary pickles."""
 
 
-# ---------------------------------------------------------------------- saving
-@dataclass
-class _Pending:
-    """Asynchronous saves started inside :func:`async_saves` and not finished yet."""
-
-    futures: list[Any] = field(default_factory=list)
-    finishers: list[Callable[[], None]] = field(default_factory=list)
-
-    def wait(self) -> None:
-        """Wait for the files, then rename them into place and move ``latest`` (in save order)."""
-        futures, finishers = self.futures, self.finishers
-        self.futures, self.finishers = [], []
-        for future in futures:
-            future.result()
-        for finish in finishers:
-            finish()
-
-    def __bool__(self) -> bool:
-        return bool(self.futures or self.finishers)
-
-
-_ASYNC: Optional[_Pending] = None
-_ASYNC_GROUP: Any = None
-_BACKGROUND: Optional[ThreadPoolExecutor] = None
-
-
-def _background() -> ThreadPoolExecutor:
-    global _BACKGROUND
-    if _BACKGROUND is None:
-        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightrft-ckpt")
-    return _BACKGROUND
-
-
-@contextmanager
-def async_saves(pending: _Pending) -> Iterator[_Pending]:
-    """Inside this block :func:`save` writes with ``torch.distributed.checkpoint.async_save`` and
-    returns once the state is staged in memory; ``pending.wait()`` finishes the saves (every rank
-    must call it). Strategies that save through :func:`save` become asynchronous unchanged."""
-    global _ASYNC
-    previous, _ASYNC = _ASYNC, pending
-    try:
-        yield pending
-    finally:
-        _ASYNC = previous
-
-
-def save(
-    save_dir: str,
-    tag: str,
-    dcp_state: dict[str, Any],
-    extra: dict[str, Any],
-    *,
-    max_num: int = 3,
-    max_mem: float = 1000,
-    save_latest: bool = True,
-    is_rank_0: bool = True,
-    barrier: Callable[[], None] = lambda: None,
-    no_dist: bool = False,
-) -> str:
-    """Write ``dcp_state`` (every rank) and ``extra`` (rank 0) into ``save_dir/tag``. Files go to a
-    hidden temporary directory that is renamed once complete; ``latest`` moves after that.
-    ``no_dist`` writes from this process alone even when a process group exists."""
-    root = Path(save_dir)
-    final, tmp = root / tag, root / f".tmp-{tag}"
-    if is_rank_0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank()
-
-    def write_rest() -> None:
-        _write_crc(tmp, rank)
-        if is_rank_0:
-            torch.save(extra, tmp / EXTRA_STATE)
-            _write_crc(tmp, rank, names=[EXTRA_STATE])
-            _fsync_dir(tmp)
-
-    def publish() -> None:
-        barrier()
-        if is_rank_0:
-            _replace_dir(tmp, final)
-            if save_latest:
-                write_latest(root, tag)
-            rotate(root, max_num=max_num, max_mem=max_mem, keep={tag})
-        barrier()
-
-    with _single_process_quiet():
-        if _ASYNC is None:
-            dcp.save(dcp_state, checkpoint_id=str(tmp), no_dist=no_dist)
-            write_rest()
-            publish()
-        else:
-            written = dcp.async_save(dcp_state, checkpoint_id=str(tmp), no_dist=no_dist,
-                                     process_group=None if no_dist else _async_group())
-            # checksums and fsync in the background too; only the renames (collective) wait for wait()
-            _ASYNC.futures.append(_background().submit(lambda: (written.result(), write_rest())))
-            _ASYNC.finishers.append(publish)
-    return str(final)
-
-
-def _async_group() -> Any:
-    """A gloo group of its own for async saves, so their background collectives never interleave
-    with training collectives on the default group."""
-    global _ASYNC_GROUP
-    if _ASYNC_GROUP is None and dist.is_initialized():
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.parent / f".old-{dst.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
-
-
-def write_latest(root: Path, tag: str) -> None:
-    """Point ``root/latest`` at ``tag`` with an atomic replace."""
-    tmp = Path(root) / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(root) / LATEST)
-
-
-def read_latest(root: Path) -> Optional[str]:
-    """The tag ``root/latest`` names, or None."""
-    pointer = Path(root) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
-
-
-def rotate(root: Path, max_num: int, max_mem: float, keep: set[str],
-           is_checkpoint: Optional[Callable[[Path], bool]] = None) -> list[str]:
-    """Delete the oldest complete checkpoints until at most ``max_num`` remain and they use at most
-    ``max_mem`` GB; tags in ``keep`` and the one ``latest`` names are never deleted.
-    ``is_checkpoint`` tells a checkpoint directory (default: a DCP one, with ``.metadata``)."""
-    root = Path(root)
-    is_checkpoint = is_checkpoint or (lambda p: (p / METADATA).exists())
-    latest = read_latest(root)
-    protected = set(keep) | ({latest} if latest else set())
-    tags = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_checkpoint(p)),
-        key=lambda p: p.stat().st_mtime,
-    )
-    sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in tags}
-    removed = []
-    for path in list(tags):
-        too_many = len(tags) > max_num
-        too_big = sum(sizes[p] for p in tags) > max_mem * 1024**3
-        if not (too_many or too_big):
-            break
-        if path.name in protected:
-            continue
-        shutil.rmtree(path)
-        tags.remove(path)
-        removed.append(path.name)
-    return removed
-
-
 # ---------------------------------------------------------------------- loading
 def resolve(load_dir: str, tag: Optional[str] = None) -> str:
     """The checkpoint directory for ``tag`` (default: the one ``latest`` names), checked to be complete."""
@@ -320,7 +158,7 @@ def verify(path: str) -> None:
             size = file.stat().st_size
             if size < needed.get(name, 0):
                 raise CheckpointError(f"checkpoint file {file} is truncated: {size} bytes, the metadata needs {needed[name]}")
-            if name in crcs and _crc32(file) != crcs[name]:
+            if name in crcs and crc32(file) != crcs[name]:
                 raise CheckpointError(f"checkpoint file {file} is corrupted: its CRC-32 differs from the one saved with it")
     except CheckpointError as err:
         error = str(err)
@@ -336,7 +174,7 @@ def load(path: str, dcp_state: dict[str, Any]) -> dict[str, Any]:
     """Load DCP shards into ``dcp_state`` in place (pickle-safe, verified first) and return the extra state."""
     verify(path)
     try:
-        with _single_process_quiet():
+        with quiet_single_process():
             dcp.load(dcp_state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as err:  # DCP wraps per-rank failures (a BaseException)
         raise CheckpointError(f"loading checkpoint {path} failed: {_explain(err, path, dcp_state)}") from err
@@ -360,7 +198,7 @@ def load_full(path: str, keys: Optional[set[str]] = None) -> dict[str, Any]:
     verify(path)
     state: dict[str, Any] = {}
     try:
-        with _single_process_quiet():
+        with quiet_single_process():
             _load_state_dict(state, storage_reader=SafeFileSystemReader(path),
                              planner=_SafeFullLoadPlanner(keys=keys), no_dist=True)
     except (Exception, CheckpointException) as err:
@@ -385,8 +223,6 @@ def _explain(err: Exception, path: str, dcp_state: dict[str, Any]) -> str:
     """DCP's message for a missing key is terse; list what the model expects and the checkpoint lacks."""
     try:
         metadata = SafeFileSystemReader(path).read_metadata()
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
         flat, _ = flatten_state_dict(dcp_state)
         missing = sorted(set(flat) - set(metadata.state_dict_metadata))
         mismatched = sorted(
@@ -408,47 +244,15 @@ def _explain(err: Exception, path: str, dcp_state: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------- Lightning CheckpointIO
-try:
-    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _CheckpointIO
-except ImportError:  # pragma: no cover - lightning is a dependency
-    _CheckpointIO = object  # type: ignore[assignment,misc]
+# ---------------------------------------------------------------------- integrity and helpers
+def read_latest(root: Path) -> Optional[str]:
+    """The tag ``root/latest`` names, or None."""
+    pointer = Path(root) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
-class DCPCheckpointIO(_CheckpointIO):  # type: ignore[misc,valid-type]
-    """Lightning ``CheckpointIO`` that writes a checkpoint as a DCP directory (weights and optimizer
-    states as DCP shards, the rest in ``extra_state.pt``) from one process, atomically, and reads
-    it back without a template. For single-process strategies (``LightRFTFake``):
-    ``Trainer(plugins=[DCPCheckpointIO()])``."""
-
-    TENSOR_KEYS = ("state_dict", "optimizer_states")
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError("DCPCheckpointIO.save_checkpoint: storage_options is not supported")
-        path = Path(path)
-        dcp_state = {k: checkpoint[k] for k in self.TENSOR_KEYS if k in checkpoint}
-        extra = {k: v for k, v in checkpoint.items() if k not in dcp_state}
-        save(str(path.parent), path.name, dcp_state, extra, max_num=2**62, max_mem=float("inf"),
-             save_latest=False, no_dist=True)
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = str(path)
-        if not (Path(path) / METADATA).is_file():
-            raise FileNotFoundError(f"{path} is not a DCP checkpoint directory: {Path(path) / METADATA} is missing")
-        checkpoint = load_extra(path)
-        checkpoint.update(load_full(path))
-        for opt in checkpoint.get("optimizer_states", []):
-            # DCP stores dict keys as strings; torch optimizers key their state by parameter index
-            opt["state"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in opt.get("state", {}).items()}
-        return checkpoint
-
-    def remove_checkpoint(self, path: Any) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- helpers
-def _crc32(file: Path, chunk: int = 16 * 2**20) -> int:
+def crc32(file: Path, chunk: int = 16 * 2**20) -> int:
+    """The CRC-32 of ``file``, read in chunks."""
     crc = 0
     with open(file, "rb") as f:
         while block := f.read(chunk):
@@ -456,24 +260,19 @@ def _crc32(file: Path, chunk: int = 16 * 2**20) -> int:
     return crc
 
 
-def _write_crc(directory: Path, rank: int, names: Optional[list[str]] = None) -> None:
-    """Record the CRC-32 of the shards this rank wrote (``__<rank>_*``) or of ``names``."""
+def write_crc(directory: Path, rank: int, names: Optional[list[str]] = None) -> list[Path]:
+    """Record the CRC-32 of the shards rank ``rank`` wrote (``__<rank>_*``) or of ``names`` in
+    ``directory``, for :func:`verify`. Returns the file written (none when there is nothing to record)."""
     files = [directory / n for n in names] if names else sorted(directory.glob(f"__{rank}_*"))
     if not files:
-        return
+        return []
     target = directory / f"{CRC_PREFIX}{rank}{'-' + '-'.join(names) if names else ''}"
-    target.write_text(json.dumps({f.name: _crc32(f) for f in files}))
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+    target.write_text(json.dumps({f.name: crc32(f) for f in files}))
+    return [target]
 
 
 @contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def quiet_single_process() -> Iterator[None]:
     """DCP warns on every call without a process group; one process is a supported case here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
