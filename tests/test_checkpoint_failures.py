@@ -229,3 +229,36 @@ def test_publish_fsyncs_the_directory_after_the_rename_and_after_latest(tmp_path
     shards = [p for p, *_ in synced if p.suffix == ".distcp"]
     assert shards and len(shards) == len(set(shards)) == len(list(path.glob("*.distcp")))
     assert any(p.name == checkpoint.EXTRA_STATE for p, *_ in synced)  # the writer's own files are synced
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_async_save_stages_through_pinned_memory_on_cuda(cuda, monkeypatch):
+    # issue 29 risk 9: DCP's default stager copies into pageable memory (CUDA cannot run here)
+    from lightrft_lightning.checkpoint import publish
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    options = publish.staging_options()
+    assert (options.use_pinned_memory, options.use_non_blocking_copy) == (cuda, cuda)
+    assert not options.use_async_staging  # staged before the save returns: training may change weights after
+
+
+def test_async_save_uses_the_stager_and_reloads(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    from lightrft_lightning.checkpoint import publish
+
+    staged = []
+    real_async_save = publish.dcp.async_save
+
+    def record(*args, async_stager=None, **kwargs):
+        staged.append(async_stager)
+        return real_async_save(*args, async_stager=async_stager, **kwargs)
+
+    monkeypatch.setattr(publish.dcp, "async_save", record)
+    model = tiny_causal_lm(seed=0)
+    for tag in ("a", "b"):
+        checkpoint.save(str(tmp_path), tag, {"model": model.state_dict()}, {}, async_save=True, no_dist=True).wait()
+    assert isinstance(staged[0], DefaultStager) and staged[1] is staged[0]  # one stager, buffers reused
+    reloaded = {"model": tiny_causal_lm(seed=1).state_dict()}
+    checkpoint.load(str(tmp_path / "b"), reloaded)
+    assert all(torch.equal(reloaded["model"][k], v) for k, v in model.state_dict().items())

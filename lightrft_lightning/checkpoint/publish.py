@@ -168,7 +168,7 @@ def write_dcp(tmp: Path, dcp_state: dict[str, Any], extra: dict[str, Any], *, as
             write_rest()
             return None
         written = dcp.async_save(dcp_state, checkpoint_id=str(tmp), no_dist=no_dist,
-                                 process_group=None if no_dist else _async_group())
+                                 process_group=None if no_dist else _async_group(), async_stager=_stager())
     return _background().submit(lambda: (written.result(), write_rest()))
 
 
@@ -186,6 +186,29 @@ def save(save_dir: str, tag: str, dcp_state: dict[str, Any], extra: dict[str, An
 
 _ASYNC_GROUP: Any = None
 _BACKGROUND: Optional[ThreadPoolExecutor] = None
+_STAGER: Any = None
+
+
+def staging_options() -> Any:
+    """How an async save copies the state off the device before returning: on CUDA into pinned host
+    buffers with non-blocking copies (DCP's default stager copies into pageable memory, a slow synchronous
+    copy on every save); on CPU a plain copy. Staging itself stays synchronous, so training may change the
+    weights as soon as the save returns."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    cuda = torch.cuda.is_available()
+    return StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                          use_non_blocking_copy=cuda)
+
+
+def _stager() -> Any:
+    """One stager per process: its pinned buffers are reused by the next save."""
+    global _STAGER
+    if _STAGER is None:
+        from torch.distributed.checkpoint.staging import DefaultStager
+
+        _STAGER = DefaultStager(staging_options())
+    return _STAGER
 
 
 def _background() -> ThreadPoolExecutor:
