@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -28,6 +29,7 @@ class StrategyConfig:
     # added with `register_strategy`); None picks "fsdp" when `fsdp` is true, else "deepspeed"
     strategy: Optional[str] = None
     seed: int = 42
+    # this process's device index when a launcher passes --local_rank (DeepSpeed's); -1: $LOCAL_RANK
     local_rank: int = -1
     dist_timeout_minutes: float = 30.0
 
@@ -139,6 +141,10 @@ class StrategyConfig:
         return self.extra_args.get(name, default)
 
     # ------------------------------------------------------------------ derived values
+    def device_index(self) -> int:
+        """The local device of this process: ``local_rank`` when a launcher gave it, else ``$LOCAL_RANK`` (0)."""
+        return self.local_rank if self.local_rank >= 0 else int(os.environ.get("LOCAL_RANK", "0"))
+
     @property
     def precision(self) -> str:
         """"bf16", "fp16" or "fp32", from ``bf16`` / ``fp16``."""

@@ -39,3 +39,20 @@ def test_collectives_run_where_the_group_serves_the_tensor(monkeypatch, backend,
     monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert process_group.collective_device(torch.device(device)).type == expected
+
+
+def test_a_launchers_local_rank_picks_the_device(monkeypatch):
+    # DeepSpeed's launcher passes --local_rank (LightRFT's args.local_rank); torchrun sets $LOCAL_RANK
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    class Standalone(StrategyBase):
+        def _create_engine_groups(self) -> None:
+            pass
+
+    Standalone({"train_batch_size": 2, "local_rank": 3}).setup_distributed()
+    assert calls["device"] == 3

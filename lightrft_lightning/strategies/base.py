@@ -166,12 +166,13 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
     # ------------------------------------------------------------------ process group
     def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
         """Seed every RNG and, when launched with several processes, join the process group and build
-        the engine groups. ``num_gpu_per_node`` (LightRFT's) is not needed: ``LOCAL_RANK`` gives the device."""
+        the engine groups. ``num_gpu_per_node`` (LightRFT's) is not needed: the device is
+        ``StrategyConfig.local_rank`` (a launcher's ``--local_rank``), else ``$LOCAL_RANK``."""
         seed_everything(self.config.seed, verbose=False)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             timeout = timeout or timedelta(minutes=self.config.dist_timeout_minutes)
             if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.config.device_index())
             backend = process_group.default_backend("cuda" if torch.cuda.is_available() else "cpu")
             dist.init_process_group(backend=backend, timeout=timeout)
         self._create_engine_groups()

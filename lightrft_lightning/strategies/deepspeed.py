@@ -278,7 +278,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()), RANK="0",
                               WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.config.device_index())
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=timeout or timedelta(minutes=self.config.dist_timeout_minutes),

@@ -182,7 +182,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def local_rank(self) -> int:
         if self.cluster_environment is not None:
             return self.cluster_environment.local_rank()
-        return int(os.environ.get("LOCAL_RANK", 0))
+        return self.config.device_index()
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
