@@ -6,7 +6,8 @@ strategies, callbacks and algorithms do not.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE as DEEPSPEED_AVAILABLE
@@ -22,6 +23,7 @@ __all__ = [
     "should_update_logs",
     "before_optimizer_step",
     "manual_step_progress",
+    "one_global_step",
     "resuming_from_checkpoint",
     "restore_modules_and_callbacks",
     "unwrap_optimizer",
@@ -56,6 +58,19 @@ def before_optimizer_step(precision_plugin: Any, module: pl.LightningModule, opt
 def manual_step_progress(trainer: "pl.Trainer") -> Any:
     """The progress tracker whose ``total.completed`` is ``global_step`` under manual optimization."""
     return trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+
+
+@contextlib.contextmanager
+def one_global_step(trainer: "pl.Trainer") -> Iterator[None]:
+    """Under manual optimization, make ``global_step`` move by exactly one over the block, however many
+    optimizers stepped inside it (Lightning #17958 counts each ``optimizer.step()``)."""
+    progress = manual_step_progress(trainer)
+    target = progress.total.completed + 1
+    yield
+    delta = target - progress.total.completed
+    for tracker in (progress.total, progress.current):
+        tracker.ready += delta
+        tracker.completed += delta
 
 
 def resuming_from_checkpoint(trainer: "pl.Trainer") -> bool:

@@ -379,10 +379,16 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     # ------------------------------------------------------------------ training step
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning)."""
-        if args and isinstance(args[0], nn.Module):
-            model, optimizer = args[0], (args[1] if len(args) > 1 else kwargs.pop("optimizer", None))
+        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning);
+        :func:`is_lightrft_call` tells them apart."""
+        if is_lightrft_call(args, kwargs):
+            model = args[0] if args else kwargs.pop("model")
+            optimizer = args[1] if len(args) > 1 else kwargs.pop("optimizer", None)
             return self._lightrft_backward(loss, model, optimizer)
+        return self._lightning_backward(loss, *args, **kwargs)
+
+    def _lightning_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Backend hook: the Lightning shape (Lightning's own by default)."""
         return super().backward(loss, *args, **kwargs)  # type: ignore[misc]
 
     def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
@@ -409,9 +415,14 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         """``optimizer_step(optimizer, model, scheduler, name=...)`` (LightRFT) or
         ``optimizer_step(optimizer, closure, model)`` (Lightning). The LightRFT shape returns
         whether the optimizer stepped."""
-        if args and isinstance(args[0], nn.Module):
+        if is_lightrft_call(args, kwargs):
+            model = args[0] if args else kwargs.pop("model")
             scheduler = args[1] if len(args) > 1 else kwargs.pop("scheduler", None)
-            return self._lightrft_optimizer_step(optimizer, args[0], scheduler, kwargs.get("name", "model"))
+            return self._lightrft_optimizer_step(optimizer, model, scheduler, kwargs.get("name", "model"))
+        return self._lightning_optimizer_step(optimizer, *args, **kwargs)
+
+    def _lightning_optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """Backend hook: the Lightning shape (Lightning's own by default)."""
         return super().optimizer_step(optimizer, *args, **kwargs)  # type: ignore[misc]
 
     def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
@@ -742,14 +753,18 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         module = self.lightning_module  # type: ignore[attr-defined]
         if module is None or module.automatic_optimization:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
-        progress = lightning_api.manual_step_progress(module.trainer)
-        target = progress.total.completed + 1
-        out = super().training_step(*args, **kwargs)  # type: ignore[misc]
-        delta = target - progress.total.completed
-        for tracker in (progress.total, progress.current):
-            tracker.ready += delta
-            tracker.completed += delta
-        return out
+        with lightning_api.one_global_step(module.trainer):
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+
+def is_lightrft_call(args: tuple, kwargs: dict) -> bool:
+    """The one place that tells the two call shapes of ``backward`` / ``optimizer_step`` apart: LightRFT
+    passes the model second (``backward(loss, model, optimizer)``, ``optimizer_step(optimizer, model,
+    scheduler)``, or ``model=`` / ``scheduler=`` by keyword); Lightning passes an optimizer or a closure
+    there (``backward(loss, optimizer)``, ``optimizer_step(optimizer, closure, model=...)``)."""
+    if args:
+        return isinstance(args[0], nn.Module)
+    return "closure" not in kwargs and (isinstance(kwargs.get("model"), nn.Module) or "scheduler" in kwargs)
 
 
 def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:

@@ -422,11 +422,9 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return True
 
     # ------------------------------------------------------------------ Lightning training step
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning,
-        ``manual_backward``): the engine is the optimizer's, or the one the loss depends on."""
-        if args and isinstance(args[0], nn.Module):
-            return super().backward(loss, *args, **kwargs)
+    def _lightning_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``backward(loss, optimizer)`` (``manual_backward``, automatic optimization): the engine is the
+        optimizer's, or the one the loss depends on."""
         optimizer = args[0] if args else kwargs.pop("optimizer", None)
         module = self.lightning_module
         self.pre_backward(loss)
@@ -440,11 +438,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self.post_backward(loss)
         return loss
 
-    def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        """``optimizer_step(optimizer, model, scheduler)`` (LightRFT) or
-        ``optimizer_step(optimizer, closure, model)`` (Lightning): steps the optimizer's engine."""
-        if (args and isinstance(args[0], nn.Module)) or "scheduler" in kwargs:
-            return super().optimizer_step(optimizer, *args, **kwargs)
+    def _lightning_optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """``optimizer_step(optimizer, closure, model)`` (``LightningOptimizer.step``): steps the optimizer's engine."""
         closure = args[0] if args else kwargs.pop("closure")
         model = (args[1] if len(args) > 1 else kwargs.pop("model", None)) or self.lightning_module
         closure()
