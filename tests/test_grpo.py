@@ -105,7 +105,7 @@ def test_samples_with_zero_advantage_are_not_forwarded_and_change_nothing(loss_a
         return rec.metrics[0], rows, grads
 
     metrics, rows, grads = run()
-    monkeypatch.setattr("lightrft_lightning.algorithms.base._with_advantage", lambda mask, advantages: mask)
+    monkeypatch.setattr("lightrft_lightning.algorithms.module.with_advantage", lambda mask, advantages: mask)
     full_metrics, full_rows, full_grads = run()
     assert 0 < metrics["groups/all_tied"] < 1
     assert sum(rows) < sum(full_rows), (rows, full_rows)
