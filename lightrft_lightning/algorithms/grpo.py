@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -14,7 +13,6 @@ from lightrft_lightning.algorithms.losses import ClippedPolicyLoss, kl_loss
 from lightrft_lightning.algorithms.module import RLModule
 
 
-@dataclass
 class GRPOLoss(ClippedPolicyLoss):
     """GRPO's whole loss: the clipped policy term plus ``kl_coef`` x KL to the reference (unless the KL
     goes into the reward, ``kl_in_reward``), both aggregated by ``loss_agg``."""

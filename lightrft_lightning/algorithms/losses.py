@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -65,7 +64,6 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3",
     return aggregate(kl_penalty(logp, ref_logp, estimator), mask, agg, **agg_kwargs)
 
 
-@dataclass
 class ClippedPolicyLoss:
     """The clipped policy term and the KL settings GRPO's and PPO's losses share.
 
@@ -78,12 +76,11 @@ class ClippedPolicyLoss:
             per-sequence means) or "constant" (Dr.GRPO: token sums / max_new_tokens).
     """
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in_reward: bool = False
-    loss_agg: str = "token"
+    def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 kl_in_reward: bool = False, loss_agg: str = "token") -> None:
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.kl_coef, self.kl_estimator, self.kl_in_reward = kl_coef, kl_estimator, kl_in_reward
+        self.loss_agg = loss_agg
 
     def check(self, owner: str) -> None:
         """Raise on a bad field, naming it as ``owner.field``."""

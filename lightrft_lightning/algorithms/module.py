@@ -147,10 +147,10 @@ class RLModule(pl.LightningModule):
     with the checkpoint.
 
     Args:
+        loss: the algorithm's loss (:class:`~lightrft_lightning.algorithms.grpo.GRPOLoss`...).
         policy: the actor (and tokenizer) to train.
         rollout: prompt rows to scored experience.
         advantages: the advantage estimator and reward/advantage shaping.
-        loss: the algorithm's loss (:class:`~lightrft_lightning.algorithms.grpo.GRPOLoss`...).
         training: batch sizes, passes and the learning-rate schedule.
         val_samples: besides the greedy completion (``val/accuracy``), sample this many completions per
             validation prompt at ``val_temperature`` (``val/mean@n``); 0: greedy only.
@@ -161,18 +161,15 @@ class RLModule(pl.LightningModule):
 
     advantage_estimators: tuple[str, ...] = tuple(e for e in ESTIMATORS if e != "gae")
 
-    def __init__(self, policy: Optional[Policy] = None, rollout: Optional[Rollout] = None,
-                 advantages: Optional[Advantages] = None, loss: Optional[ClippedPolicyLoss] = None,
-                 training: Optional[Training] = None, val_samples: int = 0, val_temperature: float = 1.0) -> None:
+    def __init__(self, loss: ClippedPolicyLoss, policy: Optional[Policy] = None, rollout: Optional[Rollout] = None,
+                 advantages: Optional[Advantages] = None, training: Optional[Training] = None, val_samples: int = 0,
+                 val_temperature: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "rollout", "advantages", "loss", "training"])
         owner = type(self).__name__
         self.policy = policy or Policy()
         self.rollout = rollout or Rollout()
         self.advantages = advantages or Advantages()
-        if loss is None:
-            raise ValueError(f"{owner}.loss is None; accepted: a loss object such as "
-                             "lightrft_lightning.algorithms.GRPOLoss")
         self.loss = loss
         self.training_settings = training or Training()
         self.val_samples, self.val_temperature = val_samples, val_temperature
@@ -195,6 +192,8 @@ class RLModule(pl.LightningModule):
         self.automatic_optimization = False
         self.tokenizer, self.actor, self.ref, self.lora = self.policy.build(self.loss.has_reference, owner)
         self.rollout.bind(self.tokenizer)
+        for name, module in self.rollout.modules().items():
+            self.add_module(name, module)
 
     @property
     def has_reference(self) -> bool:

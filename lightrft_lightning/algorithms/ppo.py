@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -42,16 +41,18 @@ class CriticModel(nn.Module):
         return self.value_head(hidden.float()).squeeze(-1)
 
 
-@dataclass
 class PPOLoss(ClippedPolicyLoss):
     """PPO's loss: the clipped policy term (the KL is in the per-token reward) and the clipped value
     loss, each aggregated by ``loss_agg``.
 
     Args:
         value_clip: values move at most this far from the rollout's values (None: no clipping).
+        **kwargs: the arguments of :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`.
     """
 
-    value_clip: Optional[float] = 0.2
+    def __init__(self, value_clip: Optional[float] = 0.2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.value_clip = value_clip
 
     def __call__(self, logp: Tensor, mb: Experience, mask: Tensor, **agg: Any) -> tuple[Tensor, dict[str, float]]:
         """The policy term of one micro-batch from the actor's ``logp`` on it, and its metrics."""

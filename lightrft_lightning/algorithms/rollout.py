@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.rewards import CombinedReward
@@ -67,6 +67,11 @@ class Rollout:
         """Take the policy's tokenizer and build the reward functions (after the policy: same RNG order)."""
         self.tokenizer = tokenizer
         self.reward_fn = CombinedReward(self.rewards)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules the rollout runs (reward models): the learner makes them its children, so that
+        Lightning and the strategy place, wrap and checkpoint them with the others."""
+        return {"reward_fn": self.reward_fn}
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(n=self.n_samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
