@@ -325,7 +325,8 @@ class Advantages:
                              f"{', '.join(RETURN_ESTIMATORS)}; accepted: the default 1.0 with another estimator")
         if self.dynamic_sampling and n_samples_per_prompt < 2:
             raise ValueError(f"{owner}.dynamic_sampling=True needs prompt groups: n_samples_per_prompt="
-                             f"{n_samples_per_prompt!r}; accepted: n_samples_per_prompt >= 2, or dynamic_sampling=False")
+                             f"{n_samples_per_prompt!r}; accepted: n_samples_per_prompt >= 2, or "
+                             "dynamic_sampling=False")
 
     def shape_rewards(self, rewards: Tensor, lengths: Tensor, max_new_tokens: int, metrics: dict,
                       reduce: Optional[SumFn] = None) -> Tensor:

@@ -91,7 +91,8 @@ class ClippedPolicyLoss:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise ValueError(f"{owner}.kl_coef={value!r} is invalid; accepted: a number >= 0 (finite)")
         if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError(f"{owner} clip_low={self.clip_low!r}, clip_high={self.clip_high!r}; accepted: numbers >= 0")
+            raise ValueError(f"{owner} clip_low={self.clip_low!r}, clip_high={self.clip_high!r}; accepted: "
+                             "numbers >= 0")
 
     @property
     def has_reference(self) -> bool:

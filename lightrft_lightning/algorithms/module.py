@@ -224,7 +224,8 @@ class RLModule(pl.LightningModule):
 
         if any(isinstance(cb, RolloutEngineCallback) for cb in self.trainer.callbacks):
             return []
-        return [RolloutEngineCallback(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)]
+        return [RolloutEngineCallback(pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)]
 
     def setup(self, stage: str) -> None:
         strategy, owner = self.trainer.strategy, type(self).__name__
@@ -280,7 +281,8 @@ class RLModule(pl.LightningModule):
         total = self.num_optimizer_steps() if t.lr_scheduler == "cosine" or t.lr_warmup_ratio > 0 else 0
         warmup = math.ceil(total * t.lr_warmup_ratio)
         if t.lr_scheduler == "cosine":
-            scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=t.min_lr_ratio)
+            scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total,
+                                                                    min_lr_rate=t.min_lr_ratio)
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
         return {"scheduler": scheduler, "interval": "step", "name": f"{name}/lr"}
