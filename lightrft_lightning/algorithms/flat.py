@@ -61,6 +61,47 @@ def flat_parts(
     ``estimator``; the shaping settings), the loss (kl_coef, kl_estimator, kl_in_reward,
     loss_agg: ``loss`` builds it from them) and :class:`~lightrft_lightning.algorithms.module.Training`
     (the batch sizes, epochs, learning rate and schedule); val_samples and val_temperature are RLModule's own.
+    The parts' docstrings say more.
+
+    Args:
+        loss: builds the loss from kl_coef, kl_estimator, kl_in_reward and loss_agg.
+        model: "tiny", a built-in name ("smollm2-135m-instruct") or a local Hugging Face directory.
+        tokenizer: "char", a built-in model name or a local directory (None: the model's own).
+        tokenizer_chars: the characters of the "char" tokenizer.
+        model_config: overrides of the tiny model's config.
+        rewards: {"package.module:function" or reward-model directory: weight}.
+        n_samples_per_prompt: completions sampled per prompt.
+        max_new_tokens: sampling: the longest completion.
+        temperature: sampling temperature (also of the trained log-probs).
+        top_p: sampling nucleus.
+        micro_train_batch_size: samples per forward/backward.
+        train_batch_size: samples per optimizer step over all ranks (None: a whole rollout).
+        epochs: optimization passes over each rollout.
+        actor_learning_rate: AdamW learning rate of the policy.
+        advantage_estimator: the advantage estimator (see ``ESTIMATORS`` in ``algorithms.advantages``).
+        kl_coef: weight of KL(policy || reference); 0 builds no reference model.
+        kl_estimator: "k1", "k2" or "k3".
+        kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
+        loss_agg: "token" (DAPO), "sequence" or "constant" (Dr.GRPO).
+        micro_rollout_batch_size: samples per no-grad scoring forward (None: micro_train_batch_size).
+        lr_scheduler: "constant" or "cosine", after warmup.
+        lr_warmup_ratio: the fraction of the optimizer steps with a linear warmup from 0.
+        min_lr_ratio: where the cosine ends, as a fraction of the learning rate.
+        gradient_checkpointing: recompute layer activations in the backward pass.
+        apply_chat_template: render "prompt" rows with the tokenizer's chat template.
+        val_samples: sampled validation completions per prompt besides the greedy one (0: greedy only).
+        val_temperature: the temperature of those samples.
+        sample_every_n_steps: write a few samples to samples.jsonl every this many steps (0: never).
+        reward_clip: clip sequence rewards to [-reward_clip, reward_clip] (0: off).
+        reward_running_norm: divide rewards by the running std of all rewards seen.
+        reward_running_norm_minus_mean: also subtract their running mean.
+        advantages_norm: whiten the advantages over the response tokens of all ranks.
+        advantage_clip: clip advantages to [-advantage_clip, advantage_clip] (0: off).
+        overlong_buffer: DAPO's soft overlong punishment.
+        overlong_buffer_len: its buffer, in tokens before max_new_tokens.
+        overlong_buffer_penalty_factor: its largest penalty.
+        dynamic_sampling: leave prompt groups whose rewards all tie out of the loss.
+        lora: {r, alpha, dropout, target_modules}: train LoRA adapters of the actor.
     """
     return {
         "policy": Policy(model=model, tokenizer=tokenizer, tokenizer_chars=tokenizer_chars, model_config=model_config,
