@@ -15,7 +15,7 @@ from typing import Any, Optional
 from lightning.pytorch.cli import LightningCLI
 
 import lightrft_lightning  # noqa: F401  (registers the strategies by name)
-from lightrft_lightning.algorithms.base import RLModule
+from lightrft_lightning.algorithms.module import RLModule
 from lightrft_lightning.data import PromptDataModule
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining argv and

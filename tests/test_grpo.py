@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightrft_lightning import LightRFTFake
-from lightrft_lightning.algorithms import GRPO, PPO
+from lightrft_lightning.algorithms import (GRPO, PPO, Advantages, Experience, GRPOLoss, Policy, RLModule, Rollout,
+                                           Training)
+from lightrft_lightning.engines.base import Completion
 from lightrft_lightning.data import PromptDataModule
 from lightrft_lightning.tasks import counting_prompts
 from tests.launch import torchrun
@@ -105,7 +107,7 @@ def test_samples_with_zero_advantage_are_not_forwarded_and_change_nothing(loss_a
         return rec.metrics[0], rows, grads
 
     metrics, rows, grads = run()
-    monkeypatch.setattr("lightrft_lightning.algorithms.base._with_advantage", lambda mask, advantages: mask)
+    monkeypatch.setattr("lightrft_lightning.algorithms.module.with_advantage", lambda mask, advantages: mask)
     full_metrics, full_rows, full_grads = run()
     assert 0 < metrics["groups/all_tied"] < 1
     assert sum(rows) < sum(full_rows), (rows, full_rows)
@@ -142,6 +144,55 @@ def test_bad_hyperparameters_name_the_field():
         GRPO(loss_agg="sum")
     with pytest.raises(ValueError, match="SamplingParams.top_p"):
         GRPO(top_p=0.0)
+
+
+def test_rlmodule_from_parts_trains_exactly_as_grpo_from_flat_arguments():
+    """``GRPO(**flat)`` is ``RLModule`` with a ``GRPOLoss`` and the parts its flat arguments name."""
+    flat = dict(n_samples_per_prompt=4, micro_train_batch_size=8, train_batch_size=16, kl_coef=0.1, kl_estimator="k2",
+                advantage_estimator="rloo", reward_clip=0.9, lr_scheduler="cosine", lr_warmup_ratio=0.2)
+    parts = dict(
+        loss=GRPOLoss(clip_high=0.28, kl_coef=0.1, kl_estimator="k2"),
+        policy=Policy(tokenizer_chars="0123456789", model_config={"hidden_size": 64, "intermediate_size": 128}),
+        rollout=Rollout(n_samples_per_prompt=4, max_new_tokens=4),
+        advantages=Advantages(estimator="rloo", reward_clip=0.9),
+        training=Training(micro_train_batch_size=8, train_batch_size=16, actor_learning_rate=3e-3,
+                          lr_scheduler="cosine", lr_warmup_ratio=0.2))
+    runs = []
+    for build in (lambda: tiny_grpo(**flat), lambda: RLModule(**parts)):
+        pl.seed_everything(0, verbose=False)
+        model = build()
+        _, rec = fit(model, PromptDataModule(prompts=counting_prompts(64), batch_size=4), 3)
+        steps = [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/", "rollout/"))} for m in rec.metrics]
+        runs.append((steps, [p.detach().clone() for p in model.actor.parameters()]))
+    (flat_steps, flat_params), (part_steps, part_params) = runs
+    assert flat_steps == part_steps and flat_steps[0]["kl"] >= 0
+    assert all(torch.equal(a, b) for a, b in zip(flat_params, part_params, strict=True))
+
+
+class ScriptedRollout(Rollout):
+    """A rollout without an engine: each prompt gets the completions "12" and "3", rewarded 1 and 0."""
+
+    def __call__(self, module, rows):
+        _, prompt_ids = self.render(rows)
+        tokens = [self.tokenizer.convert_tokens_to_ids(list(text)) for text in ("12", "3")]
+        completions = [Completion(i, tokens[j % 2]) for i in range(len(rows)) for j in range(self.n_samples_per_prompt)]
+        exp = Experience(*(t.to(module.device) for t in self._pack(prompt_ids, completions)))
+        exp.rewards = torch.tensor([1.0 - j % 2 for _ in rows for j in range(self.n_samples_per_prompt)],
+                                   device=module.device)
+        return exp, {}
+
+
+def test_the_learner_trains_on_experience_from_any_rollout():
+    pl.seed_everything(0, verbose=False)
+    model = RLModule(GRPOLoss(), Policy(tokenizer_chars="0123456789", model_config={"hidden_size": 32}),
+                     ScriptedRollout(n_samples_per_prompt=2, max_new_tokens=2),
+                     training=Training(micro_train_batch_size=8, actor_learning_rate=1e-2))
+    before = [p.detach().clone() for p in model.actor.parameters()]
+    _, rec = fit(model, PromptDataModule(prompts=counting_prompts(16), batch_size=4), 2)
+    assert [m["reward"] for m in rec.metrics] == [0.5, 0.5]
+    assert [m["response_length"] for m in rec.metrics] == [1.5, 1.5]
+    assert rec.metrics[-1]["loss/policy"] != 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.actor.parameters()))
 
 
 def test_resume_neither_replays_nor_skips_prompts(tmp_path):

@@ -13,7 +13,7 @@ from lightrft_lightning import LightRFTFake, StrategyConfig
 from lightrft_lightning.algorithms import GRPO, PPO
 from lightrft_lightning.algorithms.advantages import (RunningMoments, compute_advantages,
                                                       normalize_and_clip, overlong_penalty, tied_groups)
-from lightrft_lightning.algorithms.base import Experience
+from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.data import PromptDataModule
 from lightrft_lightning.tasks import counting_prompts
 
@@ -98,12 +98,12 @@ def test_grpo_runs_every_shaping_setting_and_writes_them_to_the_config():
     assert -0.5 <= last["overlong/penalty"] <= 0.0
     assert 0.0 <= last["dynamic_sampling/kept"] <= 1.0 and 0.0 <= last["advantage_clip_frac"] <= 1.0
     assert -0.8 <= last["reward_shaped"] <= 0.8
-    assert module.reward_moments.count == 2 * 16  # every reward of both steps (4 prompts x 4 samples)
+    assert module.advantages.moments.count == 2 * 16  # every reward of both steps (4 prompts x 4 samples)
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     restored = tiny(**settings)
     restored.on_load_checkpoint(ckpt)
-    assert restored.reward_moments.state_dict() == module.reward_moments.state_dict()
+    assert restored.advantages.moments.state_dict() == module.advantages.moments.state_dict()
 
 
 def test_dynamic_sampling_masks_tied_groups_out_of_the_loss():
@@ -111,7 +111,7 @@ def test_dynamic_sampling_masks_tied_groups_out_of_the_loss():
     exp = Experience(torch.zeros(4, 4, dtype=torch.long), torch.ones(4, 4), MASK.clone())
     exp.advantages = torch.ones_like(MASK)
     metrics = {}
-    module._shape_advantages(exp, torch.tensor([1.0, 1.0, 0.0, 1.0]), metrics)
+    module.advantages.shape_advantages(exp, torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, metrics)
     assert torch.equal(exp.action_mask[:2], torch.zeros(2, 3)) and torch.equal(exp.action_mask[2:], MASK[2:])
     assert torch.equal(exp.advantages[:2], torch.zeros(2, 3)) and metrics["dynamic_sampling/kept"] == 0.5
 

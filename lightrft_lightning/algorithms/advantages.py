@@ -6,10 +6,13 @@ are ``[batch]`` with the ``n`` samples of a prompt next to each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from lightrft_lightning.algorithms.experience import Experience
 
 SumFn = Callable[[Tensor], Tensor]
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -17,6 +20,8 @@ ESTIMATORS = ("gae", "group_norm", "grpo", "dr_grpo", "rloo", "reinforce", "rein
               "reinforce++_baseline", "cpgd")
 # estimators whose baseline is the prompt's group: a group of one sample gives every advantage 0
 GROUP_ESTIMATORS = ("group_norm", "grpo", "dr_grpo", "rloo", "reinforce_baseline", "reinforce++_baseline", "cpgd")
+# estimators whose advantages come from discounted per-token returns (``gamma``)
+RETURN_ESTIMATORS = ("gae", "reinforce", "reinforce_baseline", "reinforce++", "reinforce++_baseline")
 # LightRFT's names for the same estimator
 ALIASES = {"grpo": "group_norm"}
 
@@ -148,7 +153,7 @@ def compute_advantages(
                              "loss (kl_in_reward=False), or another estimator")
         adv = cpgd(rewards, n)[:, None] * mask
         return adv, adv
-    if estimator in ("gae", "reinforce", "reinforce_baseline", "reinforce++", "reinforce++_baseline"):
+    if estimator in RETURN_ESTIMATORS:
         if estimator in ("reinforce_baseline", "reinforce++_baseline"):
             rewards = group_norm(rewards, n, std_normalize=False)
         per_token = token_rewards(rewards, mask, kl, kl_coef)
@@ -237,3 +242,126 @@ def normalize_and_clip(advantages: Tensor, mask: Tensor, norm: bool, clip: float
         frac = counts[0] / counts[1].clamp(min=1)
         advantages = advantages.clamp(-clip, clip) * mask
     return advantages, frac
+
+
+SHAPING_FLAGS = ("reward_running_norm", "reward_running_norm_minus_mean", "advantages_norm", "overlong_buffer",
+                 "dynamic_sampling")
+SHAPING_NUMBERS = ("reward_clip", "advantage_clip", "overlong_buffer_penalty_factor")
+
+
+@dataclass
+class Advantages:
+    """How sequence rewards become token advantages: the ``estimator`` and LightRFT's shaping around it.
+
+    Shaping runs in this order: overlong penalty, running normalization, clip (on the rewards); then
+    the estimator, dynamic sampling, advantage normalization and clip.
+
+    Args:
+        estimator: see :data:`ESTIMATORS` (``"gae"`` needs a critic: PPO).
+        reward_clip: clip each sequence reward to ``[-reward_clip, reward_clip]`` (0: off; LightRFT's).
+        reward_running_norm: divide rewards by the std of all rewards seen so far (all ranks, kept in
+            checkpoints); with ``reward_running_norm_minus_mean`` also subtract their mean (LightRFT's).
+        advantages_norm: whiten the advantages over the response tokens of the rollout (all ranks).
+        advantage_clip: clip advantages to ``[-advantage_clip, advantage_clip]`` after that (0: off).
+        overlong_buffer: DAPO's soft overlong punishment: a response longer than ``max_new_tokens -
+            overlong_buffer_len`` tokens loses ``(length - that) / overlong_buffer_len x
+            overlong_buffer_penalty_factor`` reward.
+        dynamic_sampling: DAPO's dynamic sampling, with fixed batch shapes: prompt groups whose samples
+            all got the same reward are left out of the loss (their response tokens are masked, so they
+            count neither in the loss nor in its token normalizer); needs ``n_samples_per_prompt >= 2``.
+        gamma, lam: the discount (GAE, returns) and GAE's lambda.
+    """
+
+    estimator: str = "group_norm"
+    reward_clip: float = 0.0
+    reward_running_norm: bool = False
+    reward_running_norm_minus_mean: bool = False
+    advantages_norm: bool = False
+    advantage_clip: float = 0.0
+    overlong_buffer: bool = False
+    overlong_buffer_len: int = 1024
+    overlong_buffer_penalty_factor: float = 1.0
+    dynamic_sampling: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        self.moments = RunningMoments()
+
+    def shaping_settings(self) -> dict[str, object]:
+        """The shaping fields by their ``StrategyConfig`` names."""
+        return {name: getattr(self, name) for name in (*SHAPING_NUMBERS, *SHAPING_FLAGS, "overlong_buffer_len")}
+
+    def check(self, owner: str, accepted: tuple[str, ...], n_samples_per_prompt: int, max_new_tokens: int) -> None:
+        """Raise on a bad field (named ``owner.field``); ``accepted``: the estimators ``owner`` takes."""
+        if self.estimator not in accepted:
+            raise ValueError(f"{owner}.advantage_estimator={self.estimator!r} is invalid; accepted: "
+                             f"{', '.join(accepted)}")
+        check_group_size(self.estimator, n_samples_per_prompt, owner)
+        for name in SHAPING_FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is invalid; accepted: True or False")
+        for name in SHAPING_NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number >= 0 (finite)")
+        if self.reward_running_norm_minus_mean and not self.reward_running_norm:
+            raise ValueError(f"{owner}.reward_running_norm_minus_mean=True needs reward_running_norm=True; accepted: "
+                             "reward_running_norm=True, or reward_running_norm_minus_mean=False")
+        length = self.overlong_buffer_len
+        if self.overlong_buffer:
+            if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= max_new_tokens:
+                raise ValueError(f"{owner}.overlong_buffer_len={length!r} is invalid with max_new_tokens="
+                                 f"{max_new_tokens}; accepted: an integer in [1, max_new_tokens]")
+        elif length != 1024 or self.overlong_buffer_penalty_factor != 1.0:
+            raise ValueError(f"{owner}.overlong_buffer_len={length!r} / overlong_buffer_penalty_factor="
+                             f"{self.overlong_buffer_penalty_factor!r} are only used with overlong_buffer=True; "
+                             "accepted: overlong_buffer=True, or both left at their defaults (1024, 1.0)")
+        if self.lam != 0.95 and self.estimator != "gae":
+            raise ValueError(f"{owner}.lam={self.lam!r} is only used by advantage_estimator='gae'; accepted: the "
+                             "default 0.95 with another estimator")
+        if self.gamma != 1.0 and self.estimator not in RETURN_ESTIMATORS:
+            raise ValueError(f"{owner}.gamma={self.gamma!r} is only used by advantage_estimator in "
+                             f"{', '.join(RETURN_ESTIMATORS)}; accepted: the default 1.0 with another estimator")
+        if self.dynamic_sampling and n_samples_per_prompt < 2:
+            raise ValueError(f"{owner}.dynamic_sampling=True needs prompt groups: n_samples_per_prompt="
+                             f"{n_samples_per_prompt!r}; accepted: n_samples_per_prompt >= 2, or "
+                             "dynamic_sampling=False")
+
+    def shape_rewards(self, rewards: Tensor, lengths: Tensor, max_new_tokens: int, metrics: dict,
+                      reduce: Optional[SumFn] = None) -> Tensor:
+        """Overlong penalty on the response ``lengths``, running normalization, clip (each when enabled)."""
+        if self.overlong_buffer:
+            penalty = overlong_penalty(lengths, max_new_tokens, self.overlong_buffer_len,
+                                       self.overlong_buffer_penalty_factor).to(rewards.dtype)
+            rewards = rewards + penalty
+            metrics["overlong/penalty"] = float(penalty.mean())
+        if self.reward_running_norm:
+            self.moments.update(rewards, reduce)
+            std = max(self.moments.std, 1e-8)
+            rewards = (rewards - self.moments.mean) / std if self.reward_running_norm_minus_mean else rewards / std
+        if self.reward_clip > 0:
+            rewards = rewards.clamp(-self.reward_clip, self.reward_clip)
+        if self.overlong_buffer or self.reward_running_norm or self.reward_clip > 0:
+            metrics["reward_shaped"] = float(rewards.mean())
+        return rewards
+
+    def estimate(self, rewards: Tensor, mask: Tensor, n: int, kl: Optional[Tensor] = None, kl_coef: float = 0.0,
+                 values: Optional[Tensor] = None, reduce: Optional[SumFn] = None) -> tuple[Tensor, Tensor]:
+        """Token ``(advantages, returns)`` of the shaped ``rewards`` (see :func:`compute_advantages`)."""
+        return compute_advantages(self.estimator, rewards, mask, n, kl=kl, kl_coef=kl_coef, values=values,
+                                  gamma=self.gamma, lam=self.lam, reduce=reduce)
+
+    def shape_advantages(self, exp: Experience, raw_rewards: Tensor, n: int, metrics: dict,
+                         reduce: Optional[SumFn] = None) -> None:
+        """Dynamic sampling (mask the groups whose raw rewards all tie), then advantage normalization
+        and clip, on ``exp.advantages`` (and ``exp.action_mask``) in place."""
+        if self.dynamic_sampling:
+            keep = ~tied_groups(raw_rewards, n)
+            exp.action_mask = exp.action_mask * keep[:, None].to(exp.action_mask.dtype)
+            exp.advantages = exp.advantages * exp.action_mask
+            metrics["dynamic_sampling/kept"] = float(keep.float().mean())
+        exp.advantages, frac = normalize_and_clip(exp.advantages, exp.action_mask, self.advantages_norm,
+                                                  self.advantage_clip, reduce)
+        if self.advantage_clip > 0:
+            metrics["advantage_clip_frac"] = float(frac)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightrft_lightning.algorithms.advantages import kl_penalty
+from lightrft_lightning.algorithms.advantages import KL_ESTIMATORS, kl_penalty
 
 LOSS_AGGS = ("token", "sequence", "constant")
 
@@ -62,3 +62,49 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3",
             **agg_kwargs) -> Tensor:
     """KL(policy || reference) as a loss term (GRPO's "KL in the loss")."""
     return aggregate(kl_penalty(logp, ref_logp, estimator), mask, agg, **agg_kwargs)
+
+
+class ClippedPolicyLoss:
+    """The clipped policy term and the KL settings GRPO's and PPO's losses share.
+
+    Args:
+        clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]`` (DAPO's clip-higher).
+        kl_coef: weight of KL(policy || reference); 0 builds no reference model.
+        kl_estimator: "k1", "k2" or "k3".
+        kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
+        loss_agg: "token" (DAPO: mean over all tokens of the optimizer step), "sequence" (mean of
+            per-sequence means) or "constant" (Dr.GRPO: token sums / max_new_tokens).
+    """
+
+    def __init__(self, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 kl_in_reward: bool = False, loss_agg: str = "token") -> None:
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.kl_coef, self.kl_estimator, self.kl_in_reward = kl_coef, kl_estimator, kl_in_reward
+        self.loss_agg = loss_agg
+
+    def check(self, owner: str) -> None:
+        """Raise on a bad field, naming it as ``owner.field``."""
+        for name, accepted in (("kl_estimator", KL_ESTIMATORS), ("loss_agg", LOSS_AGGS)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is invalid; accepted: {', '.join(accepted)}")
+        value = self.kl_coef
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{owner}.kl_coef={value!r} is invalid; accepted: a number >= 0 (finite)")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"{owner} clip_low={self.clip_low!r}, clip_high={self.clip_high!r}; accepted: "
+                             "numbers >= 0")
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a KL reference is scored."""
+        return self.kl_coef > 0
+
+    def kl(self, logp: Tensor, ref_logp: Optional[Tensor]) -> Optional[Tensor]:
+        """Per-token KL(policy || reference) (None without a reference)."""
+        return None if ref_logp is None else kl_penalty(logp, ref_logp, self.kl_estimator)
+
+    def policy(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+               **agg_kwargs) -> tuple[Tensor, Tensor]:
+        """The clipped surrogate, aggregated by ``loss_agg``, and its clip fraction."""
+        return policy_loss(logp, old_logp, advantages, mask, self.clip_low, self.clip_high, self.loss_agg,
+                           **agg_kwargs)

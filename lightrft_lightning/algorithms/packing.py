@@ -42,7 +42,7 @@ def pack_shared_prompts(input_ids: Tensor, action_mask: Tensor, config: Any) -> 
     None when packing would not save compute under ``config`` (a Hugging Face model config: the
     attention a group's row adds against the prompt tokens it saves; a config without ``hidden_size``
     and ``num_attention_heads`` never packs), or when a row's response is empty or not one contiguous
-    span (``RLModule.log_probs`` leaves rows without a response token out before packing).
+    span (``log_probs.log_probs`` leaves rows without a response token out before packing).
     """
     mask = action_mask.detach().bool().cpu()
     ids = input_ids.detach().cpu()

@@ -1,18 +1,20 @@
-"""`PPO`: actor-critic RLHF (GAE, value clipping) as a LightningModule (manual optimization)."""
+"""`PPO`: actor-critic RLHF (GAE, value clipping): its loss, the critic, and the module built from flat arguments."""
 
 from __future__ import annotations
 
 import copy
-import time
+import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightrft_lightning.algorithms.advantages import compute_advantages
-from lightrft_lightning.algorithms.base import Experience, RLModule
+from lightrft_lightning.algorithms.experience import Experience
+from lightrft_lightning.algorithms.flat import flat_parts
+from lightrft_lightning.algorithms.losses import ClippedPolicyLoss, value_loss
+from lightrft_lightning.algorithms.module import RLModule
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
-from lightrft_lightning.algorithms.losses import value_loss
 
 
 class CriticModel(nn.Module):
@@ -39,6 +41,30 @@ class CriticModel(nn.Module):
         return self.value_head(hidden.float()).squeeze(-1)
 
 
+class PPOLoss(ClippedPolicyLoss):
+    """PPO's loss: the clipped policy term (the KL is in the per-token reward) and the clipped value
+    loss, each aggregated by ``loss_agg``.
+
+    Args:
+        value_clip: values move at most this far from the rollout's values (None: no clipping).
+        **kwargs: the arguments of :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`.
+    """
+
+    def __init__(self, value_clip: Optional[float] = 0.2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.value_clip = value_clip
+
+    def __call__(self, logp: Tensor, mb: Experience, mask: Tensor, **agg: Any) -> tuple[Tensor, dict[str, float]]:
+        """The policy term of one micro-batch from the actor's ``logp`` on it, and its metrics."""
+        old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+        loss, clip_frac = self.policy(logp, old_logp, mb.advantages, mask, **agg)
+        return loss, {"loss/policy": loss.item(), "clip_frac": clip_frac.item()}
+
+    def value(self, values: Tensor, mb: Experience, **agg: Any) -> Tensor:
+        """The value term of one micro-batch from the critic's ``values`` on it."""
+        return value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, self.loss_agg, **agg)
+
+
 class PPO(RLModule):
     """PPO with an actor, a critic (the actor's backbone plus a value head), an optional frozen reference
     and rule or reward-model rewards. Advantages by GAE on per-token rewards (the sequence reward on
@@ -50,10 +76,10 @@ class PPO(RLModule):
         clip_low, clip_high: policy ratio clip range ``[1 - clip_low, 1 + clip_high]``.
         value_clip: values move at most this far from the rollout's values (None: no clipping).
         gamma, lam: GAE discount and lambda.
-        n_samples_per_prompt, kl_in_reward, advantage_estimator, advantages_norm: as in ``RLModule``, with
-            PPO's defaults (1 sample, KL in the per-token reward, "gae", the only estimator PPO takes, and
-            whitened advantages).
-        **kwargs: the other arguments of :class:`~lightrft_lightning.algorithms.base.RLModule`.
+        n_samples_per_prompt, kl_in_reward, advantage_estimator, advantages_norm: as in
+            :func:`~lightrft_lightning.algorithms.flat.flat_parts`, with PPO's defaults (1 sample, KL in the
+            per-token reward, "gae", the only estimator PPO takes, and whitened advantages).
+        **kwargs: the other flat arguments of :func:`~lightrft_lightning.algorithms.flat.flat_parts`.
     """
 
     advantage_estimators = ("gae",)
@@ -62,60 +88,46 @@ class PPO(RLModule):
                  value_clip: Optional[float] = 0.2, gamma: float = 1.0, lam: float = 0.95,
                  n_samples_per_prompt: int = 1, kl_in_reward: bool = True, advantage_estimator: str = "gae",
                  advantages_norm: bool = True, **kwargs: Any) -> None:
-        super().__init__(n_samples_per_prompt=n_samples_per_prompt, kl_in_reward=kl_in_reward,
-                         advantage_estimator=advantage_estimator, advantages_norm=advantages_norm, **kwargs)
-        self.clip_low, self.clip_high, self.value_clip = clip_low, clip_high, value_clip
-        self.gamma, self.lam = gamma, lam
+        parts = flat_parts(functools.partial(PPOLoss, clip_low=clip_low, clip_high=clip_high, value_clip=value_clip),
+                           n_samples_per_prompt=n_samples_per_prompt, kl_in_reward=kl_in_reward,
+                           advantage_estimator=advantage_estimator, advantages_norm=advantages_norm, **kwargs)
+        parts["advantages"] = dataclasses.replace(parts["advantages"], gamma=gamma, lam=lam)
+        super().__init__(**parts)
+        self.critic_learning_rate = critic_learning_rate
         self.critic = CriticModel(copy.deepcopy(self.actor.base_model), self.actor.config.hidden_size)
-        if self.hparams.gradient_checkpointing:
+        if self.policy.gradient_checkpointing:
             self.critic.gradient_checkpointing_enable()
 
     def _strategy_settings(self) -> dict[str, Any]:
-        return {"critic_learning_rate": self.hparams.critic_learning_rate}
+        return {"critic_learning_rate": self.critic_learning_rate}
 
     def configure_optimizers(self) -> Any:
         """The actor's and the critic's AdamW, each with its learning-rate schedule."""
         actor = super().configure_optimizers()
-        critic = self.trainer.strategy.create_optimizer(self.critic, lr=self.hparams.critic_learning_rate)
+        critic = self.trainer.strategy.create_optimizer(self.critic, lr=self.critic_learning_rate)
         return [actor["optimizer"], critic], [actor["lr_scheduler"], self.lr_scheduler_config(critic, "critic")]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        hp = self.hparams
-        start = time.perf_counter()
-        exp, rewards, metrics = self._rollout(batch)
-        shaped = self._shape_rewards(rewards, exp, metrics)
+    def _estimate_advantages(self, exp: Experience, rewards: Tensor) -> Optional[Tensor]:
+        """GAE on the critic's values of the rollout; the KL is logged (and in the reward with
+        ``kl_in_reward``)."""
         with torch.no_grad():
             self.critic.eval()
             exp.values = torch.cat([self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-                                    for mb in self._micro_batches(exp, self.micro_rollout_batch_size)])
+                                    for mb in exp.micro_batches(self.training_settings.scoring_batch_size)])
             self.critic.train()
-        kl = self._kl(exp.old_logp, exp.ref_logp)
-        exp.advantages, exp.returns = compute_advantages(
-            "gae", shaped, exp.action_mask, hp.n_samples_per_prompt, kl=kl,
-            kl_coef=hp.kl_coef if hp.kl_in_reward else 0.0, values=exp.values, gamma=self.gamma, lam=self.lam)
-        self._shape_advantages(exp, rewards, metrics)
-        if kl is not None:
-            metrics["kl"] = (kl * exp.action_mask).sum() / exp.action_mask.sum()
-        self._train_and_log(exp, rewards, metrics, start)
+        kl = self.loss.kl(exp.old_logp, exp.ref_logp)
+        exp.advantages, exp.returns = self.advantages.estimate(
+            rewards, exp.action_mask, self.rollout.n_samples_per_prompt, kl=kl,
+            kl_coef=self.loss.kl_coef if self.loss.kl_in_reward else 0.0, values=exp.values)
+        return kl
 
-    def _train(self, exp: Experience) -> dict[str, Any]:
-        hp = self.hparams
-        strategy = self.trainer.strategy
+    def _train_micro_batch(self, mb: Experience, agg: dict[str, Any]) -> dict[str, float]:
+        """The actor's step on the policy term, then the critic's on the value term."""
         actor_opt, critic_opt = self.optimizers()
         actor_sched, critic_sched = self.lr_schedulers()
-        sums = {"loss/policy": 0.0, "loss/value": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        count = 0
-        for t in self._policy_terms(exp):
-            mb = t.mb
-            strategy.backward(t.loss, self.actor, actor_opt)
-            strategy.optimizer_step(actor_opt, self.actor, actor_sched, name="actor")
-            values = self.critic(mb.input_ids, mb.attention_mask)[:, :-1]
-            v_loss = value_loss(values, mb.values, mb.returns, mb.action_mask, self.value_clip, hp.loss_agg, **t.agg)
-            strategy.backward(v_loss, self.critic, critic_opt)
-            strategy.optimizer_step(critic_opt, self.critic, critic_sched, name="critic")
-            sums["loss/policy"] += t.loss.item()
-            sums["loss/value"] += v_loss.item()
-            sums["clip_frac"] += t.clip_frac
-            sums["entropy"] += t.entropy
-            count += 1
-        return {k: v / count for k, v in sums.items()}
+        logp, mask, entropy = self._actor_forward(mb)
+        loss, metrics = self.loss(logp, mb, mask, **agg)
+        self._backward_and_step(loss, self.actor, actor_opt, actor_sched, "actor")
+        v_loss = self.loss.value(self.critic(mb.input_ids, mb.attention_mask)[:, :-1], mb, **agg)
+        self._backward_and_step(v_loss, self.critic, critic_opt, critic_sched, "critic")
+        return {**metrics, "loss/value": v_loss.item(), "entropy": entropy}
