@@ -69,7 +69,9 @@ class StrategyConfig:
     engine_tp_size: int = 1
     engine_mem_util: float = 0.5
     enable_engine_sleep: bool = True
-    engine_sleep_level: int = 1
+    # None: by engine type, 2 for "vllm"/"sglang" (their weights are pushed before each rollout that
+    # follows an optimizer step: level 1 would copy them to host memory and back for nothing), 1 for "hf"
+    engine_sleep_level: Optional[int] = None
 
     # RL knobs read by the algorithms
     n_samples_per_prompt: int = 1
@@ -205,8 +207,8 @@ class StrategyConfig:
             bad("engine_tp_size", "an integer >= 1")
         if not 0 < self.engine_mem_util <= 1:
             bad("engine_mem_util", "a number in (0, 1]")
-        if self.engine_sleep_level not in ENGINE_SLEEP_LEVELS:
-            bad("engine_sleep_level", "1 (weights kept in CPU memory) or 2 (weights dropped)")
+        if self.engine_sleep_level is not None and self.engine_sleep_level not in ENGINE_SLEEP_LEVELS:
+            bad("engine_sleep_level", "None (by engine type), 1 (weights kept in CPU memory) or 2 (weights dropped)")
         if self.n_samples_per_prompt < 1:
             bad("n_samples_per_prompt", "an integer >= 1")
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:

@@ -24,6 +24,7 @@ __all__ = [
     "manual_step_progress",
     "resuming_from_checkpoint",
     "restore_modules_and_callbacks",
+    "given_precision",
 ]
 
 
@@ -65,3 +66,10 @@ def restore_modules_and_callbacks(trainer: "pl.Trainer", path: str) -> None:
     """Load the checkpoint at ``path`` into the model and the callbacks; the Trainer then restores the
     loops, optimizers and schedulers from it, as for ``fit(ckpt_path=path)``."""
     trainer._checkpoint_connector._restore_modules_and_callbacks(path)
+
+
+def given_precision(strategy: Any) -> Optional[str]:
+    """The precision flag of the plugin a Trainer (or the caller) gave ``strategy``; ``None`` when it was
+    given none (a standalone strategy, whose ``precision_plugin`` is a default ``Precision()``)."""
+    plugin = getattr(strategy, "_precision_plugin", None)
+    return None if plugin is None else str(plugin.precision)

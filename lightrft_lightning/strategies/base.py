@@ -35,7 +35,7 @@ import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -668,22 +668,6 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    # ------------------------------------------------------------------ rollout engines
-    def engines_sleep(self, engines: Optional[Iterable[Any]] = None, level: Optional[int] = None) -> None:
-        """Put rollout engines (default: the registered ones) to sleep to free memory for training;
-        a no-op when ``enable_engine_sleep`` is false."""
-        if not self.config.enable_engine_sleep:
-            return
-        for engine in _engines(engines, self.engines):
-            engine.sleep(level=level or self.config.engine_sleep_level)
-
-    def engines_wake_up(self, engines: Optional[Iterable[Any]] = None, tags: Optional[Sequence[str]] = None) -> None:
-        """Wake rollout engines (default: the registered ones) before generation."""
-        if not self.config.enable_engine_sleep:
-            return
-        for engine in _engines(engines, self.engines):
-            engine.wake_up(tags=list(tags) if tags is not None else None)
-
     # ------------------------------------------------------------------ Lightning integration
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the module's ``training_step``; under manual optimization ``global_step`` then moves
@@ -699,12 +683,6 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             tracker.ready += delta
             tracker.completed += delta
         return out
-
-
-def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:
-    if engines is None:
-        return list(default)
-    return [engines] if hasattr(engines, "sleep") else [e for e in engines if e is not None]
 
 
 def enable_gradient_checkpointing(model: nn.Module, checkpoint_kwargs: Optional[dict[str, Any]] = None) -> None:

@@ -57,6 +57,10 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
         """Seed every RNG; a fake strategy joins no process group (its engine groups are None)."""
         seed_everything(self.config.seed)
 
+    def _training_precision(self) -> str:
+        # the fake applies no precision of its own: standalone it trains in fp32 whatever config.bf16 says
+        return str(self.precision_plugin.precision)
+
     def _prepare_model(self, model: Any, optimizer: Any, train: bool) -> tuple[Any, Any]:
         return model.to(self.root_device), optimizer
 
