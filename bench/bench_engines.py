@@ -15,7 +15,7 @@
 4. ``--vllm-sync``: on the real SmolLM2-135M-Instruct, the seconds of one weight push into a real
    ``VLLMEngine`` (what the callback logs as ``rollout/sync_s``): the whole update in one
    ``reload_weights`` (``push_weights``) vs one ``reload_weights`` per bucket (``update_weights`` bucket by
-   bucket, the earlier way), buckets of ``--bucket-mb``, best of 3 interleaved pushes; the pushed weights
+   bucket, the earlier way), buckets of ``--bucket-mb``, best of 5 interleaved pushes; the pushed weights
    are checked against the actor's greedy decode.
 Times are the best of their repeats, so load from other processes on the machine disturbs them least.
 
@@ -286,8 +286,9 @@ def main_vllm_sync(args: argparse.Namespace) -> None:
 
     times: dict[str, list[float]] = {"one reload": [], "per bucket": []}
     reloads: dict[str, int] = {}
-    for _ in range(3):
-        for name, push in (("one reload", lambda: push_weights(actor, engine, bucket_bytes)), ("per bucket", per_bucket)):
+    for repeat in range(5):
+        pushes = [("one reload", lambda: push_weights(actor, engine, bucket_bytes)), ("per bucket", per_bucket)]
+        for name, push in pushes[::1 if repeat % 2 else -1]:  # alternate which goes first
             before = engine.reloads
             start = time.perf_counter()
             push()
@@ -299,7 +300,7 @@ def main_vllm_sync(args: argparse.Namespace) -> None:
                          pad_token_id=0)[0, 5:].tolist()
     size = sum(p.numel() * p.element_size() for p in actor.parameters()) / (1 << 20)
     print(f"\nweight push into VLLMEngine, SmolLM2-135M-Instruct {args.dtype} ({size:.0f} MiB), buckets of "
-          f"{args.bucket_mb} MiB, best of 3; greedy after the push equals the actor's: {out == ref}")
+          f"{args.bucket_mb} MiB, best of 5; greedy after the push equals the actor's: {out == ref}")
     for name, values in times.items():
         print(f"{name:<14}{reloads[name]:>4} reloads  sync_s {min(values):8.3f}")
 
