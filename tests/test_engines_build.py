@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 
 from lightrft_lightning import LightRFTFake, StrategyConfig
 from lightrft_lightning.callbacks import RolloutEngineCallback
-from lightrft_lightning.engines import HFEngine, VLLMEngine
+from lightrft_lightning.engines import HFEngine, SGLangEngine, VLLMEngine
 from lightrft_lightning.engines.build import DEFAULT_BUCKET_BYTES, EngineConfig, engine_config, generation_dtype
 from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed
 from lightrft_lightning.strategies.fsdp import LightRFTFSDP
@@ -74,6 +74,7 @@ def test_standalone_engine_dtype_follows_the_training_precision(strategy_class, 
     """Issue 29 risk 7: standalone, the engine's dtype came from the actor's parameters, which under
     FSDP2 are the fp32 master weights whatever ``bf16`` says; now it is the precision the actor trains in."""
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=Recording))
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=Recording))
     args = argparse.Namespace(bf16=bf16, pretrain=hf_dir, fsdp=strategy_class is LightRFTFSDP, enable_engine_sleep=False)
     strategy = strategy_class(args=args)
     actor = tiny_causal_lm(seed=1)  # fp32 parameters, as FSDP2 keeps them under bf16-mixed
@@ -81,6 +82,8 @@ def test_standalone_engine_dtype_follows_the_training_precision(strategy_class, 
     assert isinstance(hf, HFEngine) and hf.dtype == expected and hf.weights_valid
     vllm = strategy.setup_inference_engine(args, "vllm", actor=None)
     assert isinstance(vllm, VLLMEngine) and vllm.llm.kwargs["dtype"] == ("auto" if expected == torch.float32 else "bfloat16")
+    sglang = strategy.setup_inference_engine(args, "sglang", actor=None)
+    assert isinstance(sglang, SGLangEngine) and sglang.engine.kwargs["dtype"] == vllm.llm.kwargs["dtype"]
 
 
 def test_callback_follows_the_strategy_config_sleep_settings():

@@ -25,7 +25,7 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 # Lightning precision flag -> the dtype the actor computes in (others: the actor's stored dtype)
 _COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
                    "16-mixed": torch.float16, "16-true": torch.float16}
-_VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _ENGINE_FIELDS = ("engine_type", "engine_tp_size", "engine_mem_util")
 
 
@@ -154,18 +154,18 @@ def build_engine(config: EngineConfig, actor: Optional[nn.Module], *, model_path
             "(model=<path>, or args.pretrain for setup_inference_engine), engine_type='hf', or "
             "RolloutEngineCallback(engine=...)")
     level = config.sleep_level or 1  # an engine that never sleeps: its sleep level is never used
+    # explicit: the engines' "auto" takes the checkpoint's dtype, not the one the actor trains in
+    dtype = _DTYPE_NAMES.get(config.dtype or (next(actor.parameters()).dtype if actor is not None else None), "auto")
     if config.engine_type == "vllm":
         from lightrft_lightning.engines.vllm import VLLMEngine
 
-        # explicit: vLLM's "auto" takes the checkpoint's dtype, not the one the actor trains in
-        dtype = config.dtype or (next(actor.parameters()).dtype if actor is not None else None)
-        kwargs = {"dtype": _VLLM_DTYPES.get(dtype, "auto"), "eos_token_id": config.eos_token_id, **config.kwargs}
+        kwargs = {"dtype": dtype, "eos_token_id": config.eos_token_id, **config.kwargs}
         return VLLMEngine(str(path), sleep_level=level, tensor_parallel_size=config.tp_size,
                           gpu_memory_utilization=config.mem_util, seed=config.seed, **kwargs)
     from lightrft_lightning.engines.sglang import SGLangEngine
 
     return SGLangEngine(str(path), sleep_level=level, tp_size=config.tp_size, mem_fraction_static=config.mem_util,
-                        random_seed=config.seed, **config.kwargs)
+                        random_seed=config.seed, **{"dtype": dtype, **config.kwargs})
 
 
 def _hf_engine(config: EngineConfig, actor: Optional[nn.Module], device: Any, share_weights: bool) -> RolloutEngine:
