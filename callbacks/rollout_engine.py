@@ -72,7 +72,7 @@ class RolloutEngineCallback(Callback):
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.engine_kwargs = dict(engine_kwargs or {})
-        self.config: Optional[EngineConfig] = None  # derived at fit start from the strategy's config
+        self.engine_config: Optional[EngineConfig] = None  # derived at fit start from the strategy's config
         self.stats: dict[str, float] = {"pushes": 0, "bytes_pushed": 0}
         self._optimizer_steps = 0  # Lightning-shape steps (opt.step(), automatic optimization)
         self._pushed_version: Optional[int] = None
@@ -88,12 +88,12 @@ class RolloutEngineCallback(Callback):
                 raise ValueError(f"RolloutEngineCallback: engine_kwargs={self.engine_kwargs!r} would be ignored: an engine "
                                  "was given; accepted: {} with engine=, or engine_kwargs without it")
             # set nowhere else, the sleep level is the one the given engine was built with
-            self.config = self._engine_config(trainer, getattr(self.engine, "sleep_level", None))
+            self.engine_config = self._engine_config(trainer, getattr(self.engine, "sleep_level", None))
         self._pushed_version = None
         engines = getattr(trainer.strategy, "engines", None)
         if engines is not None and self.engine not in engines:
             engines.append(self.engine)
-        self._timed("sleep_s", sleep_engines, [self.engine], self.config.sleep_level)
+        self._timed("sleep_s", sleep_engines, [self.engine], self.engine_config.sleep_level)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engines = getattr(trainer.strategy, "engines", None)
@@ -109,7 +109,7 @@ class RolloutEngineCallback(Callback):
     def generate(self, pl_module: LightningModule, prompt_token_ids: Sequence[Sequence[int]],
                  params: SamplingParams) -> list[Completion]:
         """Run one rollout with the actor's current weights; see the class docstring for the order."""
-        engine, config = self.engine, self.config
+        engine, config = self.engine, self.engine_config
         if engine is None or config is None:
             raise RuntimeError("RolloutEngineCallback.generate: no engine yet; call it inside Trainer.fit "
                                "(the engine is built at fit start)")
@@ -155,11 +155,11 @@ class RolloutEngineCallback(Callback):
     def _build_engine(self, trainer: Trainer, pl_module: LightningModule) -> RolloutEngine:
         """The engine ``on_fit_start`` builds (one process holding the whole actor in the generation
         dtype: an ``HFEngine`` over the actor's own tensors, with no second copy to push into)."""
-        self.config = self._engine_config(trainer)
-        if self.config.engine_type == "hf":  # (the LightRFT calls' engine groups do read engine_tp_size)
+        self.engine_config = self._engine_config(trainer)
+        if self.engine_config.engine_type == "hf":  # (the LightRFT calls' engine groups do read engine_tp_size)
             refuse_ignored_fields(getattr(trainer.strategy, "config", None), "engine_type='hf' (the built-in HFEngine "
                                   "runs unsharded, in the trainer's memory)", ("engine_tp_size", "engine_mem_util"))
-        return build_engine(self.config, self._actor(pl_module), device=pl_module.device, share_weights=True)
+        return build_engine(self.engine_config, self._actor(pl_module), device=pl_module.device, share_weights=True)
 
     def _actor_version(self, trainer: Trainer) -> int:
         # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step

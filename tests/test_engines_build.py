@@ -91,10 +91,10 @@ def test_callback_follows_the_strategy_config_sleep_settings():
     sleep path: level 2 pushes before every rollout; enable_engine_sleep=False keeps the engine awake."""
     level2 = RolloutEngineCallback()
     fit(RolloutModule("auto", rollouts_per_step=2), level2, steps=2, config={"engine_sleep_level": 2})
-    assert level2.config.sleep_level == 2 and level2.stats["pushes"] == 4
+    assert level2.engine_config.sleep_level == 2 and level2.stats["pushes"] == 4
 
     awake = RolloutEngineCallback()
     fit(RolloutModule("auto", rollouts_per_step=2), awake, steps=2, config={"enable_engine_sleep": False})
-    assert awake.config.sleep_level is None and awake.stats["pushes"] == 2 and awake.stats["sleep_s"] < 1e-3
+    assert awake.engine_config.sleep_level is None and awake.stats["pushes"] == 2 and awake.stats["sleep_s"] < 1e-3
     with pytest.raises(ValueError, match=r"sleep_level=2 would be ignored"):
         fit(RolloutModule("auto"), RolloutEngineCallback(sleep_level=2), steps=1, config={"enable_engine_sleep": False})
