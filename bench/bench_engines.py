@@ -12,6 +12,11 @@
    3 interleaved runs; and the GRPO step time (``LightRFTFake``, the same GRPO settings) with each engine,
    the median of the steps after the first (which builds the engine). Run it in the vLLM venv:
    ``.venv-vllm/bin/python bench/bench_engines.py --vllm [--dtype float32|bfloat16]``.
+4. ``--vllm-sync``: on the real SmolLM2-135M-Instruct, the seconds of one weight push into a real
+   ``VLLMEngine`` (what the callback logs as ``rollout/sync_s``): the whole update in one
+   ``reload_weights`` (``push_weights``) vs one ``reload_weights`` per bucket (``update_weights`` bucket by
+   bucket, the earlier way), buckets of ``--bucket-mb``, best of 5 interleaved pushes; the pushed weights
+   are checked against the actor's greedy decode.
 Times are the best of their repeats, so load from other processes on the machine disturbs them least.
 
     python bench/bench_engines.py [--bucket-mb 16] [--layers 8]
@@ -260,6 +265,46 @@ def main_vllm(args: argparse.Namespace) -> None:
     print(f"GRPO: LightRFTFake, the same prompts x n x new tokens per step, one micro batch, {args.steps} steps")
 
 
+def main_vllm_sync(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightrft_lightning import pretrained
+    from lightrft_lightning.engines import RolloutEngine, VLLMEngine
+    from lightrft_lightning.engines.weight_sync import iter_weight_buckets
+
+    path = pretrained.resolve(REAL)
+    actor = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    with torch.no_grad():  # weights the engine does not hold yet, so a push must change what it generates
+        for i, p in enumerate(actor.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) * 0.01)
+    engine = VLLMEngine(path, dtype=args.dtype, enforce_eager=True, max_model_len=512)
+    bucket_bytes = args.bucket_mb << 20
+
+    def per_bucket() -> None:  # one reload per bucket
+        RolloutEngine.load_weight_buckets(engine, ((b, False) for b in iter_weight_buckets(actor, bucket_bytes)))
+        engine.finish_weight_update()
+
+    times: dict[str, list[float]] = {"one reload": [], "per bucket": []}
+    reloads: dict[str, int] = {}
+    for repeat in range(5):
+        pushes = [("one reload", lambda: push_weights(actor, engine, bucket_bytes)), ("per bucket", per_bucket)]
+        for name, push in pushes[::1 if repeat % 2 else -1]:  # alternate which goes first
+            before = engine.reloads
+            start = time.perf_counter()
+            push()
+            times[name].append(time.perf_counter() - start)
+            reloads[name] = engine.reloads - before
+    prompt = [[1, 2, 3, 4, 5]]
+    out = engine.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=8, stop_at_eos=False))[0].token_ids
+    ref = actor.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, 5:].tolist()
+    size = sum(p.numel() * p.element_size() for p in actor.parameters()) / (1 << 20)
+    print(f"\nweight push into VLLMEngine, SmolLM2-135M-Instruct {args.dtype} ({size:.0f} MiB), buckets of "
+          f"{args.bucket_mb} MiB, best of 5; greedy after the push equals the actor's: {out == ref}")
+    for name, values in times.items():
+        print(f"{name:<14}{reloads[name]:>4} reloads  sync_s {min(values):8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bucket-mb", type=int, default=16)
@@ -273,6 +318,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per engine (0: generation only)")
     parser.add_argument("--vllm-compile", action="store_true", help="let vLLM torch.compile (slow start on CPU)")
     parser.add_argument("--grpo-worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-sync", action="store_true", help="one reload per push vs per bucket (vLLM venv)")
     args = parser.parse_args()
     if args.sync_worker:
         return sync_worker(args.sync_worker, args.bucket_mb << 20, args.layers)
@@ -281,6 +327,8 @@ def main() -> None:
                            args.new_tokens)
     if args.vllm:
         return main_vllm(args)
+    if args.vllm_sync:
+        return main_vllm_sync(args)
 
     torch.set_num_threads(1)
     bucketed = run_sync("bucketed", args.bucket_mb << 20, args.layers)

@@ -3,29 +3,27 @@ wake -> push -> generate -> sleep cycle."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
-import os
 import time
 from typing import Any, Optional, Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightrft_lightning import lightning_api
-from lightrft_lightning.config import ENGINE_TYPES, StrategyConfig
-from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, _check_level
-from lightrft_lightning.engines.hf import HFEngine
-from lightrft_lightning.engines.sglang import SGLangEngine
-from lightrft_lightning.engines.vllm import VLLMEngine
+from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, check_sleep_level
+from lightrft_lightning.engines.build import (
+    EngineConfig,
+    build_engine,
+    check_bucket_bytes,
+    engine_config,
+    refuse_ignored_fields,
+)
+from lightrft_lightning.engines.sleep import sleep_engines, wake_engines
 from lightrft_lightning.engines.weight_sync import push_weights
-from lightrft_lightning.lora import has_lora
 
 log = logging.getLogger(__name__)
-_ENGINE_FIELDS = ("engine_type", "engine_tp_size", "engine_mem_util")
-_VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class RolloutEngineCallback(Callback):
@@ -39,28 +37,34 @@ class RolloutEngineCallback(Callback):
     ``sleep_s``) and ``rollout/sync_bytes`` are logged, and kept in :attr:`stats`.
 
     Args:
-        engine: the engine to drive; ``None`` builds one on each rank at fit start, filled by the first
-            push, as the strategy's ``StrategyConfig`` says: ``engine_type="hf"`` (also without a LightRFT
-            strategy): an :class:`HFEngine` from ``pl_module.<actor_attr>``'s config; ``"vllm"`` /
-            ``"sglang"``: a :class:`VLLMEngine` / :class:`SGLangEngine` of the actor's Hugging Face
-            directory with ``engine_tp_size`` and ``engine_mem_util``. With an engine given, those fields
-            must keep their defaults.
-        sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout).
-        bucket_bytes: the byte budget of one weight-streaming bucket.
+        engine: the engine to drive; ``None`` builds one on each rank at fit start with
+            :func:`~lightrft_lightning.engines.build.build_engine`, filled by the first push, as the
+            strategy's ``StrategyConfig`` says: ``engine_type="hf"`` (also without a LightRFT strategy): an
+            :class:`HFEngine` from ``pl_module.<actor_attr>``'s config; ``"vllm"`` / ``"sglang"``: a
+            :class:`VLLMEngine` / :class:`SGLangEngine` of the actor's Hugging Face directory with
+            ``engine_tp_size`` and ``engine_mem_util``. With an engine given, those fields must keep their
+            defaults. The built engine generates in the dtype the actor computes in (bf16 under a bf16
+            precision, else the actor's).
+        sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout);
+            ``None``: ``StrategyConfig.engine_sleep_level``, else a given engine's own level, else the
+            engine type's (2 for vLLM/SGLang, whose weights are pushed before each rollout after a step;
+            1 for the HF engine). With ``enable_engine_sleep=False`` the engine stays awake.
+        bucket_bytes: the byte budget of one weight-streaming bucket (default 256 MiB).
         actor_attr: the attribute of the LightningModule holding the actor.
         pad_token_id, eos_token_id: for the built ``HFEngine`` (default: the actor's config); ``eos_token_id``
             also for a built ``VLLMEngine`` (default: the model directory's config and generation config).
         engine_kwargs: more arguments of the built ``VLLMEngine`` / ``SGLangEngine`` (e.g. ``max_model_len``,
             ``kv_cache_memory_bytes``, ``enforce_eager``; any ``vllm.LLM`` / ``sglang.Engine`` argument).
-            The built vLLM engine's dtype is the generation dtype (bf16 under bf16 precision, else the actor's).
     """
 
-    def __init__(self, engine: Optional[RolloutEngine] = None, sleep_level: int = 1, bucket_bytes: int = 64 << 20,
-                 actor_attr: str = "actor", pad_token_id: Optional[int] = None,
+    def __init__(self, engine: Optional[RolloutEngine] = None, sleep_level: Optional[int] = None,
+                 bucket_bytes: Optional[int] = None, actor_attr: str = "actor", pad_token_id: Optional[int] = None,
                  eos_token_id: Optional[int | list[int]] = None, engine_kwargs: Optional[dict[str, Any]] = None) -> None:
-        if bucket_bytes < 1:
-            raise ValueError(f"RolloutEngineCallback: bucket_bytes={bucket_bytes!r} is invalid; accepted: an integer >= 1")
-        self.sleep_level = _check_level(sleep_level)
+        if bucket_bytes is not None:
+            check_bucket_bytes(bucket_bytes)
+        if sleep_level is not None:
+            check_sleep_level(sleep_level)
+        self.sleep_level = sleep_level
         self.engine = engine
         self._owns_engine = engine is None
         self.bucket_bytes = bucket_bytes
@@ -68,6 +72,7 @@ class RolloutEngineCallback(Callback):
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.engine_kwargs = dict(engine_kwargs or {})
+        self.engine_config: Optional[EngineConfig] = None  # derived at fit start from the strategy's config
         self.stats: dict[str, float] = {"pushes": 0, "bytes_pushed": 0}
         self._optimizer_steps = 0  # Lightning-shape steps (opt.step(), automatic optimization)
         self._pushed_version: Optional[int] = None
@@ -77,15 +82,18 @@ class RolloutEngineCallback(Callback):
         if self.engine is None:
             self.engine = self._build_engine(trainer, pl_module)
         else:
-            _check_engine_fields_unset(trainer, f"an engine was given ({type(self.engine).__name__})")
+            refuse_ignored_fields(getattr(trainer.strategy, "config", None),
+                                  f"an engine was given ({type(self.engine).__name__})")
             if self.engine_kwargs:
                 raise ValueError(f"RolloutEngineCallback: engine_kwargs={self.engine_kwargs!r} would be ignored: an engine "
                                  "was given; accepted: {} with engine=, or engine_kwargs without it")
+            # set nowhere else, the sleep level is the one the given engine was built with
+            self.engine_config = self._engine_config(trainer, getattr(self.engine, "sleep_level", None))
         self._pushed_version = None
         engines = getattr(trainer.strategy, "engines", None)
         if engines is not None and self.engine not in engines:
             engines.append(self.engine)
-        self._timed("sleep_s", self.engine.sleep, self.sleep_level)
+        self._timed("sleep_s", sleep_engines, [self.engine], self.engine_config.sleep_level)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engines = getattr(trainer.strategy, "engines", None)
@@ -101,29 +109,29 @@ class RolloutEngineCallback(Callback):
     def generate(self, pl_module: LightningModule, prompt_token_ids: Sequence[Sequence[int]],
                  params: SamplingParams) -> list[Completion]:
         """Run one rollout with the actor's current weights; see the class docstring for the order."""
-        engine = self.engine
-        if engine is None:
+        engine, config = self.engine, self.engine_config
+        if engine is None or config is None:
             raise RuntimeError("RolloutEngineCallback.generate: no engine yet; call it inside Trainer.fit "
                                "(the engine is built at fit start)")
         start = time.perf_counter()
-        engine.wake_up(["weights"])
+        wake_engines([engine], ["weights"])
         wake_s = time.perf_counter() - start
         version = self._actor_version(pl_module.trainer)
         try:
             if version != self._pushed_version or not getattr(engine, "weights_valid", True):
                 start = time.perf_counter()
-                nbytes = push_weights(self._actor(pl_module), engine, self.bucket_bytes, dtype=engine.dtype)
+                nbytes = push_weights(self._actor(pl_module), engine, config.bucket_bytes, dtype=engine.dtype)
                 self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
                 self.stats["pushes"] += 1
                 self.stats["bytes_pushed"] += nbytes
                 self._pushed_version = version
             else:
                 self.stats.update(sync_s=0.0, sync_bytes=0.0)
-            self._timed("wake_s", engine.wake_up, ["kv_cache"])
+            self._timed("wake_s", wake_engines, [engine], ["kv_cache"])
             self.stats["wake_s"] += wake_s
             completions = self._timed("generate_s", engine.generate, prompt_token_ids, params)
         finally:
-            self._timed("sleep_s", engine.sleep, self.sleep_level)
+            self._timed("sleep_s", sleep_engines, [engine], config.sleep_level)
         self._log(pl_module)
         return completions
 
@@ -135,54 +143,23 @@ class RolloutEngineCallback(Callback):
                              f"{type(pl_module).__name__}; accepted: the attribute holding the actor model")
         return hf_model(actor)
 
-    def _build_engine(self, trainer: Trainer, pl_module: LightningModule) -> RolloutEngine:
+    def _engine_config(self, trainer: Trainer, fallback_sleep_level: Optional[int] = None) -> EngineConfig:
+        """The strategy's ``StrategyConfig`` (if it has one) with this callback's settings, under the
+        Trainer's precision."""
         config = getattr(trainer.strategy, "config", None)
-        engine_type = config.engine_type if isinstance(config, StrategyConfig) else "hf"
-        if engine_type == "hf":
-            _check_engine_fields_unset(trainer, "engine_type='hf' (the built-in HFEngine runs unsharded, in the "
-                                       "trainer's memory)", ("engine_tp_size", "engine_mem_util"))
-            if self.engine_kwargs:
-                raise ValueError(f"RolloutEngineCallback: engine_kwargs={self.engine_kwargs!r} would be ignored: they are "
-                                 "for engine_type 'vllm'/'sglang'; accepted: {} with engine_type='hf'")
-            return self._build_hf_engine(pl_module, _generation_dtype(trainer))
-        try:
-            importlib.import_module(engine_type)
-        except ImportError as err:
-            raise ImportError(
-                f"StrategyConfig.engine_type={engine_type!r} needs the {engine_type} package, which does not import "
-                f"({err}); install it with `pip install 'lightrft-lightning[{engine_type}]'`, or use "
-                f"engine_type='hf' (built in); accepted: {', '.join(map(repr, ENGINE_TYPES))}") from err
-        path = self._actor(pl_module).config.name_or_path
-        if not path or not os.path.isdir(path):
-            raise ValueError(
-                f"StrategyConfig.engine_type={engine_type!r} loads the actor's Hugging Face directory, but the actor's "
-                f"config.name_or_path is {path!r}, not a local directory; accepted: an actor loaded from a local "
-                "directory (model=<path>), engine_type='hf', or RolloutEngineCallback(engine=...)")
-        if engine_type == "vllm":
-            dtype = _generation_dtype(trainer) or next(self._actor(pl_module).parameters()).dtype
-            kwargs = {"dtype": _VLLM_DTYPES.get(dtype, "auto"), "eos_token_id": self.eos_token_id, **self.engine_kwargs}
-            return VLLMEngine(path, sleep_level=self.sleep_level, tensor_parallel_size=config.engine_tp_size,
-                              gpu_memory_utilization=config.engine_mem_util, seed=config.seed, **kwargs)
-        return SGLangEngine(path, sleep_level=self.sleep_level, tp_size=config.engine_tp_size,
-                            mem_fraction_static=config.engine_mem_util, random_seed=config.seed,
-                            **self.engine_kwargs)
+        return engine_config(config if isinstance(config, StrategyConfig) else None, str(trainer.precision),
+                             sleep_level=self.sleep_level, fallback_sleep_level=fallback_sleep_level,
+                             bucket_bytes=self.bucket_bytes, pad_token_id=self.pad_token_id,
+                             eos_token_id=self.eos_token_id, engine_kwargs=self.engine_kwargs)
 
-    def _build_hf_engine(self, pl_module: LightningModule, dtype: Optional[torch.dtype] = None) -> HFEngine:
-        actor = self._actor(pl_module)
-        config = actor.config
-        eos = self.eos_token_id if self.eos_token_id is not None else config.eos_token_id
-        pad = self.pad_token_id
-        if pad is None:
-            pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-        dtype = dtype or next(actor.parameters()).dtype
-        kwargs = dict(pad_token_id=pad or 0, eos_token_id=eos, sleep_level=self.sleep_level, device=pl_module.device)
-        if not has_lora(actor) and all(_plain(p) and p.dtype == dtype and p.device == pl_module.device
-                                       for p in actor.parameters()):
-            # one process holds the whole actor in the engine's dtype: generate from its own tensors (no
-            # second copy of the weights; the push after each step copies nothing); a LoRA actor's engine
-            # holds the merged weights instead
-            return HFEngine(actor, share_weights=True, **kwargs)
-        return HFEngine.from_config(config, dtype=dtype, **kwargs)
+    def _build_engine(self, trainer: Trainer, pl_module: LightningModule) -> RolloutEngine:
+        """The engine ``on_fit_start`` builds (one process holding the whole actor in the generation
+        dtype: an ``HFEngine`` over the actor's own tensors, with no second copy to push into)."""
+        self.engine_config = self._engine_config(trainer)
+        if self.engine_config.engine_type == "hf":  # (the LightRFT calls' engine groups do read engine_tp_size)
+            refuse_ignored_fields(getattr(trainer.strategy, "config", None), "engine_type='hf' (the built-in HFEngine "
+                                  "runs unsharded, in the trainer's memory)", ("engine_tp_size", "engine_mem_util"))
+        return build_engine(self.engine_config, self._actor(pl_module), device=pl_module.device, share_weights=True)
 
     def _actor_version(self, trainer: Trainer) -> int:
         # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step
@@ -202,28 +179,6 @@ class RolloutEngineCallback(Callback):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
-
-
-def _plain(param: torch.Tensor) -> bool:
-    """Neither an FSDP2 shard (DTensor) nor a DeepSpeed ZeRO-3 partition."""
-    return not (hasattr(param, "full_tensor") or hasattr(param, "ds_id"))
-
-
-def _generation_dtype(trainer: Trainer) -> Optional[torch.dtype]:
-    """bf16 when training is bf16 (mixed or true): the engine generates in the precision the actor computes in."""
-    return torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
-
-
-def _check_engine_fields_unset(trainer: Trainer, reason: str, fields: Sequence[str] = _ENGINE_FIELDS) -> None:
-    """Refuse ``StrategyConfig`` engine fields that would be ignored (set away from their defaults)."""
-    config = getattr(trainer.strategy, "config", None)
-    if not isinstance(config, StrategyConfig):
-        return
-    defaults = {f.name: f.default for f in dataclasses.fields(StrategyConfig)}
-    for name in fields:
-        if getattr(config, name) != defaults[name]:
-            raise ValueError(f"StrategyConfig.{name}={getattr(config, name)!r} would be ignored: {reason}; "
-                             f"accepted: {defaults[name]!r} here, or engine_type 'vllm'/'sglang' without engine=")
 
 
 def hf_model(module: nn.Module) -> nn.Module:

@@ -72,7 +72,9 @@ class StrategyConfig:
     engine_tp_size: int = 1
     engine_mem_util: float = 0.5
     enable_engine_sleep: bool = True
-    engine_sleep_level: int = 1
+    # None: by engine type, 2 for "vllm"/"sglang" (their weights are pushed before each rollout that
+    # follows an optimizer step: level 1 would copy them to host memory and back for nothing), 1 for "hf"
+    engine_sleep_level: Optional[int] = None
 
     # RL knobs read by the algorithms
     n_samples_per_prompt: int = 1
@@ -150,6 +152,7 @@ class StrategyConfig:
         """"bf16", "fp16" or "fp32", from ``bf16`` / ``fp16``."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
+
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step: ``train_batch_size // (micro_train_batch_size * world_size)``."""
         per_step = self.micro_train_batch_size * world_size
@@ -219,8 +222,8 @@ class StrategyConfig:
             bad("engine_tp_size", "an integer >= 1")
         if not 0 < self.engine_mem_util <= 1:
             bad("engine_mem_util", "a number in (0, 1]")
-        if self.engine_sleep_level not in ENGINE_SLEEP_LEVELS:
-            bad("engine_sleep_level", "1 (weights kept in CPU memory) or 2 (weights dropped)")
+        if self.engine_sleep_level is not None and self.engine_sleep_level not in ENGINE_SLEEP_LEVELS:
+            bad("engine_sleep_level", "None (by engine type), 1 (weights kept in CPU memory) or 2 (weights dropped)")
         if self.n_samples_per_prompt < 1:
             bad("n_samples_per_prompt", "an integer >= 1")
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
@@ -234,6 +237,15 @@ class StrategyConfig:
         if self.reward_running_norm_minus_mean and not self.reward_running_norm:
             raise ValueError("StrategyConfig.reward_running_norm_minus_mean=True needs reward_running_norm=True; "
                              "accepted: reward_running_norm=True, or reward_running_norm_minus_mean=False")
+
+
+def precision_name(precision: str) -> str:
+    """"bf16", "fp16" or "fp32" for a Lightning precision flag ("bf16-mixed", "16-true", "32-true"...) or
+    one of those names."""
+    flag = str(precision)
+    if flag in ("bf16", "fp16", "fp32"):
+        return flag
+    return "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
 
 
 def _matches(value: Any, expected: Any) -> bool:

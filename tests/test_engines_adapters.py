@@ -15,7 +15,14 @@ from typing import Any, Callable, Optional, Union
 import pytest
 import torch
 
-from lightrft_lightning.engines import EngineStateError, SamplingParams, SGLangEngine, VLLMEngine, push_weights
+from lightrft_lightning.engines import (
+    EngineStateError,
+    SamplingParams,
+    SGLangEngine,
+    VLLMEngine,
+    iter_weight_buckets,
+    push_weights,
+)
 from lightrft_lightning.tiny_models import tiny_causal_lm
 
 
@@ -233,7 +240,7 @@ def test_vllm_push_order_and_prefix_cache_reset(fake_packages):
     calls = engine.llm.calls
     loads = [c for c in calls if c[0] == "load_weights"]
     assert calls[:2] == [("sleep", 2), ("wake_up", ["weights"])]
-    assert calls[2:2 + len(loads)] == loads and len(loads) > 1
+    assert calls[2:2 + len(loads)] == loads and len(loads) == 1  # one reload per push, whatever the buckets
     assert calls[2 + len(loads):] == [("reset_prefix_cache",), ("wake_up", ["kv_cache"]), ("generate", 2)]
     assert [n for c in loads for n in c[1]] == [n for n, _ in actor.named_parameters()]  # each tensor once, in order
     assert all(torch.equal(engine.llm.loaded[n], p) for n, p in actor.named_parameters())
@@ -248,13 +255,22 @@ def test_vllm_push_order_and_prefix_cache_reset(fake_packages):
 @pytest.mark.parametrize("bucket_bytes", [1, 3000, 8192, 1 << 30])
 def test_vllm_reloads_never_split_a_decoder_layer(fake_packages, bucket_bytes):
     """vLLM's in-place reload builds a fused layer (qkv, gate_up) from the tensors of one call: a layer
-    split over two reloads gets garbage (checked on real vLLM), so the tensors of the layer a bucket ends
-    in wait for the next bucket."""
+    split over two reloads gets garbage (checked on real vLLM). ``push_weights`` sends the whole update
+    in one reload (issue 29 risk 6: each reload walks every module); buckets sent one by one with
+    ``update_weights`` are reloaded one by one, the tensors of the layer a bucket ends in waiting for the next."""
     from lightrft_lightning.engines.vllm import reload_group
 
     actor = tiny_causal_lm()
     engine = VLLMEngine("/m")
     push_weights(actor, engine, bucket_bytes=bucket_bytes)
+    assert [c[1] for c in engine.llm.calls if c[0] == "load_weights"] == [[n for n, _ in actor.named_parameters()]]
+    assert engine.reloads == 1 and all(torch.equal(engine.llm.loaded[n], p) for n, p in actor.named_parameters())
+
+    engine = VLLMEngine("/m")
+    buckets = list(iter_weight_buckets(actor, bucket_bytes))
+    for index, bucket in enumerate(buckets):
+        engine.update_weights(bucket, last_bucket=index == len(buckets) - 1)
+    engine.finish_weight_update()
     loads = [c[1] for c in engine.llm.calls if c[0] == "load_weights"]
     groups = [{reload_group(n) for n in names} for names in loads]
     assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:])
@@ -263,6 +279,26 @@ def test_vllm_reloads_never_split_a_decoder_layer(fake_packages, bucket_bytes):
     assert len(loads) == engine.reloads and (len(loads) == 1) == (bucket_bytes == 1 << 30)
     assert reload_group("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
     assert reload_group("model.embed_tokens.weight") == "model.embed_tokens"
+
+
+def test_vllm_one_reload_copies_the_layer_a_bucket_ends_in(fake_packages):
+    """In the one-reload stream, a bucket's tensors may be gathered buffers the next bucket reuses, and
+    vLLM keeps a layer's tensors until the layer is complete: the split layer's tensors are copies."""
+    engine = VLLMEngine("/m")
+    buffer = torch.ones(2)
+
+    def buckets():
+        yield [("model.embed_tokens.weight", torch.ones(3)), ("model.layers.0.a.weight", buffer)], False
+        buffer.zero_()  # the next gather reuses the buffer
+        yield [("model.layers.0.b.weight", buffer)], True
+
+    engine.load_weight_buckets(buckets())
+    assert torch.equal(engine.llm.loaded["model.layers.0.a.weight"], torch.ones(2)) and engine.reloads == 1
+    assert [c[1] for c in engine.llm.calls if c[0] == "load_weights"] == [
+        ["model.embed_tokens.weight", "model.layers.0.a.weight", "model.layers.0.b.weight"]]
+    engine.sleep(2)
+    with pytest.raises(EngineStateError, match=r"load_weight_buckets: the weights are asleep"):
+        engine.load_weight_buckets(iter([]))
 
 
 def test_vllm_held_tensors_are_copies(fake_packages):

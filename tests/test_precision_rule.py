@@ -66,6 +66,6 @@ def test_the_refusal_happens_at_setup():
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_config_at_the_defaults_follows_the_trainer(name):
     strategy = STRATEGIES[name](StrategyConfig(train_batch_size=2, micro_train_batch_size=2))
-    assert strategy.training_precision() == "bf16"  # standalone: LightRFT's default
+    assert strategy.training_precision() == ("fp32" if name == "fake" else "bf16")  # standalone: the config (fake: fp32)
     assert trainer(strategy, "32-true").strategy.training_precision() == "fp32"
     assert trainer(STRATEGIES[name](StrategyConfig(train_batch_size=2)), "bf16-mixed").strategy.training_precision() == "bf16"

@@ -276,9 +276,10 @@ def test_engine_type_vllm_and_sglang_build_with_tp_size_and_memory(hf_dir, monke
                                "skip_tokenizer_init": True}  # the actor's fp32; this directory has no tokenizer
     sglang = RolloutEngineCallback()._build_engine(_trainer({**config, "engine_type": "sglang"}), module)
     assert isinstance(sglang, SGLangEngine)
+    # sleep level 2 by default for SGLang (its weights are pushed before each rollout): no CPU backup
     assert sglang.engine.kwargs == {"model_path": hf_dir, "enable_memory_saver": True,
-                                    "enable_weights_cpu_backup": True, "tp_size": 2, "mem_fraction_static": 0.3,
-                                    "random_seed": 7}
+                                    "enable_weights_cpu_backup": False, "tp_size": 2, "mem_fraction_static": 0.3,
+                                    "random_seed": 7, "dtype": "float32"}  # the actor's, as for vLLM
     with pytest.raises(ValueError, match=r"engine_type='vllm' loads the actor's Hugging Face directory, but the "
                                          r"actor's config.name_or_path is ''"):
         RolloutEngineCallback()._build_engine(_trainer({"engine_type": "vllm"}), tiny())

@@ -82,6 +82,13 @@ class RolloutEngine(ABC):
     def weights_survive_sleep(self) -> bool:
         """Whether weights are still valid after ``sleep`` at the engine's configured level."""
 
+    def load_weight_buckets(self, buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]) -> None:
+        """Load one complete weight update, streamed as ``(bucket, is_last)`` pairs: a bucket is a list of
+        (Hugging Face name, tensor) pairs, valid only until the next bucket is asked for (``push_weights``
+        gathers each bucket when it is reached). Default: one :meth:`update_weights` per bucket."""
+        for tensors, last in buckets:
+            self.update_weights(tensors, last_bucket=last)
+
     def finish_weight_update(self) -> None:
         """Called after the last bucket (engines reset their prefix cache here)."""
 
@@ -108,7 +115,7 @@ class LifecycleEngine(RolloutEngine):
     """
 
     def __init__(self, sleep_level: int = 1) -> None:
-        self.sleep_level = _check_level(sleep_level)
+        self.sleep_level = check_sleep_level(sleep_level)
         self._asleep: set[str] = set()
         self._weights_valid = True
 
@@ -144,7 +151,7 @@ class LifecycleEngine(RolloutEngine):
 
     def sleep(self, level: Optional[int] = None) -> None:
         """Free device memory at ``level`` (default: the engine's ``sleep_level``); a no-op when asleep."""
-        level = self.sleep_level if level is None else _check_level(level)
+        level = self.sleep_level if level is None else check_sleep_level(level)
         if self._asleep == set(_POOLS):
             return
         self._sleep(level)
@@ -163,11 +170,14 @@ class LifecycleEngine(RolloutEngine):
             self._asleep.difference_update(todo)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, last_bucket: bool = True) -> None:
-        if "weights" in self._asleep:
-            raise EngineStateError(f"{type(self).__name__}.update_weights: the weights are asleep; call wake_up(['weights']) first")
+        self._check_weights_awake("update_weights")
         self._load(list(named_tensors), last_bucket)
         if last_bucket:
             self._weights_valid = True
+
+    def _check_weights_awake(self, call: str) -> None:
+        if "weights" in self._asleep:
+            raise EngineStateError(f"{type(self).__name__}.{call}: the weights are asleep; call wake_up(['weights']) first")
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         name = type(self).__name__
@@ -184,13 +194,13 @@ class LifecycleEngine(RolloutEngine):
         return self._generate(prompts, params)
 
 
-def _check_level(level: int) -> int:
+def check_sleep_level(level: int) -> int:
     if level not in (1, 2):
         raise ValueError(f"sleep_level={level!r} is invalid; accepted: 1 (weights kept in CPU memory) or 2 (weights dropped)")
     return level
 
 
-def _require(package: str, extra: str) -> Any:
+def require_package(package: str, extra: str) -> Any:
     """Import an optional engine package, or say which extra installs it."""
     try:
         return importlib.import_module(package)

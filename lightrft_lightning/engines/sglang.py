@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams, _require
+from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams, require_package
 
 # our pools -> SGLang's memory tags (the CUDA graphs are released with the KV cache and come back with it)
 _TAGS = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
@@ -42,7 +42,7 @@ class SGLangEngine(LifecycleEngine):
         if engine is None:
             if model_path is None:
                 raise ValueError("SGLangEngine: pass model_path= (a local Hugging Face directory) or engine= (a sglang.Engine)")
-            sglang = _require("sglang", "sglang")
+            sglang = require_package("sglang", "sglang")
             backup = {"enable_weights_cpu_backup": self.weights_cpu_backup} if self.memory_saver else {}
             engine = sglang.Engine(model_path=model_path, enable_memory_saver=self.memory_saver, **backup, **engine_kwargs)
         self.engine = engine

@@ -10,10 +10,14 @@ on CPU; the same calls exist on CUDA):
   per prompt and repeated ``n`` times: greedy samples of one prompt are equal by definition.
 * **Weight pushes** go through the worker's own ``reload_weights(weights_iterator=...,
   is_checkpoint_format=True)`` (a method name, so no Python function crosses a process boundary and no
-  insecure serialization is needed), then ``reset_prefix_cache()``. That loader processes a layer once
-  all of its checkpoint tensors arrived (q/k/v into the fused qkv, CPU kernels repack the weights), so a
-  decoder layer must not be split over two reloads: each bucket is reloaded at once except the tensors
-  of the layer it ends in, which wait (copied) for the next bucket. The extra memory is one decoder layer.
+  insecure serialization is needed), then ``reset_prefix_cache()``. ``push_weights`` hands the whole
+  update to one reload (``load_weight_buckets``): its iterator gathers bucket by bucket while vLLM
+  consumes it, since each reload walks every module and resets caches. That loader processes a layer
+  once all of its checkpoint tensors arrived (q/k/v into the fused qkv, CPU kernels repack the
+  weights), keeping the earlier ones meanwhile, so the tensors of the decoder layer a bucket ends in are
+  copied (a bucket is valid only until the next is gathered); the extra memory is one decoder layer.
+  Buckets sent one by one with ``update_weights`` are reloaded one by one, a decoder layer never split
+  over two reloads (the tensors of the layer a bucket ends in wait, copied, for the next bucket).
 * **Colocated engines**: ``distributed_executor_backend="external_launcher"`` runs the engine in the
   trainer's process. The adapter fills the torchrun variables it reads (``RANK``, ``LOCAL_RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) from the trainer's process group (or for one
@@ -29,12 +33,12 @@ import json
 import logging
 import os
 import re
-import socket
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams, _require
+from lightrft_lightning.engines.base import Completion, EngineStateError, LifecycleEngine, SamplingParams, require_package
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -83,12 +87,6 @@ def _is_cpu_platform() -> bool:
     return bool(is_cpu()) if callable(is_cpu) else False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def launcher_env() -> Iterator[int]:
     """The variables vLLM's external launcher reads at start-up (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
@@ -112,7 +110,7 @@ def launcher_env() -> Iterator[int]:
             if int(os.environ["WORLD_SIZE"]) > 1:
                 raise RuntimeError("VLLMEngine: MASTER_PORT is not set for a multi-process run; launch with torchrun "
                                    "or Lightning's launcher, or set MASTER_ADDR/MASTER_PORT")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(find_free_network_port())
         yield int(os.environ["WORLD_SIZE"])
     finally:
         for key, value in saved.items():
@@ -205,7 +203,7 @@ class VLLMEngine(LifecycleEngine):
         if llm is None:
             if model is None:
                 raise ValueError("VLLMEngine: pass model= (a local Hugging Face directory) or llm= (a vllm.LLM)")
-            vllm = _require("vllm", "vllm")
+            vllm = require_package("vllm", "vllm")
             available = sleep_mode_available()
             if enable_sleep_mode is None:
                 enable_sleep_mode = available
@@ -275,7 +273,19 @@ class VLLMEngine(LifecycleEngine):
         if tensors:
             self._reload(tensors)
 
-    def _reload(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def load_weight_buckets(self, buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]) -> None:
+        """The whole update in one ``reload_weights`` call: its iterator gathers bucket by bucket as vLLM
+        consumes it (each reload walks every module and resets the caches, so one per update, not one per
+        bucket). vLLM keeps a layer's tensors until the layer is complete, and a bucket's tensors are
+        valid only until the next bucket is gathered: those of the layer a bucket ends in are copied."""
+        self._check_weights_awake("load_weight_buckets")
+        if self._held:
+            raise EngineStateError("VLLMEngine.load_weight_buckets: an update_weights stream is unfinished (its "
+                                   "last bucket had last_bucket=False); finish it first")
+        self._reload(_copy_split_layers(buckets))
+        self._weights_valid = True
+
+    def _reload(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # a partial reload warns about every layer it was not sent ("Failed to load weights"): expected here
         with _quiet(_RELOAD_LOGGERS):
             self.llm.collective_rpc("reload_weights",
@@ -341,7 +351,7 @@ class VLLMEngine(LifecycleEngine):
         return get_tp_group().cpu_group
 
     def _generate_all(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        vllm = _require("vllm", "vllm")
+        vllm = require_package("vllm", "vllm")
         greedy = params.temperature == 0
         n = 1 if greedy else params.n  # vLLM refuses greedy with n > 1: the n greedy samples are equal anyway
         stop = self.eos_token_ids if params.stop_at_eos else []
@@ -364,6 +374,15 @@ class VLLMEngine(LifecycleEngine):
                 logprobs = [float(step[tok].logprob) for tok, step in zip(ids, out.logprobs or [])]
                 completions.append(Completion(index, ids, logprobs, "eos" if out.finish_reason == "stop" else "length"))
         return completions
+
+
+def _copy_split_layers(buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``buckets`` as one stream, those of the decoder layer a (not last) bucket ends in
+    copied: that layer may continue in the next bucket, and vLLM holds its tensors until it is complete."""
+    for tensors, last in buckets:
+        tail = None if last or not tensors else reload_group(tensors[-1][0])
+        for name, tensor in tensors:
+            yield name, tensor.detach().clone() if reload_group(name) == tail else tensor
 
 
 def _local_model(llm: Any) -> Any:

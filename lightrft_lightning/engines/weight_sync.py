@@ -139,15 +139,24 @@ def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Option
     """Stream ``model``'s weights into ``engine`` (``None`` on ranks that hold no engine) and return
     the bytes streamed. Every rank must call it, with the same ``dtype`` (``None``: as stored), since
     the buckets, and so the gathers, must match across ranks; the engine casts to its own dtype.
-    LoRA layers arrive merged: ``W + (B @ A) * alpha / r`` under the base weight's name."""
+    LoRA layers arrive merged: ``W + (B @ A) * alpha / r`` under the base weight's name. The engine
+    takes the whole update as one stream (``load_weight_buckets``), each bucket gathered when reached."""
     buckets = plan_buckets(model, bucket_bytes, dtype)
     scalings = lora_scalings(model, hf_name) or None
     moved = 0
-    for index, bucket in enumerate(buckets):
-        with _gathered(bucket, dtype, bucket_bytes, scalings) as tensors:
-            moved += sum(t.numel() * t.element_size() for _, t in tensors)
-            if engine is not None:
-                engine.update_weights(tensors, last_bucket=index == len(buckets) - 1)
+
+    def stream() -> Iterator[tuple[Bucket, bool]]:
+        nonlocal moved
+        for index, bucket in enumerate(buckets):
+            with _gathered(bucket, dtype, bucket_bytes, scalings) as tensors:
+                moved += sum(t.numel() * t.element_size() for _, t in tensors)
+                yield tensors, index == len(buckets) - 1
+
+    source = stream()
+    if engine is not None:
+        engine.load_weight_buckets(source)
+    for _ in source:  # the gathers are collectives: every rank walks every bucket, with or without an engine
+        pass
     if engine is not None:
         engine.finish_weight_update()
     return moved

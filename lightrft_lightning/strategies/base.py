@@ -34,7 +34,7 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
-from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.config import StrategyConfig, precision_name
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.parallel.meta_init import parameters_on_meta
 from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
@@ -320,7 +320,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         if plugin is None:
             return configured
         flag = str(plugin.precision)
-        precision = "bf16" if flag.startswith("bf16") else "fp16" if flag.startswith("16") else "fp32"
+        precision = precision_name(flag)
         if self.config._precision_given and precision != configured:
             raise ValueError(f"{type(self).__name__}: Trainer(precision={flag!r}) trains in {precision}, but the "
                              f"strategy's config says {configured} (StrategyConfig.bf16={self.config.bf16}, "
@@ -730,21 +730,6 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         dist.all_gather(parts, tensor.to(device))
         return torch.cat(parts).to(tensor.device)
 
-    # ------------------------------------------------------------------ rollout engines
-    def engines_sleep(self, engines: Optional[Iterable[Any]] = None, level: Optional[int] = None) -> None:
-        """Put rollout engines (default: the registered ones) to sleep to free memory for training;
-        a no-op when ``enable_engine_sleep`` is false."""
-        if not self.config.enable_engine_sleep:
-            return
-        for engine in _engines(engines, self.engines):
-            engine.sleep(level=level or self.config.engine_sleep_level)
-
-    def engines_wake_up(self, engines: Optional[Iterable[Any]] = None, tags: Optional[Sequence[str]] = None) -> None:
-        """Wake rollout engines (default: the registered ones) before generation."""
-        if not self.config.enable_engine_sleep:
-            return
-        for engine in _engines(engines, self.engines):
-            engine.wake_up(tags=list(tags) if tags is not None else None)
 
     # ------------------------------------------------------------------ Lightning integration
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -765,12 +750,6 @@ def is_lightrft_call(args: tuple, kwargs: dict) -> bool:
     if args:
         return isinstance(args[0], nn.Module)
     return "closure" not in kwargs and (isinstance(kwargs.get("model"), nn.Module) or "scheduler" in kwargs)
-
-
-def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:
-    if engines is None:
-        return list(default)
-    return [engines] if hasattr(engines, "sleep") else [e for e in engines if e is not None]
 
 
 def enable_gradient_checkpointing(model: nn.Module, checkpoint_kwargs: Optional[dict[str, Any]] = None) -> None:

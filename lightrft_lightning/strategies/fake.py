@@ -58,6 +58,13 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
         """Seed every RNG; a fake strategy joins no process group (its engine groups are None)."""
         seed_everything(self.config.seed, verbose=False)
 
+    def training_precision(self) -> str:
+        """As on every strategy under a Trainer; standalone "fp32": the fake applies no mixed precision of
+        its own (``StrategyConfig.bf16`` is for the FSDP2 and DeepSpeed backends)."""
+        if self._precision_plugin is None:
+            return "fp32"
+        return super().training_precision()
+
     def _prepare_model(self, model: Any, optimizer: Any, train: bool) -> tuple[Any, Any]:
         return model.to(self.root_device), optimizer
 

@@ -1,18 +1,26 @@
 """LightRFT's rollout-engine calls: :class:`LightRFTEngineMixin`, thin layers over lightrft-lightning's
-engines (``HFEngine``, ``VLLMEngine``, ``SGLangEngine``) and their bucketed weight sync:
-``setup_inference_engine``, ``update_engine_weights``, ``maybe_sleep_inference_engine`` /
-``wakeup_inference_engine``, ``engine_generate_local``, ``gather_and_generate`` (over the engine's
-tensor-parallel group, ``engine_mp_group``) and ``_build_multimodal_inputs``; with the
-``GenerationOutput`` records they return and the ``SamplingParams`` conversion they accept.
+engines (built by ``engines.build``, put to sleep and woken by ``engines.sleep``) and their bucketed
+weight sync: ``setup_inference_engine``, ``update_engine_weights``, ``engines_sleep`` /
+``engines_wake_up``, ``maybe_sleep_inference_engine`` / ``wakeup_inference_engine``,
+``engine_generate_local``, ``gather_and_generate`` and ``_build_multimodal_inputs``; the engine's
+tensor-parallel groups (``engine_mp_group``); the ``GenerationOutput`` records the calls return and the
+``SamplingParams`` conversion they accept.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch.distributed as dist
+
+from lightrft_lightning.engines.build import (
+    DEFAULT_BUCKET_BYTES,
+    build_engine,
+    engine_config,
+)
+from lightrft_lightning.engines.sleep import sleep_engines, wake_engines
+from lightrft_lightning.engines.weight_sync import push_weights
 
 
 class LightRFTEngineMixin:
@@ -24,6 +32,7 @@ class LightRFTEngineMixin:
         self._inference_engine: Any = None
         self._engine_mp_group: Any = None
         self._engine_dp_group: Any = None
+        self._engine_config: Any = None  # the EngineConfig setup_inference_engine built with
 
     @property
     def inference_engine(self) -> Any:
@@ -67,76 +76,58 @@ class LightRFTEngineMixin:
                 self._engine_dp_group = group
 
     def setup_inference_engine(self, args: Any = None, engine_type: Optional[str] = None, actor: Any = None,
-                               bucket_bytes: int = 256 * 2**20) -> Any:
-        """Build this rank's rollout engine (``engine_type`` default: the config's): "hf" is the built-in
-        ``HFEngine`` from the actor's config, "vllm" / "sglang" load the Hugging Face directory of
-        ``args.pretrain`` (else the actor's ``name_or_path``) with ``engine_tp_size`` and
-        ``engine_mem_util``. With an ``actor`` its weights are pushed (a collective under FSDP/ZeRO-3),
-        then the engine sleeps if ``enable_engine_sleep``. Becomes :attr:`inference_engine`."""
-        from lightrft_lightning.config import ENGINE_TYPES
-
-        config = self._args_config(args)
-        engine_type = engine_type or config.engine_type
-        if engine_type not in ENGINE_TYPES:
-            raise ValueError(f"setup_inference_engine: engine_type={engine_type!r}; accepted: {', '.join(ENGINE_TYPES)}")
+                               bucket_bytes: Optional[int] = None) -> Any:
+        """Build this rank's rollout engine with :func:`~lightrft_lightning.engines.build.build_engine`
+        (``engine_type`` default: the config's): "hf" is the built-in ``HFEngine`` from the actor's config,
+        "vllm" / "sglang" load the Hugging Face directory of ``args.pretrain`` (else the actor's
+        ``name_or_path``) with ``engine_tp_size`` and ``engine_mem_util``. The engine generates in the
+        dtype the actor trains in (bf16 under ``bf16``). With an ``actor`` its weights are pushed (a
+        collective under FSDP/ZeRO-3) in buckets of ``bucket_bytes`` (default 256 MiB), then the engine
+        sleeps if ``enable_engine_sleep``. Becomes :attr:`inference_engine`."""
+        cfg = engine_config(self._args_config(args), self.training_precision(), engine_type=engine_type,
+                            bucket_bytes=bucket_bytes)
         module = self.unwrap_model(actor) if actor is not None else None
-        if engine_type == "hf":
-            from lightrft_lightning.engines.hf import HFEngine
-
-            if module is None:
-                raise ValueError("setup_inference_engine(engine_type='hf') builds the engine from the actor; pass actor=")
-            hf_config = module.config
-            eos = hf_config.eos_token_id
-            pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-            engine = HFEngine.from_config(hf_config, dtype=next(module.parameters()).dtype, pad_token_id=pad or 0,
-                                          eos_token_id=eos, sleep_level=config.engine_sleep_level,
-                                          device=self._accelerator_device())
-        else:
-            path = getattr(args, "pretrain", None) or (module.config.name_or_path if module is not None else None)
-            if not path or not os.path.isdir(str(path)):
-                raise ValueError(f"setup_inference_engine(engine_type={engine_type!r}) loads a local Hugging Face "
-                                 f"directory; got {path!r}; accepted: args.pretrain or an actor loaded from a directory")
-            if engine_type == "vllm":
-                from lightrft_lightning.engines.vllm import VLLMEngine
-
-                # the actor's dtype (vLLM's "auto" would run an fp32 model in bf16)
-                dtype = str(next(module.parameters()).dtype).removeprefix("torch.") if module is not None else "auto"
-                engine = VLLMEngine(str(path), sleep_level=config.engine_sleep_level,
-                                    tensor_parallel_size=config.engine_tp_size,
-                                    gpu_memory_utilization=config.engine_mem_util, seed=config.seed, dtype=dtype)
-            else:
-                from lightrft_lightning.engines.sglang import SGLangEngine
-
-                engine = SGLangEngine(str(path), sleep_level=config.engine_sleep_level, tp_size=config.engine_tp_size,
-                                      mem_fraction_static=config.engine_mem_util, random_seed=config.seed)
+        engine = build_engine(cfg, module, model_path=getattr(args, "pretrain", None),
+                              device=self._accelerator_device())
         self.inference_engine = engine
-        self._engine_bucket_bytes = bucket_bytes
+        self._engine_config = cfg
         if actor is not None:
             self.update_engine_weights(actor)
         self.maybe_sleep_inference_engine()
         return engine
 
-    _engine_bucket_bytes = 256 * 2**20
-
     def update_engine_weights(self, actor: Any) -> int:
         """Push the actor's (gathered) weights into the rollout engine bucket by bucket; every rank calls
         it. Returns the bytes pushed."""
-        from lightrft_lightning.engines.weight_sync import push_weights
-
         engine = self.inference_engine
         if engine is None:
             raise RuntimeError("update_engine_weights: no inference engine; call setup_inference_engine first")
-        if engine.is_sleeping:
-            engine.wake_up(["weights"])
-        moved = push_weights(self.unwrap_model(actor), engine, self._engine_bucket_bytes, dtype=engine.dtype)
+        self.engines_wake_up([engine], ["weights"])
+        bucket_bytes = self._engine_config.bucket_bytes if self._engine_config is not None else DEFAULT_BUCKET_BYTES
+        moved = push_weights(self.unwrap_model(actor), engine, bucket_bytes, dtype=engine.dtype)
         self._barrier()
         return moved
 
+    # ------------------------------------------------------------------ sleep and wake (one path)
+    def engines_sleep(self, engines: Optional[Iterable[Any]] = None, level: Optional[int] = None) -> None:
+        """Put rollout engines (default: the registered ones) to sleep at ``level`` (default
+        ``engine_sleep_level``, else the engine type's: 1 for "hf", 2 for "vllm"/"sglang") to free memory for
+        training; a no-op when ``enable_engine_sleep`` is false."""
+        config = self._engine_config or engine_config(self.config, self.training_precision())
+        if config.sleep_level is not None:
+            sleep_engines(_engines(engines, self.engines), level or config.sleep_level)
+
+    def engines_wake_up(self, engines: Optional[Iterable[Any]] = None, tags: Optional[Sequence[str]] = None) -> None:
+        """Wake rollout engines (default: the registered ones) before generation; ``tags``: a subset of
+        ["weights", "kv_cache"] (None: both)."""
+        wake_engines(_engines(engines, self.engines), tags)
+
     def maybe_sleep_inference_engine(self) -> None:
-        """Put the rollout engine to sleep (``engine_sleep_level``) if ``enable_engine_sleep``."""
+        """Put the rollout engine to sleep (at :meth:`engines_sleep`'s level) if ``enable_engine_sleep``;
+        then every rank meets and cached device memory is freed."""
         engine = self.inference_engine
         if engine is not None and self.config.enable_engine_sleep and not engine.is_sleeping:
-            engine.sleep(self.config.engine_sleep_level)
+            self.engines_sleep([engine])
             self.sync_and_clear_cache()
 
     def wakeup_inference_engine(self) -> None:
@@ -144,7 +135,7 @@ class LightRFTEngineMixin:
         engine = self.inference_engine
         self.sync_and_clear_cache()
         if engine is not None and engine.is_sleeping:
-            engine.wake_up()
+            self.engines_wake_up([engine])
 
     def engine_generate_local(self, sampling_params: Any, prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                               multi_modal_inputs: Any = None) -> list["GenerationOutput"]:
@@ -235,9 +226,10 @@ class LightRFTEngineMixin:
     def gather_and_generate(self, sampling_params: Any, all_prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                             all_prompts: Any = None, all_images: Any = None, sleep_engine: bool = True,
                             images_num: Any = None, all_videos: Any = None, videos_num: Any = None) -> list["GenerationOutput"]:
-        """LightRFT's rollout call: wake the engine, gather the prompts of the engine's tensor-parallel
-        group (``engine_mp_group``), generate them, and return this rank's completions; then sleep the
-        engine (``sleep_engine`` and ``enable_engine_sleep``).
+        """LightRFT's rollout call: wake the engine, generate this rank's prompts and return their
+        completions; then sleep the engine (``sleep_engine`` and ``enable_engine_sleep``). A
+        tensor-parallel vLLM engine (``engine_tp_size`` > 1, over ``engine_mp_group``) gathers the prompts of
+        its ranks itself and generates each of them once.
 
         As in LightRFT, the call is multimodal when ``all_images`` or ``all_videos`` holds an item that
         is not None; then ``all_prompts`` and the media go through :meth:`_build_multimodal_inputs`
@@ -254,19 +246,9 @@ class LightRFTEngineMixin:
         if all_prompt_token_ids is None:
             raise ValueError("gather_and_generate: all_prompt_token_ids is required (text prompts as token ids)")
         self.wakeup_inference_engine()
-        local = [list(map(int, p)) for p in all_prompt_token_ids]
-        group = self.engine_mp_group
-        group_size = dist.get_world_size(group) if group is not None else 1
-        if group_size > 1:
-            gathered: list[Any] = [None] * group_size
-            dist.all_gather_object(gathered, local, group=group)
-            prompts = [p for part in gathered for p in part]
-            start = sum(len(part) for part in gathered[:dist.get_rank(group)])
-        else:
-            prompts, start = local, 0
-        outputs = self.engine_generate_local(sampling_params, prompts)
-        n = len(outputs) // max(len(prompts), 1)
-        mine = outputs[start * n:(start + len(local)) * n]
+        # each rank passes its own prompts: an engine shared by several ranks (a tensor-parallel vLLM
+        # engine over engine_mp_group) gathers them itself, so every prompt is generated once
+        mine = self.engine_generate_local(sampling_params, all_prompt_token_ids)
         if sleep_engine:
             self.maybe_sleep_inference_engine()
         return mine
@@ -299,3 +281,9 @@ def to_sampling_params(params: Any) -> Any:
         raise ValueError(f"sampling_params: {unknown} are not supported; accepted: {', '.join(sorted(accepted))} "
                          "(and vLLM's max_tokens)")
     return SamplingParams(**values)
+
+
+def _engines(engines: Optional[Iterable[Any]], default: list[Any]) -> list[Any]:
+    if engines is None:
+        return list(default)
+    return [engines] if hasattr(engines, "sleep") else [e for e in engines if e is not None]

@@ -32,11 +32,15 @@ def test_two_ranks_each_with_its_engine_follow_the_sharded_actor(backend, model_
 
 
 def test_one_tensor_parallel_engine_over_two_ranks(model_dir):
-    """engine_tp_size > 1: the ranks of one engine ask for different prompts; the adapter gathers them."""
+    """engine_tp_size > 1: the ranks of one engine ask for different prompts; the adapter gathers them,
+    once (issue 29 risk 8)."""
     ranks = script_result(torchrun("vllm_tp.py", 2, model_dir, timeout=300))["ranks"]
     print(f"FIGURE tp=2: greedy prompts matched {sum(r['matched'] for r in ranks)}/{sum(r['prompts'] for r in ranks)}")
     assert [(r["matched"], r["prompts"], r["completions"], r["tp"]) for r in ranks] == [(2, 2, 4, 2), (3, 3, 6, 2)]
     assert max(r["max_diff"] for r in ranks) < 1e-4
+    # the engine generates each of the group's 5 prompts once, called directly or through the LightRFT
+    # strategy's gather_and_generate (which gathered them over engine_mp_group first: 10, tp^2 x 2.5 per rank)
+    assert [r["submitted"] for r in ranks] == [[5, 5], [5, 5]] and all(r["lightrft_same"] for r in ranks)
 
 
 def test_lora_grpo_steps_on_the_real_model_with_vllm():
