@@ -163,8 +163,7 @@ class RolloutEngineCallback(Callback):
 
     def _actor_version(self, trainer: Trainer) -> int:
         # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step
-        states = getattr(trainer.strategy, "_train_states", {})
-        return self._optimizer_steps + sum(state.steps for state in states.values())
+        return self._optimizer_steps + getattr(trainer.strategy, "optimizer_steps", 0)
 
     def _timed(self, key: str, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()

@@ -484,6 +484,11 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         module.log(f"{name}/skipped_steps", float(state.skipped_steps))
 
     @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken through the LightRFT call shape, over all models."""
+        return sum(s.steps for s in self._train_states.values())
+
+    @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped because the gradient norm was not finite, over all models."""
         return sum(s.skipped_steps for s in self._train_states.values())
