@@ -704,6 +704,9 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         if op not in _REDUCE_OPS:
             raise ValueError(f"all_reduce: op={op!r} is invalid; accepted: 'mean', 'sum', 'max'")
         if isinstance(data, dict):
+            if data and self.dp_world_size > 1 and all(isinstance(v, (int, float)) for v in data.values()):
+                reduced = self.all_reduce(torch.tensor(list(data.values()), dtype=torch.float64), op)
+                return dict(zip(data, reduced.tolist()))  # numbers: one collective for all of them
             return {k: self.all_reduce(v, op) for k, v in data.items()}
         is_tensor = isinstance(data, torch.Tensor)
         if self.dp_world_size == 1:
