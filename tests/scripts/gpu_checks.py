@@ -90,16 +90,21 @@ def fsdp_actor(**config):
 
 def offload_clip_push(workdir: Path) -> None:
     """Issue 29 risk 1: FSDP2 with ``fsdp_cpu_offload`` clips its CPU gradients and pushes its CPU
-    shards into an HF engine on the accelerator (both crashed on an NCCL-only process group)."""
+    shards into an HF engine on the accelerator (both crashed on an NCCL-only process group). On one
+    rank DTensor skips the clip norm's all-reduce, so the group's collectives on CPU tensors are
+    proven directly: an all-reduce of a CPU tensor, and the push in 4 KiB buckets, whose larger
+    tensors go through ``all_gather_into_tensor`` on their CPU shards (weight_sync._full_tensor)."""
     import torch
     import torch.distributed as dist
 
     strategy, actor, opt = fsdp_actor(fsdp_cpu_offload=True, max_norm=1e-3)  # a max_norm that clips
+    probe = torch.ones(1)
+    dist.all_reduce(probe)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)).to(strategy.root_device)
     strategy.backward(actor(input_ids=ids, labels=ids).loss, actor, opt)
     grad_norm = math.sqrt(sum(p.grad.full_tensor().float().pow(2).sum().item() for p in actor.parameters()))
     stepped = strategy.optimizer_step(opt, actor, None)
-    strategy.setup_inference_engine(None, "hf", actor)  # pushes the weights (weight_sync.push_weights)
+    strategy.setup_inference_engine(None, "hf", actor, bucket_bytes=4096)  # pushes (weight_sync.push_weights)
     strategy.update_engine_weights(actor)  # and again after the step, as every training step does
     strategy.wakeup_inference_engine()
     engine = strategy.inference_engine
@@ -107,10 +112,11 @@ def offload_clip_push(workdir: Path) -> None:
     pushed = engine.model.state_dict()
     diff = max((pushed[k].cpu() - full[k]).abs().max().item() for k in pushed)
     shard_device = str(next(actor.parameters()).device)
+    assert probe.item() == dist.get_world_size(), f"all-reduce of a CPU tensor gave {probe.item()}"
     assert stepped and math.isfinite(grad_norm) and grad_norm > 1e-3, f"stepped={stepped}, grad norm {grad_norm}"
     assert shard_device == "cpu", f"offloaded shards on {shard_device}"
     assert set(pushed) <= set(full) and diff == 0, f"engine weights differ from the actor's by {diff}"
-    _report({"backend": dist.get_backend(), "grad_norm_before_clip": grad_norm, "shards": shard_device,
+    _report({"backend": dist.get_backend(), "grad_norm_before_clip": round(grad_norm, 4), "shards": shard_device,
              "engine_device": str(engine.device), "engine_max_diff": diff})
 
 
