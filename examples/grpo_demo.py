@@ -22,6 +22,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from lightrft_lightning import LightRFTFake
@@ -79,9 +80,12 @@ def main() -> None:
     trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=args.precision, max_steps=args.steps,
                          logger=logger, log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=1.0,
                          val_check_interval=args.steps // 2, check_val_every_n_epoch=None,
-                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[RichProgressBar()])  # the reward of each step shows on the bar
+    print(f"evaluating on {len(held_out)} held-out problems, then {args.steps} GRPO steps on SmolLM2-135M-Instruct")
     before = trainer.validate(model, data, verbose=False)[0]["val/accuracy"]
     prepared = time.perf_counter() - start
+    print(f"accuracy before training (held-out, greedy): {before:.3f}")
     trainer.fit(model, data)
     after = trainer.callback_metrics["val/accuracy"].item()
     wall = time.perf_counter() - start
