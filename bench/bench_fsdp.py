@@ -26,7 +26,8 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, vocab_
 MICRO, SEQ = 4, 64
 
 
-def launch(nproc: int, *args: str) -> dict:
+def launch(nproc: int, *args: str, script: str = __file__) -> dict:
+    """Run ``script --worker *args`` on ``nproc`` CPU ranks; its last ``RESULT {json}`` line."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,7 +35,7 @@ def launch(nproc: int, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "--master_addr=127.0.0.1", __file__, "--worker", *args]
+           "--master_addr=127.0.0.1", script, "--worker", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:

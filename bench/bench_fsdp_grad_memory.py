@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
+
+from bench_fsdp import launch  # same folder: run as python bench/bench_fsdp_grad_memory.py
 
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 MICRO, SEQ = 2, 32
-
-
-def launch(accumulation: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "--master_addr=127.0.0.1", __file__, "--worker", str(accumulation)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def held_gradient_bytes(model) -> tuple[int, int]:
@@ -95,7 +78,7 @@ def worker(accumulation: int) -> None:
 def main() -> None:
     print(f"{'accumulation':>12} {'sharded MB':>11} {'unsharded MB':>13} {'total MB':>9} {'x full fp32 grad':>17}")
     for accumulation in (1, 4):
-        r = launch(accumulation)
+        r = launch(2, str(accumulation), script=__file__)
         total = r["sharded"] + r["unsharded"]
         print(f"{accumulation:>12} {r['sharded'] / 2**20:>11.1f} {r['unsharded'] / 2**20:>13.1f} "
               f"{total / 2**20:>9.1f} {total / r['full']:>17.2f}")
