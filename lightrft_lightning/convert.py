@@ -117,7 +117,7 @@ def deepspeed_to_hf(ckpt_dir: str, out_dir: str, config_dir: str, tag: Optional[
     merged with DeepSpeed's ``zero_to_fp32``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
+    from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 
     if not Path(ckpt_dir).is_dir():
         raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir!r} is not a directory")

@@ -12,7 +12,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
+from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 
 
 class Payload:

@@ -17,9 +17,7 @@ shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -40,10 +38,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api
-from lightrft_lightning.lora import has_lora
 from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.lora import has_lora
+from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
+from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config, lightrft_load_args
-from lightrft_lightning.strategies.deepspeed_loading import weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         StrategyBase.__init__(self, config)  # `self.config` is the StrategyConfig from here on
         if stage is not None:
             self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
-        self.user_ds_config = _load_ds_config(ds_config)
+        self.user_ds_config = parallel_deepspeed.load_user_config(ds_config)
         self._handles: list[tuple[str, DeepSpeedModel]] = []
 
     @property
@@ -184,36 +183,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 
     def ds_config(self, train: bool = True) -> dict[str, Any]:
         """The DeepSpeed config of a training engine (``train``) or an inference engine."""
-        c = self.config
-        zero: dict[str, Any] = {"stage": c.zero_stage, "overlap_comm": c.overlap_comm}
-        if c.zero_stage == 3 and c.zpg > 1:
-            zero["zero_hpz_partition_size"] = c.zpg
-        if c.adam_offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        cfg: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": c.micro_train_batch_size,
-            "gradient_accumulation_steps": self.accumulation_steps,
-            "gradient_clipping": c.max_norm,
-            "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**62,
-            "wall_clock_breakdown": False,
-        }
-        precision = self.training_precision()
-        if precision == "bf16":
-            cfg["bf16"] = {"enabled": True}
-        elif precision == "fp16":
-            cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                           "hysteresis": 2, "min_loss_scale": 1}
-        if c.grad_accum_dtype is not None:
-            cfg["data_types"] = {"grad_accum_dtype": c.grad_accum_dtype}
-        cfg = _merge(cfg, self.user_ds_config)
-        if not train:
-            zero = {k: v for k, v in cfg["zero_optimization"].items() if k != "offload_optimizer"}
-            zero["stage"] = 3 if zero.get("stage") == 3 else 0
-            cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler", "gradient_accumulation_steps")}
-            cfg["zero_optimization"] = zero
-        return cfg
+        return parallel_deepspeed.build_config(self.config, self.training_precision(), self.accumulation_steps,
+                                               self.user_ds_config, train=train)
 
     @property
     def bf16(self) -> bool:
@@ -404,7 +375,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             state.scheduler = scheduler
         boundary = engine.is_gradient_accumulation_boundary()
         skipped = engine.skipped_steps
-        _set_gradient_clipping(engine, max_norm)
+        parallel_deepspeed.set_gradient_clipping(engine, max_norm)
         engine.step()
         state.micro_steps += 1
         if not boundary:
@@ -593,7 +564,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
         engine = self._engine(model)
         if load_module_only and engine.zero_optimization_partition_weights():
-            return _load_zero3_weights(engine, load_dir, tag), {}
+            tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
+            return parallel_deepspeed.load_zero3_weights(engine, load_dir, tag), {}
         with weights_only_loads():
             path, extra = engine.load_checkpoint(
                 load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
@@ -781,21 +753,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 DeepspeedStrategy = LightRFTDeepSpeed  # LightRFT's name
 
 
-def _load_zero3_weights(engine: Any, load_dir: str, tag: Optional[str]) -> str:
-    """ZeRO-3 keeps the weights of a checkpoint in its optimizer shards, which DeepSpeed's
-    ``load_module_only`` does not read: rebuild them with ``zero_to_fp32`` and copy them in."""
-    import deepspeed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
-    with weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if dist.get_rank() == 0:
-                param.data.copy_(state[name])
-    engine.optimizer._restore_from_bit16_weights()  # the fp32 master partitions follow the new weights
-    return str(Path(load_dir) / tag)
 
 
 def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
@@ -854,41 +811,10 @@ def _route_forward(module: nn.Module, engine: Any) -> None:
     module.forward = forward
 
 
-def _set_gradient_clipping(engine: Any, max_norm: float) -> None:
-    """Set the norm ``engine.step()`` clips to: stage 0 reads the engine's config, the ZeRO and bf16
-    optimizers their own ``clip_grad``."""
-    engine._config.gradient_clipping = max_norm
-    if hasattr(engine.optimizer, "clip_grad"):
-        engine.optimizer.clip_grad = max_norm
 
 
 def _is_ds_tag(path: Path) -> bool:
     return any(path.glob("*model_states.pt"))
 
 
-def _load_ds_config(ds_config: Union[dict, str, Path, None]) -> dict[str, Any]:
-    if ds_config is None:
-        return {}
-    if isinstance(ds_config, dict):
-        return copy.deepcopy(ds_config)
-    if isinstance(ds_config, (str, Path)):
-        if not os.path.isfile(ds_config):
-            raise FileNotFoundError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} is not a file; accepted: a dict or a JSON file path")
-        with open(ds_config) as f:
-            try:
-                loaded = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} is not valid JSON ({err}); "
-                                 "accepted: a dict or a JSON file path") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"LightRFTDeepSpeed: ds_config={str(ds_config)!r} holds a {type(loaded).__name__}, "
-                             "not a JSON object; accepted: a dict or a JSON file path")
-        return loaded
-    raise TypeError(f"LightRFTDeepSpeed: ds_config must be a dict, a JSON file path or None, got {type(ds_config).__name__}")
 
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
