@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ class StrategyConfig:
     lr_warmup_ratio: float = 0.03
     gradient_checkpointing: bool = False
 
-    # precision (standalone; under a Trainer its precision decides, and bf16/fp16 given here must agree)
+    # precision (standalone; under a Trainer its precision decides, and a config that moves bf16/fp16
+    # away from LightRFT's bf16 default must agree with it)
     bf16: bool = True
     fp16: bool = False
     grad_accum_dtype: Optional[str] = None
@@ -103,8 +103,6 @@ class StrategyConfig:
 
     extra_args: dict[str, Any] = field(default_factory=dict)
     args: Any = field(default=None, repr=False, compare=False)
-    # whether bf16 or fp16 was given rather than left at LightRFT's default (set by __init__)
-    _precision_given: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
@@ -132,7 +130,7 @@ class StrategyConfig:
                 f"StrategyConfig.from_args: cannot read attributes from {type(args).__name__}; "
                 "pass an argparse.Namespace, a dict, a StrategyConfig or an object with attributes"
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra_args", "args", "_precision_given"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra_args", "args"}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
         extra.update(values.get("extra_args") or {})
@@ -167,7 +165,7 @@ class StrategyConfig:
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            if f.name in ("extra_args", "args", "_precision_given"):
+            if f.name in ("extra_args", "args"):
                 continue
             value = getattr(self, f.name)
             expected = hints[f.name]
@@ -270,17 +268,3 @@ def _matches(value: Any, expected: Any) -> bool:
 
 def _type_name(expected: Any) -> str:
     return getattr(expected, "__name__", str(expected))
-
-
-_dataclass_init = StrategyConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init(self: StrategyConfig, *args: Any, **kwargs: Any) -> None:
-    # dataclasses.replace passes _precision_given on; a config built with bf16=/fp16= has them given
-    if "_precision_given" not in kwargs and ("bf16" in kwargs or "fp16" in kwargs):
-        kwargs["_precision_given"] = True
-    _dataclass_init(self, *args, **kwargs)
-
-
-StrategyConfig.__init__ = _init  # type: ignore[method-assign]

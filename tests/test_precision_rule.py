@@ -1,11 +1,10 @@
 """One precision rule on every backend: under a Trainer its ``precision`` decides; a strategy config that
-was given ``bf16``/``fp16`` values that disagree is refused the same way by all three strategies, and a
-config that leaves them at LightRFT's defaults follows the Trainer."""
+moves ``bf16``/``fp16`` away from LightRFT's defaults (asks for fp32 or fp16) against a Trainer that trains
+otherwise is refused the same way by all three strategies, and a config at the defaults follows the Trainer."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import lightning as L
 import pytest
@@ -36,31 +35,31 @@ def trainer(strategy, precision: str) -> L.Trainer:
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def test_which_precision_a_config_was_given():
-    assert not StrategyConfig()._precision_given and StrategyConfig().precision == "bf16"
-    assert StrategyConfig(bf16=True)._precision_given and StrategyConfig(bf16=False).precision == "fp32"
-    assert not dataclasses.replace(StrategyConfig(), seed=1)._precision_given
-    assert dataclasses.replace(StrategyConfig(fp16=True, bf16=False), seed=1)._precision_given
-    assert StrategyConfig.from_args(argparse.Namespace(bf16=False))._precision_given
-    assert not LightRFTFSDP(train_batch_size=1).config._precision_given and LightRFTFSDP(bf16=True).config._precision_given
+def test_a_config_names_its_precision():
+    assert StrategyConfig().precision == "bf16" and StrategyConfig(bf16=False).precision == "fp32"
+    assert StrategyConfig(bf16=False, fp16=True).precision == "fp16"
+    assert StrategyConfig.from_args(argparse.Namespace(bf16=False)).precision == "fp32"  # LightRFT's args default
 
 
-REFUSED = (r"{}: Trainer\(precision='32-true'\) trains in fp32, but the strategy's config says bf16 "
-           r"\(StrategyConfig.bf16=True, fp16=False\); accepted: the same precision in both")
+REFUSED = (r"{}: Trainer\(precision='bf16-mixed'\) trains in bf16, but the strategy's config says fp32 "
+           r"\(StrategyConfig.bf16=False, fp16=False\); accepted: the same precision in both")
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_config_given_another_precision_is_refused_on_every_backend(name):
     # the Trainer hands its precision to the strategy when it is built; setup asks this same question
-    strategy = STRATEGIES[name](StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2))
+    strategy = STRATEGIES[name](StrategyConfig(bf16=False, train_batch_size=2, micro_train_batch_size=2))
     with pytest.raises(ValueError, match=REFUSED.format(STRATEGIES[name].__name__)):
-        trainer(strategy, "32-true").strategy.training_precision()
+        trainer(strategy, "bf16-mixed").strategy.training_precision()
+    fp16 = STRATEGIES[name](StrategyConfig(bf16=False, fp16=True, train_batch_size=2, micro_train_batch_size=2))
+    with pytest.raises(ValueError, match=r"trains in fp32, but the strategy's config says fp16"):
+        trainer(fp16, "32-true").strategy.training_precision()
 
 
 def test_the_refusal_happens_at_setup():
-    strategy = LightRFTFake(StrategyConfig(bf16=True, train_batch_size=2, micro_train_batch_size=2))
+    strategy = LightRFTFake(StrategyConfig(bf16=False, train_batch_size=2, micro_train_batch_size=2))
     with pytest.raises(ValueError, match=REFUSED.format("LightRFTFake")):
-        trainer(strategy, "32-true").fit(Regression())
+        trainer(strategy, "bf16-mixed").fit(Regression())
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -105,8 +105,6 @@ def lightrft_config(owner: str, config: Any, args: Any, values: dict[str, Any]) 
         raise TypeError(f"{owner}: got both config= and args=; accepted: one of them (args is LightRFT's name)")
     cfg = StrategyConfig.from_args(config if config is not None else args)
     given = {k: v for k, v in values.items() if v is not None}
-    if "bf16" in given:
-        given["_precision_given"] = True
     return dataclasses.replace(cfg, **given) if given else cfg
 
 
@@ -313,19 +311,20 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def training_precision(self) -> str:
         """The precision models train in ("bf16", "fp16" or "fp32"), on every backend alike: under a Trainer
-        its ``precision`` decides, and a config whose ``bf16``/``fp16`` were given and disagree is refused;
-        standalone, the config's."""
+        its ``precision`` decides, and a config that asks for fp32 or fp16 (``bf16=False`` / ``fp16=True``,
+        away from LightRFT's bf16 default) against a Trainer that trains otherwise is refused; standalone,
+        the config's."""
         configured = self.config.precision
         plugin = getattr(self, "_precision_plugin", None)  # set by the Trainer
         if plugin is None:
             return configured
         flag = str(plugin.precision)
         precision = precision_name(flag)
-        if self.config._precision_given and precision != configured:
+        if configured != "bf16" and precision != configured:
             raise ValueError(f"{type(self).__name__}: Trainer(precision={flag!r}) trains in {precision}, but the "
                              f"strategy's config says {configured} (StrategyConfig.bf16={self.config.bf16}, "
-                             f"fp16={self.config.fp16}); accepted: the same precision in both, or a config that "
-                             "leaves bf16 and fp16 unset")
+                             f"fp16={self.config.fp16}); accepted: the same precision in both, or bf16/fp16 left at "
+                             "LightRFT's defaults (bf16=True, fp16=False), which follow the Trainer")
         return precision
 
     def setup(self, trainer: Any) -> None:
