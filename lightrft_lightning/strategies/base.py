@@ -175,6 +175,12 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             dist.init_process_group(backend=backend, timeout=timeout)
         self._create_engine_groups()
 
+    def _default_process_group_backend(self) -> None:
+        """Under a Trainer, join with :func:`~lightrft_lightning.process_group.default_backend` unless a backend
+        was given (Lightning's own default is NCCL-only on CUDA)."""
+        if self._process_group_backend is None:  # type: ignore[has-type]
+            self._process_group_backend = process_group.default_backend(self.root_device.type)  # type: ignore[attr-defined]
+
     def get_rank(self) -> int:
         """This process's rank (0 without a process group)."""
         return self.dp_rank

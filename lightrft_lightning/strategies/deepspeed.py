@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint, lightning_api
+from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
@@ -226,7 +226,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     # ------------------------------------------------------------------ process group
     def setup_distributed(self, timeout: Optional[timedelta] = None) -> None:
         """Seed every RNG and join the process group through ``deepspeed.init_distributed`` (gloo on
-        CPU, nccl on CUDA). Under a Trainer, Lightning's cluster environment gives the ranks."""
+        CPU, ``cpu:gloo,cuda:nccl`` on CUDA). Under a Trainer, Lightning's cluster environment gives the ranks."""
         if self.cluster_environment is not None:  # called by Lightning's setup_environment
             reset_seed()
             self.set_world_ranks()
@@ -251,7 +251,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if torch.cuda.is_available():
             torch.cuda.set_device(self.config.device_index())
         deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            dist_backend=process_group.default_backend("cuda" if torch.cuda.is_available() else "cpu"),
             timeout=timeout or timedelta(minutes=self.config.dist_timeout_minutes),
         )
 
@@ -262,6 +262,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         on_cuda = self.root_device.type == "cuda"
         if not on_cuda and get_accelerator().device_name() != "cpu":
             raise RuntimeError("LightRFTDeepSpeed on CPU needs DeepSpeed's CPU accelerator: set DS_ACCELERATOR=cpu")
+        self._default_process_group_backend()
         DDPStrategy.setup_environment(self)
 
     # ------------------------------------------------------------------ engines

@@ -102,7 +102,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     # ------------------------------------------------------------------ process group and mesh
     def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
-        """Seed every RNG, join the process group (nccl on CUDA, gloo on CPU) and build the mesh and the
+        """Seed every RNG, join the process group (``cpu:gloo,cuda:nccl`` on CUDA, gloo on CPU) and build the mesh and the
         engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
         super().setup_distributed(timeout)
@@ -112,8 +112,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
-        if self._process_group_backend is None:
-            self._process_group_backend = process_group.default_backend(self.root_device.type)
+        self._default_process_group_backend()
         self._setup_distributed()
         self._device_mesh = self._build_mesh()
         self._create_engine_groups()
