@@ -49,6 +49,26 @@ def fit(model, data, steps, callbacks=(), ckpt_path=None, **kwargs):
     return trainer, recorder
 
 
+def count_manual_optimization_calls(monkeypatch) -> dict[str, list]:
+    """Record the stepper of every ``manual_backward`` and ``LightningOptimizer.step`` call."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    calls: dict[str, list] = {"manual_backward": [], "optimizer.step": []}
+    manual_backward, step = pl.LightningModule.manual_backward, LightningOptimizer.step
+
+    def spy_backward(self, loss, *args, **kwargs):
+        calls["manual_backward"].append(kwargs.get("stepper"))
+        return manual_backward(self, loss, *args, **kwargs)
+
+    def spy_step(self, closure=None, **kwargs):
+        calls["optimizer.step"].append(kwargs.get("stepper"))
+        return step(self, closure, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "manual_backward", spy_backward)
+    monkeypatch.setattr(LightningOptimizer, "step", spy_step)
+    return calls
+
+
 def tiny_grpo(**kwargs):
     defaults = dict(tokenizer_chars="0123456789", model_config={"hidden_size": 64, "intermediate_size": 128},
                     n_samples_per_prompt=8, max_new_tokens=4, micro_train_batch_size=64,
@@ -74,14 +94,17 @@ def test_grpo_learns_the_counting_task():
     dict(advantage_estimator="rloo", loss_agg="sequence", kl_coef=0.1, kl_estimator="k1"),
     dict(advantage_estimator="reinforce++_baseline", kl_coef=0.1, kl_in_reward=True, kl_estimator="k3"),
 ])
-def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant):
+def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant, monkeypatch):
     # 4 prompts x 8 samples = 32 per step; micro 8, train_batch_size 16 -> 2 optimizer steps per pass, 2 passes
+    calls = count_manual_optimization_calls(monkeypatch)
     pl.seed_everything(0, verbose=False)
     model = tiny_grpo(micro_train_batch_size=8, train_batch_size=16, epochs=2, **variant)
     before = {n: p.detach().clone() for n, p in model.actor.named_parameters()}
     trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(64), batch_size=4), 3)
-    state = trainer.strategy._state(model.actor)
+    state = trainer.strategy.stepper(model.actor)
     assert (state.steps, state.micro_steps) == (3 * 2 * 2, 3 * 4 * 2)
+    # every micro-batch went through Lightning's manual optimization, with the actor's stepper
+    assert calls == {"manual_backward": [state] * 3 * 4 * 2, "optimizer.step": [state] * 3 * 4 * 2}
     assert trainer.global_step == 3
     assert trainer.strategy.config.accumulation_steps(1) == 2
     assert any(not torch.equal(before[n], p) for n, p in model.actor.named_parameters())
@@ -210,7 +233,7 @@ def test_resume_neither_replays_nor_skips_prompts(tmp_path):
     assert sorted(i for step in full.indices[:5] for i in step) == list(range(20))
 
 
-def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path):
+def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path, monkeypatch):
     from transformers import Qwen2ForSequenceClassification
 
     from lightrft_lightning.tiny_models import tiny_qwen2_config
@@ -226,10 +249,12 @@ def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path):
                 epochs=2, kl_coef=0.05, actor_learning_rate=1e-3, critic_learning_rate=1e-2,
                 rewards={"lightrft_lightning.tasks:counting_reward": 1.0, str(tmp_path): 0.5})
     head = model.critic.value_head.weight.detach().clone()
+    calls = count_manual_optimization_calls(monkeypatch)
     trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(32), batch_size=4), 2)
     assert trainer.global_step == 2
-    actor, critic = trainer.strategy._state(model.actor), trainer.strategy._state(model.critic)
+    actor, critic = trainer.strategy.stepper(model.actor), trainer.strategy.stepper(model.critic)
     assert actor.steps == critic.steps == 2 * 2  # one optimizer step per pass, for each model
+    assert calls["manual_backward"] == calls["optimizer.step"] == [actor, critic] * 2 * 2
     assert not torch.equal(head, model.critic.value_head.weight)
     assert len(trainer.optimizers) == 2
     assert trainer.optimizers[1].param_groups[0]["lr"] == 1e-2

@@ -92,7 +92,7 @@ def test_grpo_lr_warms_up_then_follows_the_cosine():
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == total
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * LR)  # the end of the cosine
-    assert trainer.strategy._state(model.actor).scheduler is scheduler  # handed to strategy.optimizer_step
+    assert trainer.strategy.stepper(model.actor).scheduler is scheduler  # handed to strategy.optimizer_step
     assert trainer.strategy.config.lr_warmup_ratio == 0.25
 
 
@@ -126,7 +126,7 @@ def test_scheduler_steps_only_on_real_optimizer_steps():
 
     model.actor.lm_head.weight.register_hook(nan_on_fifth_backward)
     trainer, lrs = fit(model, 3)
-    state = trainer.strategy._state(model.actor)
+    state = trainer.strategy.stepper(model.actor)
     total, warmup = 3 * 2, 2
     assert (trainer.global_step, state.micro_steps, state.steps, state.skipped_steps) == (3, 12, 5, 1)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5  # not 12 micro-steps, 6 attempts or 3 steps
@@ -230,7 +230,7 @@ def test_gradient_checkpointing_trains_ppo_with_the_hf_engine():
     assert model.critic.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in backbone.layers)
     trainer, _ = fit(model, 2)
     assert trainer.strategy.config.gradient_checkpointing is True
-    assert trainer.strategy._state(model.actor).steps == trainer.strategy._state(model.critic).steps == 4
+    assert trainer.strategy.stepper(model.actor).steps == trainer.strategy.stepper(model.critic).steps == 4
     assert model.actor.config.use_cache  # the engine's generation keeps its KV cache; training forwards pass none
 
 

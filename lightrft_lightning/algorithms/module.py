@@ -375,11 +375,13 @@ class RLModule(pl.LightningModule):
         return {**metrics, "entropy": entropy}
 
     def _backward_and_step(self, loss: Tensor, model: nn.Module, optimizer: Any, scheduler: Any, name: str) -> None:
-        """The one place the algorithms reach the optimizer: backward, then an optimizer step that the
-        strategy takes once per ``train_batch_size`` samples (accumulating before)."""
-        strategy = self.trainer.strategy
-        strategy.backward(loss, model, optimizer)
-        strategy.optimizer_step(optimizer, model, scheduler, name=name)
+        """The one place the algorithms reach the optimizer, through Lightning's manual optimization
+        (``manual_backward``, ``optimizer.step()``) with the strategy's :class:`~lightrft_lightning.parallel.stepper.Stepper`
+        of ``model``: the optimizer steps once per ``train_batch_size`` samples (accumulating before), clipped
+        to ``max_norm``, skipped on a non-finite norm, and the scheduler steps with it."""
+        stepper = self.trainer.strategy.stepper(model, optimizer, scheduler, name)
+        self.manual_backward(loss, stepper=stepper)
+        optimizer.step(stepper=stepper)
 
     def _loss_batches(self, exp: Experience) -> Iterator[tuple[Experience, dict[str, Any]]]:
         """Each micro-batch of each pass, with the aggregation arguments of ``loss.loss_agg`` that make the

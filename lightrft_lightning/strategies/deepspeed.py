@@ -42,6 +42,7 @@ from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
+from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config, lightrft_load_args
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         model._set_optimizer(optimizer)
         model.train()
         self._train_states[id(model)] = self._train_states.pop(id(model.module))
+        self._train_states[id(model)].model = model
         return optimizer
 
     def _engine(self, model: nn.Module) -> Any:
@@ -342,56 +344,39 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """The ``DeepSpeedEngine`` that runs ``model`` (a prepared model, or a child of the LightningModule)."""
         return self._engine(model)
 
-    # ------------------------------------------------------------------ LightRFT training step
-    def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
-        self._state(model, optimizer)
-        module = self._hooked_module()
-        if module is not None:
-            loss = self.precision_plugin.pre_backward(loss, module)
-        self._engine(model).backward(loss)
-        if module is not None:
-            self.precision_plugin.post_backward(loss, module)
+    # ------------------------------------------------------------------ training step
+    def _stepped_backward(self, loss: torch.Tensor, stepper: Stepper) -> torch.Tensor:
+        # the engine divides by its gradient_accumulation_steps (the strategy's accumulation steps)
+        if self._hooked_module() is not None:
+            return self._lightning_backward(loss, stepper.optimizer)
+        self._engine(stepper.model).backward(loss)
         return loss
 
-    def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
-        engine = self._engine(model)
-        if scheduler is not None:
-            engine.lr_scheduler = scheduler
+    def _stepped_optimizer_step(self, stepper: Stepper) -> bool:
+        engine = self._engine(stepper.model)
         module = self._hooked_module()
         if module is not None and engine.is_gradient_accumulation_boundary():
-            lightning_api.before_optimizer_step(self.precision_plugin, module, unwrap_optimizer(optimizer))
-        return self._engine_step(model, optimizer, scheduler, name, self._lightrft_max_norm())
-
-    def _lightrft_max_norm(self) -> float:
+            lightning_api.before_optimizer_step(self.precision_plugin, module, stepper.optimizer)
         # what ds_config() gives the engine, without building the whole config on every step
-        return float(self.user_ds_config.get("gradient_clipping", self.config.max_norm))
+        return self._engine_step(stepper, float(self.user_ds_config.get("gradient_clipping", self.config.max_norm)))
 
-    def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str, max_norm: float) -> bool:
+    def _engine_step(self, stepper: Stepper, max_norm: float) -> bool:
         """``engine.step()``: a real step on accumulation boundaries (clip the global gradient norm to
-        ``max_norm`` (0: no clipping), step, zero grads and, when the engine holds one, step the
-        scheduler), skipped when the gradient norm is not finite."""
-        engine = self._engine(model)
-        state = self._state(model, optimizer)
-        if scheduler is not None:
-            state.scheduler = scheduler
+        ``max_norm`` (0: no clipping), step, zero grads and step the stepper's scheduler), skipped when
+        the gradient norm is not finite; the engine decides, the stepper counts."""
+        engine = self._engine(stepper.model)
+        if stepper.scheduler is not None:
+            engine.lr_scheduler = stepper.scheduler
         boundary = engine.is_gradient_accumulation_boundary()
         skipped = engine.skipped_steps
         parallel_deepspeed.set_gradient_clipping(engine, max_norm)
         engine.step()
-        state.micro_steps += 1
+        stepper.micro_steps += 1
         if not boundary:
             return False
-        norm = engine.get_global_grad_norm()
-        state.grad_norm = float(norm) if norm is not None else float("nan")
-        if engine.skipped_steps > skipped:
-            state.skipped_steps += 1
-            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
-                        state.skipped_steps)
-            self._log_step(name, state, skipped=True)
-            return False
-        state.steps += 1
-        self._log_step(name, state, skipped=False)
-        return True
+        stepped = stepper.record(engine.get_global_grad_norm(), skipped=engine.skipped_steps > skipped)
+        self._log_step(stepper, skipped=not stepped)
+        return stepped
 
     # ------------------------------------------------------------------ Lightning training step
     def _lightning_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -420,8 +405,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         name = next(n for n, h in self._handles if h is handle)
         plugin = self.precision_plugin
         requested = plugin.take_requested_max_norm() if isinstance(plugin, EngineClippingPrecision) else 0.0
-        return self._engine_step(handle.module, unwrap_optimizer(optimizer), None, name,
-                                 requested or self._lightning_max_norm())
+        return self._engine_step(self.stepper(handle.module, name=name), requested or self._lightning_max_norm())
 
     def _lightning_max_norm(self) -> float:
         # the Lightning shape clips only when asked to, or when the user's ds_config says so
@@ -477,7 +461,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             _route_forward(child, handle.engine)  # built now, so every rank builds the engines in the same order
             self._handles.append((name, handle))
             if handle.is_training_engine:
-                self._state(child, handle.engine.optimizer)
+                self.stepper(child, handle.engine.optimizer)
         by_client = {id(h._optimizer): h.engine.optimizer for _, h in self._handles if h.is_training_engine}
         self.optimizers = [by_client[id(opt)] for opt in optimizers]
         self.lr_scheduler_configs = schedulers  # stepped by Lightning (manual optimization: by the module)
@@ -532,7 +516,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         ``client_state`` as a DeepSpeed checkpoint ``save_dir/tag`` (``latest`` names it), keeping
         at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
         self._bind_engine_ckpt_objects(model, kwargs)
-        state = self._state(model)
+        state = self.stepper(model)
         tag = tag or f"global_step{state.steps}"
         extra = {"client_state": client_state or {}, "train_state": state.counters()}
         engine = self._engine(model)
@@ -575,7 +559,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
         extra = extra or {}
         if not load_module_only:
-            state = self._state(model)
+            state = self.stepper(model)
             state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
 
