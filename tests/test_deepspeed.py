@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lightrft_lightning import StrategyConfig, get_strategy
 from lightrft_lightning import lightning_api
-from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed, _graph_parameters
+from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed
 from tests.launch import script_result, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,18 +136,6 @@ def test_missing_deepspeed_names_the_extra(monkeypatch):
     monkeypatch.setattr(lightning_api, "DEEPSPEED_AVAILABLE", False)
     with pytest.raises(ImportError, match=r"lightrft-lightning\[deepspeed\]"):
         LightRFTDeepSpeed()
-
-
-def test_manual_backward_routing_finds_the_engines_a_loss_depends_on():
-    actor, critic, ref = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 3).requires_grad_(False)
-    owner = {id(p): (name, m) for name, m in (("actor", actor), ("critic", critic)) for p in m.parameters()}
-    x = torch.randn(2, 3)
-    with torch.no_grad():
-        target = ref(x)
-    actor_loss = (actor(x) - target).pow(2).mean()
-    assert {n for n, _ in _graph_parameters(actor_loss, owner)} == {"actor"}
-    both = actor_loss + critic(actor(x)).mean()
-    assert {n for n, _ in _graph_parameters(both, owner)} == {"actor", "critic"}
 
 
 # ---------------------------------------------------------------- CUDA (nccl), run by tests/gpu/run_gpu_checks.sh

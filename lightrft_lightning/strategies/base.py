@@ -32,7 +32,6 @@ import dataclasses
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -158,8 +157,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
     def _default_process_group_backend(self) -> None:
         """Under a Trainer, join with :func:`~lightrft_lightning.process_group.default_backend` unless a backend
         was given (Lightning's own default is NCCL-only on CUDA)."""
-        if self._process_group_backend is None:  # type: ignore[has-type]
-            self._process_group_backend = process_group.default_backend(self.root_device.type)  # type: ignore[attr-defined]
+        lightning_api.set_process_group_backend(self, process_group.default_backend(self.root_device.type))  # type: ignore[attr-defined]
 
     def get_rank(self) -> int:
         """This process's rank (0 without a process group)."""
@@ -301,7 +299,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         away from LightRFT's bf16 default) against a Trainer that trains otherwise is refused; standalone,
         the config's."""
         configured = self.config.precision
-        plugin = getattr(self, "_precision_plugin", None)  # set by the Trainer
+        plugin = lightning_api.given_precision_plugin(self)  # set by the Trainer
         if plugin is None:
             return configured
         flag = str(plugin.precision)

@@ -6,13 +6,14 @@ This one builds a training engine for each child module that an optimizer trains
 ``self.critic``) and an inference engine for each frozen child (``self.ref``: ZeRO-3 partitioned, or
 stage 0 since ZeRO-1/2 engines need an optimizer). The children stay the user's modules (same type,
 same parameter names, same ``state_dict`` keys); the strategy holds the engines and routes each
-child's ``forward`` through its engine. ``manual_backward(loss)`` goes to the engine whose parameters
-the loss depends on, ``optimizer.step()`` to the engine of that optimizer.
+child's ``forward`` through its engine. A call with a stepper goes to the engine of the stepper's model,
+``optimizer.step()`` to the engine of that optimizer (a map built at setup), and a plain
+``manual_backward(loss)`` to the only training engine, or to the one whose forward ran since its last backward.
 
 Accumulation scaling, gradient clipping, non-finite step skipping and (standalone) the scheduler
 step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them. The clipping norm
-follows the call shape: ``StrategyConfig.max_norm`` for the LightRFT shape, and for the Lightning
-shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
+follows the call shape: ``StrategyConfig.max_norm`` with a stepper (LightRFT's semantics), and for
+Lightning's shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed, seed_everything
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
-from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -163,17 +163,18 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
         self.user_ds_config = parallel_deepspeed.load_user_config(ds_config)
         self._handles: list[tuple[str, DeepSpeedModel]] = []
+        self._forwarded: set[DeepSpeedModel] = set()  # training engines whose forward ran since their backward
 
     @property
     def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else Precision()
+        return DeepSpeedStrategy.precision_plugin.fget(self)
 
     @precision_plugin.setter
     def precision_plugin(self, plugin: Optional[Precision]) -> None:
         # the Trainer hands every DeepSpeedStrategy a DeepSpeedPrecision; ours also records clipping requests
         if type(plugin) is DeepSpeedPrecision:
             plugin = EngineClippingPrecision(plugin.precision)
-        self._precision_plugin = plugin
+        DeepSpeedStrategy.precision_plugin.fset(self, plugin)
 
     # ------------------------------------------------------------------ DeepSpeed config
     @property
@@ -264,7 +265,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if not on_cuda and get_accelerator().device_name() != "cpu":
             raise RuntimeError("LightRFTDeepSpeed on CPU needs DeepSpeed's CPU accelerator: set DS_ACCELERATOR=cpu")
         self._default_process_group_backend()
-        DDPStrategy.setup_environment(self)
+        super(DeepSpeedStrategy, self).setup_environment()  # past the parent's CUDA-only check
 
     # ------------------------------------------------------------------ engines
     def _build_engine(self, module: nn.Module, optimizer: Optional[Optimizer]) -> Any:
@@ -387,6 +388,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self.pre_backward(loss)
         loss = self.precision_plugin.pre_backward(loss, module)
         handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
+        self._forwarded.discard(handle)
         if module.automatic_optimization:
             # Lightning's closure already divided the loss by accumulate_grad_batches: not again
             kwargs.setdefault("scale_wrt_gas", False)
@@ -419,60 +421,59 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
 
     def _handle_for_loss(self, loss: torch.Tensor) -> DeepSpeedModel:
-        training = self._training_handles()
+        """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, or the
+        one whose forward ran with gradients since its last backward (as DeepSpeed's own forward records)."""
+        training = [h for _, h in self._training_handles()]
         if len(training) == 1:
-            return training[0][1]
-        owner = {id(p): (name, h) for name, h in self._handles if h.is_training_engine for p in h.parameters()}
-        found = {name: h for name, h in _graph_parameters(loss, owner)}
-        if len(found) != 1:
-            names = ", ".join(sorted(found)) or "none of " + ", ".join(n for n, _ in self._handles)
+            return training[0]
+        pending = [h for h in training if h in self._forwarded]
+        if len(pending) != 1:
+            names = ", ".join(n for n, h in self._training_handles() if h in pending) or "none"
             raise RuntimeError(
-                f"manual_backward: the loss depends on the parameters of {names}; each backward must reach exactly "
-                "one DeepSpeed training engine (call manual_backward once per model's loss)"
-            )
-        return next(iter(found.values()))
+                f"manual_backward: {len(training)} DeepSpeed training engines, and the forwards since the last backward "
+                f"ran through {names}; accepted: one model's forward before each manual_backward(loss), or "
+                "manual_backward(loss, stepper=trainer.strategy.stepper(model))")
+        return pending[0]
 
     # ------------------------------------------------------------------ Lightning setup
-    def setup(self, trainer: Any) -> None:
+    def _init_config_if_needed(self) -> None:
+        """Nothing to format: each engine's DeepSpeed config is built from ``StrategyConfig`` (:meth:`ds_config`)."""
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        # Lightning's DeepSpeedStrategy leaves them to its one engine; here configure_optimizers gives
+        # the optimizer (and schedulers) of each child, as under every other strategy
+        super(DeepSpeedStrategy, self).setup_optimizers(trainer)
+
+    def init_deepspeed(self) -> None:
         """Build a training engine for each child of the ``LightningModule`` that an optimizer trains and
-        an inference engine for each frozen child. The children stay where they are; each one's
-        ``forward`` runs through its engine (as Lightning's own DeepSpeed strategy redirects the
-        module's ``forward``) until the next ``setup``. ``trainer.strategy.optimizers`` are the engines'
-        optimizers; :meth:`engine_of` gives a child's engine."""
-        assert self.accelerator is not None and self.lightning_module is not None
-        self.accelerator.setup(trainer)
-        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then engines
-        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        an inference engine for each frozen child (``DeepSpeedStrategy.setup`` calls it last). The
+        children stay where they are; each one's ``forward`` runs through its engine (as Lightning's own
+        DeepSpeed strategy redirects the module's ``forward``) until the next ``setup``.
+        ``trainer.strategy.optimizers`` become the engines' optimizers; :meth:`engine_of` gives a child's engine."""
         module = self.lightning_module
-        self.model = self.precision_plugin.convert_module(self.model)
-        optimizers, schedulers = [], []
-        if trainer.state.fn == TrainerFn.FITTING:
-            optimizers, schedulers = lightning_api.init_optimizers_and_lr_schedulers(module)
-        owners = _optimizer_children(module, optimizers)
+        owners = _optimizer_children(module, self.optimizers)
         self._release_engines()
         for name, child in list(module.named_children()):
             params = list(child.parameters())
             if name in owners:
-                handle = DeepSpeedModel(child, self, owners[name])
+                handle = DeepSpeedModel(child, self, unwrap_optimizer(owners[name]))
             elif params and not any(p.requires_grad for p in params):
                 handle = DeepSpeedModel(child, self)
             else:
                 continue
-            _route_forward(child, handle.engine)  # built now, so every rank builds the engines in the same order
+            _route_forward(child, handle, self._forwarded)  # built now: every rank builds them in the same order
             self._handles.append((name, handle))
             if handle.is_training_engine:
-                self.stepper(child, handle.engine.optimizer)
+                self.stepper(child, handle.engine.optimizer, name=name)
         by_client = {id(h._optimizer): h.engine.optimizer for _, h in self._handles if h.is_training_engine}
-        self.optimizers = [by_client[id(opt)] for opt in optimizers]
-        self.lr_scheduler_configs = schedulers  # stepped by Lightning (manual optimization: by the module)
-        self.setup_precision_plugin()
-        self.barrier()
+        self.optimizers = [by_client[id(unwrap_optimizer(opt))] for opt in self.optimizers]
 
     def _release_engines(self) -> None:
         """Give the children their own ``forward`` back and drop the engines."""
         for _, handle in self._handles:
             handle.module.__dict__.pop("forward", None)
         self._handles = []
+        self._forwarded.clear()
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
@@ -745,21 +746,6 @@ def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
     return owner._non_persistent_buffers_set
 
 
-def _graph_parameters(loss: torch.Tensor, owner: dict[int, tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """The owners of the parameters ``loss`` was computed from (a walk of its autograd graph)."""
-    seen, stack, found = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in owner and id(variable) not in found:
-            found.add(id(variable))
-            yield owner[id(variable)]
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-
-
 def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Optimizer]:
     """Map each optimizer to the child module whose trainable parameters it holds."""
     owners: dict[str, Optimizer] = {}
@@ -777,10 +763,11 @@ def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[
     return owners
 
 
-def _route_forward(module: nn.Module, engine: Any) -> None:
-    """Make ``module(...)`` run through ``engine`` (DeepSpeed's forward registers the hooks its backward
-    needs), while ``engine`` itself still calls the module's own ``forward``."""
-    own_forward = module.forward
+def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: set[DeepSpeedModel]) -> None:
+    """Make ``module(...)`` run through ``handle``'s engine (DeepSpeed's forward registers the hooks its
+    backward needs), while the engine itself still calls the module's own ``forward``; a training engine's
+    forward with gradients is added to ``forwarded``."""
+    own_forward, engine = module.forward, handle.engine
     inside = False
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -789,13 +776,13 @@ def _route_forward(module: nn.Module, engine: Any) -> None:
             return own_forward(*args, **kwargs)
         inside = True
         try:
+            if handle.is_training_engine and torch.is_grad_enabled():
+                forwarded.add(handle)
             return engine(*args, **kwargs)
         finally:
             inside = False
 
     module.forward = forward
-
-
 
 
 def _is_ds_tag(path: Path) -> bool:

@@ -106,18 +106,18 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
         super().setup_distributed(timeout)
-        self._device_mesh = self._build_mesh()
+        lightning_api.set_strategy_device_mesh(self, self._build_mesh())
         if self._engine_mp_group is None:
             self._create_engine_groups()
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
         self._default_process_group_backend()
-        self._setup_distributed()
-        self._device_mesh = self._build_mesh()
+        lightning_api.join_process_group(self)
+        lightning_api.set_strategy_device_mesh(self, self._build_mesh())
         self._create_engine_groups()
         assert self.lightning_module is not None
-        lightning_api.share_device_mesh(self.lightning_module, self._device_mesh)
+        lightning_api.share_device_mesh(self.lightning_module, self.device_mesh)
 
     def _check_shard_size(self, world_size: int, size: Optional[int] = None, name: str = "StrategyConfig.shard_size") -> None:
         fsdp2.check_shard_size(world_size, self.config.shard_size if size is None else size, name)
@@ -192,8 +192,9 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def mp_policy(self) -> MixedPrecisionPolicy:
         """The ``MixedPrecisionPolicy`` every model is sharded with."""
         trained = self.training_precision()
-        if self._precision_plugin is not None:  # the Trainer's, with its exact flag (bf16-true...)
-            precision = str(self._precision_plugin.precision)
+        plugin = lightning_api.given_precision_plugin(self)
+        if plugin is not None:  # the Trainer's, with its exact flag (bf16-true...)
+            precision = str(plugin.precision)
         else:
             precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[trained]
         return fsdp2.mixed_precision_policy(precision, type(self).__name__)
@@ -204,7 +205,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         unchanged. ``shard_size`` (default ``config.shard_size``) shards within groups of that many ranks
         (HSDP); ``reshard_after_forward`` is FSDP2's (False keeps the gathered weights between forward and
         backward)."""
-        if self._device_mesh is None:
+        if lightning_api.strategy_device_mesh(self) is None:
             raise RuntimeError(f"{type(self).__name__}: call setup_distributed() before prepare() (a Trainer does it)")
         mesh = self.device_mesh
         if shard_size is not None:
