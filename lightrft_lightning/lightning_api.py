@@ -11,11 +11,9 @@ from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE as DEEPSPEED_AVAILABLE
-from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
 
 __all__ = [
     "DEEPSPEED_AVAILABLE",
-    "optimizers_to_device",
     "in_hook",
     "can_log",
     "should_update_logs",

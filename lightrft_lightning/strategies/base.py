@@ -312,9 +312,15 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         return precision
 
     def setup(self, trainer: Any) -> None:
+        """Check the precision, materialize what ``init_module(empty_init=True)`` left on the meta device,
+        enable gradient checkpointing, then the Lightning strategy's own ``setup`` (:meth:`_lightning_setup`)."""
         self.training_precision()  # refuses a config that disagrees with the Trainer
         self._materialize_lightning_module()
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        self._lightning_setup(trainer)
+
+    def _lightning_setup(self, trainer: Any) -> None:
+        """Backend hook: the Lightning parent's ``setup``."""
         super().setup(trainer)  # type: ignore[misc]
 
     def _materialize_lightning_module(self) -> None:

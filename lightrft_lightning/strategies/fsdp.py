@@ -12,7 +12,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -256,22 +255,27 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ------------------------------------------------------------------ Lightning integration
-    def setup(self, trainer: Any) -> None:
-        assert self.model is not None and self.accelerator is not None
-        self.accelerator.setup(trainer)
-        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then shard
-        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
-        self.model = self.precision_plugin.convert_module(self.model)
-        if not any(isinstance(m, FSDPModule) for m in self.model.modules()):  # else configure_model sharded it
-            self._shard_lightning_module(self.model)
-        if not self.config.fsdp_cpu_offload:
-            self.model_to_device()  # what sharding left: frozen children without parameters, buffers
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            lightning_api.optimizers_to_device(self.optimizers, self.root_device)
+    def _lightning_setup(self, trainer: Any) -> None:
+        # ModelParallelStrategy.setup requires configure_model to shard the module; this strategy shards
+        # what configure_model left (_setup_model), so it runs the setup every Lightning strategy shares
+        super(ModelParallelStrategy, self).setup(trainer)
+
+    def model_to_device(self) -> None:
+        # unsharded, the whole module would land on every device: _setup_model shards it first
+        if self._sharded(self.model) and not self.config.fsdp_cpu_offload:
+            super().model_to_device()
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Shard each child of the ``LightningModule`` that has parameters (unless ``configure_model`` did),
+        then move what sharding left (frozen children without parameters, buffers) to the device."""
+        if not self._sharded(model):
+            self._shard_lightning_module(model)
+            self.model_to_device()
+        return model
+
+    @staticmethod
+    def _sharded(model: Optional[nn.Module]) -> bool:
+        return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
     def _shard_lightning_module(self, module: nn.Module) -> None:
         for child in module.children():
