@@ -228,8 +228,10 @@ def test_resume_neither_replays_nor_skips_prompts(tmp_path):
     _, first = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 3,
                    callbacks=[ckpt], enable_checkpointing=True)
     path = next(tmp_path.glob("*step=3*.ckpt"))
-    _, second = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8, ckpt_path=str(path))
+    resumed, second = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8, ckpt_path=str(path))
     assert first.indices + second.indices == full.indices
+    # the step counters continue from the checkpoint (configure_optimizers runs after it is loaded)
+    assert resumed.strategy.stepper(resumed.lightning_module.actor).steps == 8
     assert sorted(i for step in full.indices[:5] for i in step) == list(range(20))
 
 

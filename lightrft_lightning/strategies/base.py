@@ -260,7 +260,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         kwargs.setdefault("betas", self.config.adam_betas)
         kwargs.setdefault("weight_decay", self.config.l2)
         optimizer = self._build_optimizer(model, **kwargs)
-        self._train_states[id(model)] = Stepper(optimizer, model=model)
+        self.stepper(model, optimizer)  # its counters stay: fit(ckpt_path) restores them before configure_optimizers
         return optimizer
 
     def unwrap_model(self, model: Any) -> Any:
