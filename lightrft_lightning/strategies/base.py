@@ -33,6 +33,7 @@ import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
@@ -514,26 +515,34 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         save_latest: bool = True,
         **kwargs: Any,
     ) -> str:
-        """Save ``model`` with its optimizer and scheduler and ``client_state`` as a DCP directory
-        ``save_dir/tag`` (atomically: written aside, then renamed), keep at most ``max_num``
-        checkpoints and ``max_mem`` GB, and point ``save_dir/latest`` at it. Returns the path.
-        LightRFT's FSDP keywords ``optimizer=`` / ``scheduler=`` must name the model's own (or give it one)."""
+        """Save ``model`` with its optimizer and scheduler and ``client_state`` as the checkpoint
+        ``save_dir/tag`` (atomically: written aside, then renamed; the backend writes the files,
+        :meth:`_write_ckpt`), keep at most ``max_num`` checkpoints and ``max_mem`` GB, and point
+        ``save_dir/latest`` at it. Returns the path. LightRFT's FSDP keywords ``optimizer=`` /
+        ``scheduler=`` must name the model's own (or give it one)."""
         self._bind_ckpt_objects(model, kwargs)
         state = self.stepper(model)
         tag = tag or f"global_step{state.steps}"
-        return checkpoint.save(
-            save_dir,
-            tag,
-            self._model_state(model, state.optimizer),
-            extra={"scheduler": state.scheduler.state_dict() if state.scheduler else None,
-                   "train_state": state.counters(),
-                   "client_state": client_state or {}},
-            max_num=max_num,
-            max_mem=max_mem,
-            save_latest=save_latest,
-            is_rank_0=self.is_rank_0(),
-            barrier=self._barrier,
-        ).path
+        extra = {"client_state": client_state or {}, "train_state": state.counters()}
+        options = checkpoint.Publish(latest=save_latest, max_num=max_num, max_mem=max_mem,
+                                     is_checkpoint=self._is_ckpt_dir)
+        return checkpoint.write_checkpoint(Path(save_dir) / tag, lambda tmp: self._write_ckpt(model, tmp, extra, kwargs),
+                                           options, is_rank_0=self.is_rank_0(), barrier=self._barrier).path
+
+    def _write_ckpt(self, model: nn.Module, tmp: Path, extra: dict[str, Any], options: dict[str, Any]) -> None:
+        """Backend hook: write ``model``'s checkpoint with ``extra`` into ``tmp`` (DCP here); ``options`` are
+        the remaining keywords of ``save_ckpt``."""
+        if options:
+            raise ValueError(f"save_ckpt: {sorted(options)} are not supported by {type(self).__name__}; accepted: "
+                             "optimizer=, scheduler=")
+        state = self.stepper(model)
+        extra = {**extra, "scheduler": state.scheduler.state_dict() if state.scheduler else None}
+        checkpoint.write_dcp(tmp, self._model_state(model, state.optimizer), extra, is_rank_0=self.is_rank_0())
+
+    @staticmethod
+    def _is_ckpt_dir(path: Path) -> bool:
+        """Backend hook: whether a directory of ``save_dir`` is one of :meth:`save_ckpt`'s (rotation counts those)."""
+        return (path / checkpoint.METADATA).is_file()
 
     def load_ckpt(
         self,

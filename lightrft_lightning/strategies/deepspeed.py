@@ -365,9 +365,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """``engine.step()``: a real step on accumulation boundaries (clip the global gradient norm to
         ``max_norm`` (0: no clipping), step, zero grads and step the stepper's scheduler), skipped when
         the gradient norm is not finite; the engine decides, the stepper counts."""
-        engine = self._engine(stepper.model)
-        if stepper.scheduler is not None:
-            engine.lr_scheduler = stepper.scheduler
+        engine = self._engine_of_stepper(stepper.model)
         boundary = engine.is_gradient_accumulation_boundary()
         skipped = engine.skipped_steps
         parallel_deepspeed.set_gradient_clipping(engine, max_norm)
@@ -502,34 +500,18 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return {}  # DeepSpeed saves the optimizer states itself, partitioned
 
     # ------------------------------------------------------------------ checkpoints
-    def save_ckpt(
-        self,
-        model: nn.Module,
-        save_dir: str,
-        tag: Optional[str] = None,
-        max_num: int = 3,
-        max_mem: float = 1000,
-        client_state: Optional[dict] = None,
-        save_latest: bool = True,
-        **kwargs: Any,
-    ) -> str:
-        """Save ``model``'s engine (weights, optimizer and scheduler, partitioned as trained) with
-        ``client_state`` as a DeepSpeed checkpoint ``save_dir/tag`` (``latest`` names it), keeping
-        at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
-        self._bind_engine_ckpt_objects(model, kwargs)
-        state = self.stepper(model)
-        tag = tag or f"global_step{state.steps}"
-        extra = {"client_state": client_state or {}, "train_state": state.counters()}
-        engine = self._engine(model)
-        exclude_frozen = kwargs.get("exclude_frozen_parameters", False)
+    def _write_ckpt(self, model: nn.Module, tmp: Path, extra: dict[str, Any], options: dict[str, Any]) -> None:
+        # the engine's own checkpoint: weights, optimizer and scheduler, partitioned as trained
+        exclude_frozen = options.pop("exclude_frozen_parameters", False)
+        if options:
+            raise ValueError(f"save_ckpt: {sorted(options)} are not supported by {type(self).__name__}; accepted: "
+                             "optimizer=, scheduler=, exclude_frozen_parameters=")
+        self._engine_of_stepper(model).save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra,
+                                                       save_latest=False, exclude_frozen_parameters=exclude_frozen)
 
-        def fill(tmp: Path) -> None:
-            engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra, save_latest=False,
-                                   exclude_frozen_parameters=exclude_frozen)
-
-        options = checkpoint.Publish(latest=save_latest, max_num=max_num, max_mem=max_mem, is_checkpoint=_is_ds_tag)
-        return checkpoint.write_checkpoint(Path(save_dir) / tag, fill, options, is_rank_0=self.is_rank_0(),
-                                           barrier=self._barrier).path
+    @staticmethod
+    def _is_ckpt_dir(path: Path) -> bool:
+        return any(path.glob("*model_states.pt"))
 
     def load_ckpt(
         self,
@@ -545,10 +527,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
         engine. Returns ``(path, client_state)``."""
         tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
-        self._bind_engine_ckpt_objects(model, kwargs)
+        self._bind_ckpt_objects(model, kwargs)
         if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
-        engine = self._engine(model)
+        engine = self._engine_of_stepper(model)
         if load_module_only and engine.zero_optimization_partition_weights():
             tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
             return parallel_deepspeed.load_zero3_weights(engine, load_dir, tag), {}
@@ -564,12 +546,12 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
 
-    def _bind_engine_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
-        """``optimizer=`` / ``scheduler=`` (LightRFT's FSDP keywords): the engine's own, or its scheduler."""
-        scheduler = kwargs.get("scheduler")
-        self._bind_ckpt_objects(model, kwargs)
+    def _engine_of_stepper(self, model: nn.Module) -> Any:
+        """``model``'s engine, holding the scheduler its stepper steps (the engine saves and loads it)."""
+        engine, scheduler = self._engine(model), self.stepper(model).scheduler
         if scheduler is not None:
-            self._engine(model).lr_scheduler = scheduler
+            engine.lr_scheduler = scheduler
+        return engine
 
     def save_checkpoint(self, checkpoint_dict: dict, filepath: Any,
                         storage_options: Optional[checkpoint.Publish] = None) -> checkpoint.SaveHandle:
@@ -783,10 +765,3 @@ def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: set[Dee
             inside = False
 
     module.forward = forward
-
-
-def _is_ds_tag(path: Path) -> bool:
-    return any(path.glob("*model_states.pt"))
-
-
-
