@@ -28,6 +28,8 @@ __all__ = [
     "set_precision_plugin",
     "set_process_group_backend",
     "join_process_group",
+    "join_deepspeed_process_group",
+    "callback_state_key",
     "strategy_device_mesh",
     "set_strategy_device_mesh",
 ]
@@ -119,6 +121,18 @@ def join_process_group(strategy: Any) -> None:
     """Join the process group as a Lightning ``ParallelStrategy`` does in its ``setup_environment``
     (ranks from the cluster environment, the strategy's backend and timeout)."""
     strategy._setup_distributed()
+
+
+def join_deepspeed_process_group(strategy: Any) -> None:
+    """Join the process group through ``deepspeed.init_distributed`` as Lightning's ``DeepSpeedStrategy`` does
+    (its node environment variables, the strategy's backend)."""
+    strategy._init_deepspeed_distributed()
+
+
+def callback_state_key(callback: Any, **key: Any) -> str:
+    """A callback's ``state_key`` from ``key`` (the arguments that tell two instances apart), as Lightning's
+    own callbacks build theirs."""
+    return callback._generate_state_key(**key)
 
 
 def strategy_device_mesh(strategy: Any) -> Any:

@@ -232,7 +232,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if self.cluster_environment is not None:  # called by Lightning's setup_environment
             reset_seed()
             self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            lightning_api.join_deepspeed_process_group(self)
             self._create_engine_groups()
             return
         seed_everything(self.config.seed, verbose=False)
