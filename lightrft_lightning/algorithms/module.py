@@ -27,6 +27,7 @@ from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.lora import adapters_disabled, frozen_base_keys
+from lightrft_lightning.parallel.sharding import forward_is_collective
 from lightrft_lightning.strategies.base import StrategyBase
 
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
@@ -501,9 +502,12 @@ class RLModule(pl.LightningModule):
         sampling: dict[str, Any] = {"do_sample": False}
         if do_sample:
             sampling = {"do_sample": True, "temperature": self.val_temperature, "top_p": 1.0, "top_k": 0}
-        out = hf_model(self.actor).generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
-                                            max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
-                                            eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        model = hf_model(self.actor)
+        # a sharded actor's forward is a collective: ranks whose completions ended keep joining it
+        out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
+                             max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=self.tokenizer.eos_token_id, synced_gpus=forward_is_collective(model),
+                             **sampling)
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from lightrft_lightning.config import ENGINE_TYPES, StrategyConfig, precision_name
 from lightrft_lightning.engines.base import RolloutEngine, check_sleep_level
 from lightrft_lightning.lora import has_lora
+from lightrft_lightning.parallel.sharding import is_sharded
 
 # the byte budget of one weight-streaming bucket: the extra memory of a push is about one bucket plus
 # the largest parameter; larger buckets mean fewer engine reloads per push
@@ -176,13 +177,8 @@ def _hf_engine(config: EngineConfig, actor: Optional[nn.Module], device: Any, sh
     dtype = config.dtype or next(actor.parameters()).dtype
     device = torch.device(device) if device is not None else next(actor.parameters()).device
     kwargs = dict(pad_token_id=pad or 0, eos_token_id=eos, sleep_level=config.sleep_level or 1, device=device)
-    if share_weights and not has_lora(actor) and all(_plain(p) and p.dtype == dtype and p.device == device
+    if share_weights and not has_lora(actor) and all(not is_sharded(p) and p.dtype == dtype and p.device == device
                                                      for p in actor.parameters()):
         # a LoRA actor's engine holds the merged weights instead
         return HFEngine(actor, share_weights=True, **kwargs)
     return HFEngine.from_config(hf_config, dtype=dtype, **kwargs)
-
-
-def _plain(param: torch.Tensor) -> bool:
-    """Neither an FSDP2 shard (DTensor) nor a DeepSpeed ZeRO-3 partition."""
-    return not (hasattr(param, "full_tensor") or hasattr(param, "ds_id"))
