@@ -107,3 +107,12 @@ def load_zero3_weights(engine: Any, load_dir: str, tag: str) -> str:
                 param.data.copy_(state[name])
     engine.optimizer._restore_from_bit16_weights()  # the fp32 master partitions follow the new weights
     return str(Path(load_dir) / tag)
+
+
+def engine_build_order(children: list[tuple[str, Any]], trained: Any) -> list[tuple[str, Any]]:
+    """The order to build engines for ``children`` (``(name, module)``; ``trained``: the names an optimizer
+    trains): frozen children first, in their order, then the trained ones. A frozen reference made as a
+    view of the actor's tensors (GRPO's) is then partitioned or converted while the actor still holds the
+    full tensors, before the actor's engine allocates its optimizer state: the full weights never coexist
+    with that state twice (once for the actor, once for the reference). The same order on every rank."""
+    return [c for c in children if c[0] not in trained] + [c for c in children if c[0] in trained]

@@ -466,7 +466,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             optimizers, schedulers = lightning_api.init_optimizers_and_lr_schedulers(module)
         owners = _optimizer_children(module, optimizers)
         self._release_engines()
-        for name, child in list(module.named_children()):
+        for name, child in parallel_deepspeed.engine_build_order(list(module.named_children()), owners):
             params = list(child.parameters())
             if name in owners:
                 handle = DeepSpeedModel(child, self, owners[name])
