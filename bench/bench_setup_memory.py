@@ -23,6 +23,13 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def anon() -> int:
+    """Private (anonymous) resident bytes: RSS less the file pages a memory-mapped checkpoint brings in,
+    which the ranks share in the page cache."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
 def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -39,11 +46,11 @@ def worker(strategy: str) -> None:
     from lightrft_lightning.data import PromptDataModule
 
     torch.set_num_threads(1)
-    marks = {"imports": rss()}
+    marks = {"imports": rss(), "anon_imports": anon()}
 
     class Stop(pl.Callback):
         def on_fit_start(self, trainer, pl_module) -> None:  # the strategy's setup is done; the engine is next
-            marks["peak_setup"], marks["after_setup"] = peak(), rss()
+            marks["peak_setup"], marks["after_setup"], marks["anon_setup"] = peak(), rss(), anon()
 
         def on_train_start(self, trainer, pl_module) -> None:
             marks["with_engine"] = rss()
@@ -52,7 +59,7 @@ def worker(strategy: str) -> None:
     pl.seed_everything(0)
     module = GRPO(model="smollm2-135m-instruct", kl_coef=0.05, max_new_tokens=4, n_samples_per_prompt=2,
                   micro_train_batch_size=4)
-    marks["built"] = rss()
+    marks["built"], marks["anon_built"] = rss(), anon()
     marks["model_fp32"] = sum(p.numel() for p in module.actor.parameters()) * 4
     data = PromptDataModule(prompts=["1+1="] * 4, batch_size=2, shuffle=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
@@ -68,12 +75,13 @@ def worker(strategy: str) -> None:
 
 def main(strategies: tuple[str, ...]) -> None:
     print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak setup MB':>13} "
-          f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak-imports)/4P':>17}")
+          f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak-imports)/4P':>17} {'anon built/setup MB':>19}")
     for strategy in strategies:
         for rank, m in enumerate(launch(2, strategy, script=__file__)):
             print(f"{strategy:>28} {rank:>4} {m['imports'] / 2**20:>10.0f} {m['built'] / 2**20:>9.0f} "
                   f"{m['peak_setup'] / 2**20:>13.0f} {m['after_setup'] / 2**20:>14.0f} {m['with_engine'] / 2**20:>11.0f} "
-                  f"{(m['peak_setup'] - m['imports']) / m['model_fp32']:>17.2f}")
+                  f"{(m['peak_setup'] - m['imports']) / m['model_fp32']:>17.2f} "
+                  f"{(m['anon_built'] - m['anon_imports']) / 2**20:>9.0f}/{(m['anon_setup'] - m['anon_imports']) / 2**20:<9.0f}")
 
 
 if __name__ == "__main__":
