@@ -52,6 +52,14 @@ def _diff(run: Path, ref: Path) -> tuple[float, float, dict, dict]:
     return loss, param, result, expected
 
 
+def test_zero3_models_are_built_partitioned_under_init_model_context(suite):
+    # issue 29, risk 4: from_pretrained inside init_model_context() never holds the whole model on a rank
+    result = suite[1]["zero3_init"]
+    assert result["local"] == result["full"] // 2 and result["held"] == 0
+    assert result["max_diff"] == 0.0  # the same logits as the model loaded whole
+    assert result["after"] < result["loss"]  # and it trains
+
+
 @pytest.mark.parametrize("run", ["z1-lightrft", "z2-lightrft", "z3-lightrft", "z3-openrlhf"])
 def test_zero_stages_on_2_ranks_match_one_process(suite, single_process, run):
     loss, param, result, expected = _diff(suite[0] / "train" / f"deepspeed-{run}", single_process)

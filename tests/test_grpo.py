@@ -113,6 +113,32 @@ def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant, m
         assert all(not p.requires_grad for p in model.ref.parameters())
 
 
+def _storages(module):
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def test_reference_shares_the_actors_tensors_until_fit_then_stays_the_initial_policy(tmp_path):
+    # issue 29, risk 4: no second full copy of the weights per rank before the strategy shards them
+    pl.seed_everything(0, verbose=False)
+    model = tiny_grpo(kl_coef=0.1, kl_estimator="k1", micro_train_batch_size=32)
+    assert _storages(model.ref) == _storages(model.actor)
+    initial = {n: p.detach().clone() for n, p in model.ref.named_parameters()}
+    data = PromptDataModule(prompts=counting_prompts(64), batch_size=4)
+    trainer, _ = fit(model, data, 2)
+    assert not _storages(model.ref) & _storages(model.actor)  # one process: copied at fit start
+    assert all(torch.equal(initial[n], p) for n, p in model.ref.named_parameters())
+    assert any(not torch.equal(initial[n], p) for n, p in model.actor.named_parameters())
+    # resuming loads before setup, into the module as built: the checkpoint's reference must not land
+    # in the actor's tensors
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    pl.seed_everything(1, verbose=False)
+    resumed = tiny_grpo(kl_coef=0.1, kl_estimator="k1", micro_train_batch_size=32)
+    fit(resumed, data, 2, ckpt_path=str(tmp_path / "ckpt"))
+    for name, p in resumed.actor.named_parameters():
+        assert torch.equal(p, dict(model.actor.named_parameters())[name]), name
+    assert all(torch.equal(initial[n], p) for n, p in resumed.ref.named_parameters())
+
+
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])
 def test_samples_with_zero_advantage_are_not_forwarded_and_change_nothing(loss_agg, monkeypatch):
     # a random model rarely counts right: most groups of 4 tie at reward 0, so their advantages are 0

@@ -21,12 +21,13 @@ from lightrft_lightning.algorithms.advantages import ESTIMATORS, Advantages
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.log_probs import log_probs
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
-from lightrft_lightning.algorithms.models import Policy
+from lightrft_lightning.algorithms.models import Policy, own_storage
 from lightrft_lightning.algorithms.rollout import Rollout, row_metadata
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.lora import adapters_disabled, frozen_base_keys
+from lightrft_lightning.parallel.sharding import forward_is_collective
 from lightrft_lightning.strategies.base import StrategyBase
 
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
@@ -209,6 +210,7 @@ class RLModule(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._own_reference_storage()  # the checkpoint's reference weights must not land in the actor's tensors
         if "reward_running_moments" in checkpoint:
             self.advantages.moments.load_state_dict(checkpoint["reward_running_moments"])
         if self.lora is not None and "state_dict" in checkpoint:
@@ -218,6 +220,16 @@ class RLModule(pl.LightningModule):
             state.update({k: v for k, v in self.state_dict().items() if k in frozen})
 
     # ------------------------------------------------------------------ setup
+    def on_fit_start(self) -> None:
+        self._own_reference_storage()  # the strategy has sharded or copied what it trains: nothing shares now
+
+    def _own_reference_storage(self) -> None:
+        """The reference shares the actor's tensors from construction until the strategy's setup (see
+        :func:`~lightrft_lightning.algorithms.models.frozen_view`); copy what still shares before training
+        or a checkpoint writes to it."""
+        if self.ref is not None:
+            own_storage(self.ref, self.actor)
+
     def configure_callbacks(self) -> list[pl.Callback]:
         """Add a rollout-engine callback (an in-process HF engine) unless the Trainer has one."""
         from lightrft_lightning.callbacks import RolloutEngineCallback
@@ -503,9 +515,12 @@ class RLModule(pl.LightningModule):
         sampling: dict[str, Any] = {"do_sample": False}
         if do_sample:
             sampling = {"do_sample": True, "temperature": self.val_temperature, "top_p": 1.0, "top_k": 0}
-        out = hf_model(self.actor).generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
-                                            max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
-                                            eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        model = hf_model(self.actor)
+        # a sharded actor's forward is a collective: ranks whose completions ended keep joining it
+        out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
+                             max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=self.tokenizer.eos_token_id, synced_gpus=forward_is_collective(model),
+                             **sampling)
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 

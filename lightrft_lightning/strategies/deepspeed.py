@@ -451,7 +451,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         module = self.lightning_module
         owners = _optimizer_children(module, self.optimizers)
         self._release_engines()
-        for name, child in list(module.named_children()):
+        for name, child in parallel_deepspeed.engine_build_order(list(module.named_children()), owners):
             params = list(child.parameters())
             if name in owners:
                 handle = DeepSpeedModel(child, self, unwrap_optimizer(owners[name]))
@@ -472,6 +472,15 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             handle.module.__dict__.pop("forward", None)
         self._handles = []
         self._forwarded.clear()
+
+    def init_model_context(self, meta_init: bool = False) -> AbstractContextManager:
+        """LightRFT's model-building context; under ZeRO-3 (once ``setup_distributed`` ran) models are built
+        partitioned, a Hugging Face ``from_pretrained`` loading its weights into the partitions: no whole
+        model per rank (:func:`~lightrft_lightning.parallel.deepspeed.zero3_init`). ``meta_init=True``: as
+        on every strategy."""
+        if self.zero_stage_3 and not meta_init and dist.is_initialized():
+            return parallel_deepspeed.zero3_init(self.ds_config(train=True))
+        return super().init_model_context(meta_init)
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
