@@ -170,7 +170,9 @@ def test_vllm_is_built_in_process_with_sleep_mode_only_where_the_platform_has_it
     assert engine.llm.init_kwargs == {"model": "/models/x", "enable_sleep_mode": not cpu,
                                       "distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
     # CPU: a KV cache of 1 GiB (not a fraction of the host's memory); one process: no data parallelism
-    assert engine.llm.other_kwargs == ({"kv_cache_memory_bytes": 1 << 30} if cpu else {})
+    # log-probs of the distribution sampled from (temperature, top-k, top-p), as the learner's weights take them
+    assert engine.llm.other_kwargs == ({"kv_cache_memory_bytes": 1 << 30} if cpu else {}) | {
+        "logprobs_mode": "processed_logprobs"}
     assert engine.sleep_mode is not cpu
     assert engine.weights_survive_sleep is cpu  # level 2 drops the weights only with sleep mode
     assert VLLMEngine("/m").weights_survive_sleep

@@ -58,16 +58,33 @@ def _packed_log_probs(model: nn.Module, packed: SharedPromptBatch, shape: torch.
     return logp, ent
 
 
+ENTROPY_CHUNK_ROWS = 1024  # positions per chunk of the entropy: one [rows, vocab] fp32 temporary at a time
+
+
 def _token_log_probs(logits: Tensor, targets: Tensor, temperature: float,
                      entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """The log-prob of each target under ``logits`` at the sampling temperature, and the entropy."""
+    """The log-prob of each target under ``logits`` at the sampling temperature, and the entropy.
+
+    ``logit[target] - logsumexp(logits)`` rather than a ``log_softmax`` over the vocabulary: no
+    vocabulary-sized copy is kept besides the (fp32, temperature-scaled) logits, and the entropy,
+    ``logsumexp - sum(softmax * logits)``, is taken in chunks of positions (it is a detached metric)."""
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
-    return logp, ent
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, _entropy(logits.detach()) if entropy else None
+
+
+@torch.no_grad()
+def _entropy(logits: Tensor, chunk: int = ENTROPY_CHUNK_ROWS) -> Tensor:
+    """The entropy of each row of ``logits`` (``[..., vocab]``), a chunk of rows at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = flat.new_empty(flat.shape[0])
+    for start in range(0, flat.shape[0], chunk):
+        rows = flat[start:start + chunk]
+        lse = torch.logsumexp(rows, dim=-1)
+        out[start:start + chunk] = lse - (torch.softmax(rows, dim=-1) * rows).sum(-1)
+    return out.view(logits.shape[:-1])
 
 
 def _first_action(action_mask: Tensor) -> int:
