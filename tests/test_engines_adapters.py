@@ -254,6 +254,16 @@ def test_vllm_push_order_and_prefix_cache_reset(fake_packages):
         (1, [2, 2], [-0.5, -0.25], "eos"), (1, [2, 2], [-0.5, -0.25], "length")]
 
 
+def test_vllm_refuses_an_engine_whose_log_probs_are_not_of_the_sampled_distribution(fake_packages):
+    llm = FakeLLM("/m")
+    llm.llm_engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(
+        model_config=types.SimpleNamespace(logprobs_mode="raw_logprobs", model="/m")))
+    with pytest.raises(ValueError, match="logprobs_mode is 'raw_logprobs'.*accepted: logprobs_mode='processed_logprobs'"):
+        VLLMEngine(llm=llm)
+    with pytest.raises(ValueError, match="logprobs_mode is 'raw_logits'"):
+        VLLMEngine("/m", logprobs_mode="raw_logits")  # refused before vLLM is built
+
+
 @pytest.mark.parametrize("bucket_bytes", [1, 3000, 8192, 1 << 30])
 def test_vllm_reloads_never_split_a_decoder_layer(fake_packages, bucket_bytes):
     """vLLM's in-place reload builds a fused layer (qkv, gate_up) from the tensors of one call: a layer

@@ -232,7 +232,7 @@ class VLLMEngine(LifecycleEngine):
                 skip_tokenizer_init = True  # token ids in, token ids out: a directory without a tokenizer works
             if skip_tokenizer_init is not None:
                 llm_kwargs["skip_tokenizer_init"] = bool(skip_tokenizer_init)
-            llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE)
+            _check_logprobs_mode(llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE))
             with launcher_env() if backend == "external_launcher" else contextlib.nullcontext(1) as world, \
                     _trainer_state_kept():
                 per_engine = tensor_parallel_size * int(llm_kwargs.get("pipeline_parallel_size", 1))
@@ -246,11 +246,7 @@ class VLLMEngine(LifecycleEngine):
                                dtype=dtype, seed=seed, **llm_kwargs)
         elif enable_sleep_mode is None:
             enable_sleep_mode = bool(getattr(_model_config(llm), "enable_sleep_mode", True))
-        mode = getattr(_model_config(llm), "logprobs_mode", LOGPROBS_MODE)
-        if mode != LOGPROBS_MODE:
-            raise ValueError(f"VLLMEngine: the engine's logprobs_mode is {mode!r}: its log-probs would not be those of "
-                             "the distribution it samples from (after temperature, top-k and top-p), which the "
-                             f"learner's importance weights take; accepted: logprobs_mode={LOGPROBS_MODE!r}")
+        _check_logprobs_mode(getattr(_model_config(llm), "logprobs_mode", LOGPROBS_MODE))
         self.llm = llm
         if llm_kwargs.get("distributed_executor_backend") == "external_launcher":
             _keep_process_group(llm)
@@ -391,6 +387,13 @@ class VLLMEngine(LifecycleEngine):
                 logprobs = [float(step[tok].logprob) for tok, step in zip(ids, out.logprobs or [])]
                 completions.append(Completion(index, ids, logprobs, "eos" if out.finish_reason == "stop" else "length"))
         return completions
+
+
+def _check_logprobs_mode(mode: str) -> None:
+    if mode != LOGPROBS_MODE:
+        raise ValueError(f"VLLMEngine: the engine's logprobs_mode is {mode!r}: its log-probs would not be those of the "
+                         "distribution it samples from (after temperature, top-k and top-p), which the learner's "
+                         f"importance weights take; accepted: logprobs_mode={LOGPROBS_MODE!r}")
 
 
 def _copy_split_layers(buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]) -> Iterator[tuple[str, torch.Tensor]]:
