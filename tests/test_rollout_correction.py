@@ -159,3 +159,17 @@ def test_the_loss_object_weights_the_policy_term_and_reports_the_mismatch():
 def test_bad_correction_settings_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClippedPolicyLoss(**kwargs).check("GRPO")
+
+
+def test_ppo_takes_the_same_correction_and_gspo_settings():
+    from lightrft_lightning.algorithms.ppo import PPOLoss
+
+    logp = torch.tensor([[-1.0, -1.0]])
+    mb = Experience(input_ids=torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3),
+                    action_mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -0.5]]),
+                    old_logp=torch.tensor([[-1.1, -0.9]]), rollout_logp=torch.tensor([[-2.0, -1.0]]))
+    settings = dict(policy_loss_type="gspo", rollout_is="token", rollout_is_threshold=1.5)
+    ppo, ppo_metrics = PPOLoss(**settings)(logp, mb, mb.action_mask)
+    grpo, grpo_metrics = GRPOLoss(**settings)(logp, mb, mb.action_mask)
+    close(ppo, grpo)
+    assert ppo_metrics == grpo_metrics and ppo_metrics["mismatch/tokens_truncated"] == 0.5
