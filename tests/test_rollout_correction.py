@@ -148,8 +148,8 @@ def test_the_loss_object_weights_the_policy_term_and_reports_the_mismatch():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"rollout_is": "tokens"}, r"rollout_is='tokens' is invalid; accepted: None, 'token', 'sequence', 'geometric'"),
-    ({"policy_loss_type": "grpo"}, r"policy_loss_type='grpo' is invalid; accepted: 'ppo', 'gspo'"),
+    ({"rollout_is": "tokens"}, r"rollout_is='tokens' is invalid; accepted: None, token, sequence, geometric"),
+    ({"policy_loss_type": "grpo"}, r"policy_loss_type='grpo' is invalid; accepted: ppo, gspo"),
     ({"rollout_is_threshold": 5.0}, r"rollout_is_threshold=5.0 is only used with rollout_is set"),
     ({"rollout_rs_threshold_lower": 0.1}, r"rollout_rs_threshold_lower=0.1 is only used with rollout_rs set"),
     ({"rollout_is": "token", "rollout_is_threshold": 0}, r"rollout_is_threshold=0 is invalid; accepted: a number > 0"),

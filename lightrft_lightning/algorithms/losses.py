@@ -192,7 +192,7 @@ class ClippedPolicyLoss:
                                ("rollout_rs", (None, *CORRECTION_LEVELS))):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is invalid; accepted: "
-                                 f"{', '.join(map(repr, accepted))}")
+                                 f"{', '.join(map(str, accepted))}")
         value = self.kl_coef
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise ValueError(f"{owner}.kl_coef={value!r} is invalid; accepted: a number >= 0 (finite)")
