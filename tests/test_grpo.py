@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -296,13 +297,27 @@ LORA = (f'{_M}lora={{"r": 4, "alpha": 8}}',
 ZERO3 = ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false}',)
 
 
+# the off-policy losses, each on one strategy, against an engine made stale by STALE (grpo_strategies.StaleEngine)
+STALE = 0.4
+GSPO_TIS_MIS = (f"{_M}policy_loss_type=gspo", f"{_M}rollout_is=sequence", f"{_M}rollout_is_threshold=1.5",
+                f"{_M}rollout_rs=token", f"{_M}rollout_rs_threshold=1.3", f"{_M}rollout_rs_threshold_lower=0.8")
+TIS_MIS = (f"{_M}rollout_is=token", f"{_M}rollout_is_threshold=1.2", f"{_M}rollout_rs=geometric",
+           f"{_M}rollout_rs_threshold=1.1")
+GSPO_GEOMETRIC = (f"{_M}policy_loss_type=gspo", f"{_M}rollout_is=geometric", f"{_M}rollout_is_threshold=1.1",
+                  f"{_M}rollout_rs=sequence", f"{_M}rollout_rs_threshold=2.0")
+MISMATCH = ("mismatch/logp_abs_diff", "mismatch/kl", "mismatch/ratio_max", "mismatch/tokens_truncated",
+            "mismatch/seqs_truncated", "mismatch/tokens_masked", "mismatch/seqs_masked")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy, extra, adapters", [
-    ("fsdp", LORA, ["DTensor"]), ("deepspeed", LORA, ["plain"]), ("deepspeed", LORA + ZERO3, ["zero3"]),
-], ids=["fsdp-lora", "deepspeed-lora", "deepspeed-zero3-lora"])
+    ("fsdp", LORA + GSPO_TIS_MIS, ["DTensor"]), ("deepspeed", LORA + TIS_MIS, ["plain"]),
+    ("deepspeed", LORA + ZERO3 + GSPO_GEOMETRIC, ["zero3"]),
+], ids=["fsdp-lora-gspo-tis-mis", "deepspeed-lora-tis-mis", "deepspeed-zero3-lora-gspo-geometric"])
 def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, adapters, tmp_path, monkeypatch):
     """examples/grpo_tiny_{fsdp,deepspeed}.yaml on 2 ranks against examples/grpo_tiny_fake.yaml, with LoRA
-    adapters on a tied model (adapters sharded with their blocks, or partitioned). A full fine-tune on 2
+    adapters on a tied model (adapters sharded with their blocks, or partitioned), GSPO or PPO's ratio,
+    and truncated and masked importance sampling against a stale engine. A full fine-tune on 2
     ranks against one process: tests/test_real_model.py (GRPO), tests/test_fsdp.py, tests/test_deepspeed.py."""
     module = f"lightrft_lightning.strategies.{strategy}"
     if importlib.util.find_spec(module) is None:
@@ -310,13 +325,17 @@ def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, a
     monkeypatch.chdir(ROOT)
     out = tmp_path / "steps.json"
     torchrun("grpo_strategies.py", 2, f"examples/grpo_tiny_{strategy}.yaml", str(out), str(grpo_strategies.STEPS),
-             *extra, env={"PYTHONPATH": ROOT}, timeout=300)
+             *extra, env={"PYTHONPATH": ROOT, "SHIFT_ENGINE_LOGPROBS": str(STALE)}, timeout=300)
     result = json.loads(out.read_text())
     assert result["adapters"] == adapters  # sharded with their blocks / partitioned
     ranks = result["steps"]
-    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml", extra=tuple(a for a in extra if a not in ZERO3)).steps
+    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml", extra=tuple(a for a in extra if a not in ZERO3),
+                              shift=STALE).steps
     assert len(ranks) == len(one) == grpo_strategies.STEPS
     for got, ref in zip(ranks, one):
-        for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac"):
+        for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac", *MISMATCH):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
     assert one[0]["loss/policy"] != 0 and one[0]["actor/grad_norm"] > 0
+    # the corrections acted: some tokens truncated, some masked, ratios up to about e^0.4
+    assert all(0 < one[0][f"mismatch/{k}"] < 1 for k in ("tokens_truncated", "tokens_masked")), one[0]
+    assert one[0]["mismatch/ratio_max"] == pytest.approx(math.exp(STALE), rel=1e-3)

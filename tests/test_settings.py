@@ -273,7 +273,8 @@ def test_engine_type_vllm_and_sglang_build_with_tp_size_and_memory(hf_dir, monke
     assert vllm.llm.kwargs == {"model": hf_dir, "enable_sleep_mode": True, "tensor_parallel_size": 2,
                                "gpu_memory_utilization": 0.3, "dtype": "float32", "seed": 7,
                                "distributed_executor_backend": "external_launcher",
-                               "skip_tokenizer_init": True}  # the actor's fp32; this directory has no tokenizer
+                               "skip_tokenizer_init": True,  # the actor's fp32; this directory has no tokenizer
+                               "logprobs_mode": "processed_logprobs"}  # log-probs of the sampled distribution
     sglang = RolloutEngineCallback()._build_engine(_trainer({**config, "engine_type": "sglang"}), module)
     assert isinstance(sglang, SGLangEngine)
     # sleep level 2 by default for SGLang (its weights are pushed before each rollout): no CPU backup

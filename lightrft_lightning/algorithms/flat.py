@@ -32,6 +32,12 @@ def flat_parts(
     kl_estimator: str = "k3",
     kl_in_reward: bool = False,
     loss_agg: str = "token",
+    policy_loss_type: str = "ppo",
+    rollout_is: Optional[str] = None,
+    rollout_is_threshold: float = 2.0,
+    rollout_rs: Optional[str] = None,
+    rollout_rs_threshold: float = 2.0,
+    rollout_rs_threshold_lower: Optional[float] = None,
     micro_rollout_batch_size: Optional[int] = None,
     lr_scheduler: str = "constant",
     lr_warmup_ratio: float = 0.0,
@@ -59,12 +65,14 @@ def flat_parts(
     temperature, top_p, apply_chat_template, sample_every_n_steps),
     :class:`~lightrft_lightning.algorithms.advantages.Advantages` (``advantage_estimator`` is its
     ``estimator``; the shaping settings), the loss (kl_coef, kl_estimator, kl_in_reward,
-    loss_agg: ``loss`` builds it from them) and :class:`~lightrft_lightning.algorithms.module.Training`
+    loss_agg, policy_loss_type and the rollout correction's rollout_is* / rollout_rs*: ``loss`` builds it
+    from them; :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`) and :class:`~lightrft_lightning.algorithms.module.Training`
     (the batch sizes, epochs, learning rate and schedule); val_samples and val_temperature are RLModule's own.
     The parts' docstrings say more.
 
     Args:
-        loss: builds the loss from kl_coef, kl_estimator, kl_in_reward and loss_agg.
+        loss: builds the loss from kl_coef, kl_estimator, kl_in_reward, loss_agg, policy_loss_type and
+            the rollout correction's settings.
         model: "tiny", a built-in name ("smollm2-135m-instruct") or a local Hugging Face directory.
         tokenizer: "char", a built-in model name or a local directory (None: the model's own).
         tokenizer_chars: the characters of the "char" tokenizer.
@@ -83,6 +91,13 @@ def flat_parts(
         kl_estimator: "k1", "k2" or "k3".
         kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
         loss_agg: "token" (DAPO), "sequence" or "constant" (Dr.GRPO).
+        policy_loss_type: "ppo" (token ratios) or "gspo" (one length-normalized ratio per sequence).
+        rollout_is: truncated importance sampling of the engine's samples, None (off), "token",
+            "sequence" or "geometric": weight min(pi_old / mu, rollout_is_threshold).
+        rollout_is_threshold: its cap.
+        rollout_rs: masked importance sampling, None (off), "token", "sequence" or "geometric": drop
+            what has pi_old / mu outside [rollout_rs_threshold_lower, rollout_rs_threshold].
+        rollout_rs_threshold, rollout_rs_threshold_lower: that range (lower default: 1 / upper).
         micro_rollout_batch_size: samples per no-grad scoring forward (None: micro_train_batch_size).
         lr_scheduler: "constant" or "cosine", after warmup.
         lr_warmup_ratio: the fraction of the optimizer steps with a linear warmup from 0.
@@ -114,7 +129,10 @@ def flat_parts(
             reward_running_norm_minus_mean=reward_running_norm_minus_mean, advantages_norm=advantages_norm,
             advantage_clip=advantage_clip, overlong_buffer=overlong_buffer, overlong_buffer_len=overlong_buffer_len,
             overlong_buffer_penalty_factor=overlong_buffer_penalty_factor, dynamic_sampling=dynamic_sampling),
-        "loss": loss(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_in_reward=kl_in_reward, loss_agg=loss_agg),
+        "loss": loss(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_in_reward=kl_in_reward, loss_agg=loss_agg,
+                     policy_loss_type=policy_loss_type, rollout_is=rollout_is, rollout_is_threshold=rollout_is_threshold,
+                     rollout_rs=rollout_rs, rollout_rs_threshold=rollout_rs_threshold,
+                     rollout_rs_threshold_lower=rollout_rs_threshold_lower),
         "training": Training(micro_train_batch_size=micro_train_batch_size, train_batch_size=train_batch_size,
                              epochs=epochs, micro_rollout_batch_size=micro_rollout_batch_size,
                              actor_learning_rate=actor_learning_rate, lr_scheduler=lr_scheduler,

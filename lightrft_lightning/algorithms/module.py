@@ -370,14 +370,15 @@ class RLModule(pl.LightningModule):
         return kl
 
     def _train(self, exp: Experience) -> dict[str, float]:
-        """Every micro-batch of every pass through :meth:`_train_micro_batch`; the mean of its metrics."""
+        """Every micro-batch of every pass through :meth:`_train_micro_batch`; the mean of its metrics
+        (the largest value of those named ``*_max``)."""
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for mb, agg in self._loss_batches(exp):
             for key, value in self._train_micro_batch(mb, agg).items():
-                sums[key] += value
+                sums[key] = max(sums.get(key, value), value) if key.endswith("_max") else sums[key] + value
             count += 1
-        return {k: v / count for k, v in sums.items()}
+        return {k: v if k.endswith("_max") else v / count for k, v in sums.items()}
 
     def _train_micro_batch(self, mb: Experience, agg: dict[str, Any]) -> dict[str, float]:
         """The actor's forward, ``loss`` and (accumulated) optimizer step on one micro-batch."""
@@ -477,10 +478,14 @@ class RLModule(pl.LightningModule):
         return {name: mean, f"{name}_std": (s[1] / s[2] - mean**2).clamp(min=0).sqrt()}
 
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
-        """Log ``metrics`` (the mean over ranks; reward and advantage stats are already global)."""
+        """Log ``metrics`` (the mean over ranks, the largest value for those named ``*_max``; reward and
+        advantage stats are already global)."""
         values = {k: float(v) for k, v in metrics.items()}
         local = {k: v for k, v in values.items() if k not in _GLOBAL_METRICS}
-        values.update(self.trainer.strategy.all_reduce(local, op="mean"))
+        for op, names in (("mean", [k for k in local if not k.endswith("_max")]),
+                          ("max", [k for k in local if k.endswith("_max")])):
+            if names:
+                values.update(self.trainer.strategy.all_reduce({k: local[k] for k in names}, op=op))
         for key, value in values.items():
             self.log(key, value, prog_bar=key in ("reward", "kl"), batch_size=1)
 
