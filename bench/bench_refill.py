@@ -95,7 +95,10 @@ def main() -> None:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         precision = "bf16-mixed" if native else "32-true"
     train, held_out = arithmetic_splits(train=4096, held_out=args.held_out, seed=args.seed)
-    results = [run(mode, args, train, held_out, precision) for mode in ("mask", "refill")]
+    results = []
+    for mode in ("mask", "refill"):
+        results.append(run(mode, args, train, held_out, precision))
+        print(f"{mode}: {json.dumps(results[-1])}", flush=True)  # each mode as soon as it is done
     print(f"GRPO on arithmetic, SmolLM2-135M-Instruct, {precision}, {args.threads} threads, {args.steps} steps of "
           f"4 prompts x 8 samples; refill: max_num_gen_batches={args.max_num_gen_batches}, "
           f"batch_multiplier={args.batch_multiplier}; {args.held_out} held-out problems (greedy)")

@@ -45,7 +45,8 @@ def refill_module(max_num_gen_batches: int = 8, batch_multiplier: float = 1.0, *
     rollout = RecordingRefill(n_samples_per_prompt=N, max_new_tokens=4, max_num_gen_batches=max_num_gen_batches,
                               batch_multiplier=batch_multiplier)
     return RLModule(GRPOLoss(), Policy(tokenizer_chars="0123456789", model_config={"hidden_size": 32}), rollout,
-                    Advantages(dynamic_sampling=True), Training(micro_train_batch_size=4, actor_learning_rate=1e-2, **training))
+                    Advantages(dynamic_sampling=True),
+                    Training(micro_train_batch_size=4, actor_learning_rate=1e-2, **training))
 
 
 def fit(module, data, steps, callbacks=()):

@@ -61,8 +61,10 @@ def flat_parts(
     """The keyword arguments of :class:`~lightrft_lightning.algorithms.RLModule` from flat ones: each flat
     argument is the field of the same name of :class:`~lightrft_lightning.algorithms.models.Policy`
     (model, tokenizer, tokenizer_chars, model_config, lora, gradient_checkpointing),
-    :class:`~lightrft_lightning.algorithms.rollout.Rollout` (or :class:`~lightrft_lightning.algorithms.refill.RefillRollout`: dynamic_sampling_mode, max_num_gen_batches, batch_multiplier) (rewards, n_samples_per_prompt, max_new_tokens,
-    temperature, top_p, apply_chat_template, sample_every_n_steps),
+    :class:`~lightrft_lightning.algorithms.rollout.Rollout` (rewards, n_samples_per_prompt, max_new_tokens,
+    temperature, top_p, apply_chat_template, sample_every_n_steps; with dynamic_sampling_mode="refill" a
+    :class:`~lightrft_lightning.algorithms.refill.RefillRollout`, which also takes max_num_gen_batches and
+    batch_multiplier),
     :class:`~lightrft_lightning.algorithms.advantages.Advantages` (``advantage_estimator`` is its
     ``estimator``; the shaping settings), the loss (kl_coef, kl_estimator, kl_in_reward,
     loss_agg: ``loss`` builds it from them) and :class:`~lightrft_lightning.algorithms.module.Training`

@@ -81,7 +81,8 @@ class RefillRollout(Rollout):
         **kwargs: :class:`~lightrft_lightning.algorithms.rollout.Rollout`'s.
     """
 
-    def __init__(self, max_num_gen_batches: int = DEFAULT_MAX_NUM_GEN_BATCHES, batch_multiplier: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, max_num_gen_batches: int = DEFAULT_MAX_NUM_GEN_BATCHES, batch_multiplier: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_num_gen_batches, self.batch_multiplier = max_num_gen_batches, batch_multiplier
 
@@ -89,8 +90,8 @@ class RefillRollout(Rollout):
         super().check(owner)
         value = self.max_num_gen_batches
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}.max_num_gen_batches={value!r} is invalid; accepted: an integer >= 1 (generations "
-                             "per step at most)")
+            raise ValueError(f"{owner}.max_num_gen_batches={value!r} is invalid; accepted: an integer >= 1 "
+                             "(generations per step at most)")
         value = self.batch_multiplier
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < float("inf"):
             raise ValueError(f"{owner}.batch_multiplier={value!r} is invalid; accepted: a number >= 1 (finite)")
@@ -123,7 +124,8 @@ class RefillRollout(Rollout):
                 group = select(exp, torch.arange(g * n, (g + 1) * n, device=exp.rewards.device))
                 (signal if keep else tied).append(group)
             # every rank takes the same decision: each generates (and draws) as often as the others
-            short, signal_seen, groups_seen = global_max([max(need - len(signal), 0), -with_signal, -generated]).tolist()
+            short, signal_seen, groups_seen = global_max(
+                [max(need - len(signal), 0), -with_signal, -generated]).tolist()
             if short == 0 or rounds == self.max_num_gen_batches:
                 break
             rate = -signal_seen / -groups_seen if groups_seen else 0.0  # the lowest rank's counts: a cautious rate
@@ -154,7 +156,7 @@ def training_sampler(trainer: pl.Trainer) -> ResumableSampler:
         sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
     if not isinstance(sampler, ResumableSampler):
         raise ValueError(f"a refilling rollout (dynamic_sampling_mode='refill') draws more prompts from the training "
-                         f"DataLoader's sampler, and this one has {type(sampler).__name__}; accepted: a DataLoader with "
-                         "a lightrft_lightning.data.ResumableSampler (PromptDataModule's), or "
+                         f"DataLoader's sampler, and this one has {type(sampler).__name__}; accepted: a DataLoader "
+                         "with a lightrft_lightning.data.ResumableSampler (PromptDataModule's), or "
                          "dynamic_sampling_mode='mask'")
     return sampler
