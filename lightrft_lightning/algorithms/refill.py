@@ -111,8 +111,13 @@ class RefillRollout(Rollout):
         tied: list[Experience] = []
         totals: dict[str, float] = defaultdict(float)
         generated = with_signal = rounds = 0
+        every = self.sample_every_n_steps
         while batch:
-            exp, metrics = super().__call__(module, batch)
+            try:
+                self.sample_every_n_steps = every if rounds == 0 else 0  # samples.jsonl: the first round's
+                exp, metrics = super().__call__(module, batch)
+            finally:
+                self.sample_every_n_steps = every
             rounds += 1
             for key, value in metrics.items():  # times add up; other metrics are means over samples
                 totals[key] += value if key.startswith("time/") else value * len(exp)
