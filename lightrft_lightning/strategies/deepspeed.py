@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -163,7 +163,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
         self.user_ds_config = parallel_deepspeed.load_user_config(ds_config)
         self._handles: list[tuple[str, DeepSpeedModel]] = []
-        self._forwarded: set[DeepSpeedModel] = set()  # training engines whose forward ran since their backward
+        # training engines whose forward ran with gradients since their backward -> that forward's output nodes
+        self._forwarded: dict[DeepSpeedModel, set[Any]] = {}
 
     @property
     def precision_plugin(self) -> Precision:
@@ -386,7 +387,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self.pre_backward(loss)
         loss = self.precision_plugin.pre_backward(loss, module)
         handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
-        self._forwarded.discard(handle)
+        self._forwarded.pop(handle, None)
         if module.automatic_optimization:
             # Lightning's closure already divided the loss by accumulate_grad_batches: not again
             kwargs.setdefault("scale_wrt_gas", False)
@@ -419,17 +420,21 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
 
     def _handle_for_loss(self, loss: torch.Tensor) -> DeepSpeedModel:
-        """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, or the
-        one whose forward ran with gradients since its last backward (as DeepSpeed's own forward records)."""
+        """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, the
+        one whose forward ran with gradients since its last backward, or, where several did (an actor
+        and a critic forward, then a backward for each), the one whose outputs ``loss`` was computed from
+        (the graph is searched from the loss back to those outputs, never into the models)."""
         training = [h for _, h in self._training_handles()]
         if len(training) == 1:
             return training[0]
         pending = [h for h in training if h in self._forwarded]
+        if len(pending) > 1:
+            pending = _loss_sources(loss, {h: self._forwarded[h] for h in pending})
         if len(pending) != 1:
             names = ", ".join(n for n, h in self._training_handles() if h in pending) or "none"
             raise RuntimeError(
-                f"manual_backward: {len(training)} DeepSpeed training engines, and the forwards since the last backward "
-                f"ran through {names}; accepted: one model's forward before each manual_backward(loss), or "
+                f"manual_backward: {len(training)} DeepSpeed training engines, and the loss comes from the outputs "
+                f"of {names}; accepted: a loss computed from one model's outputs, or "
                 "manual_backward(loss, stepper=trainer.strategy.stepper(model))")
         return pending[0]
 
@@ -754,10 +759,10 @@ def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[
     return owners
 
 
-def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: set[DeepSpeedModel]) -> None:
+def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: dict[DeepSpeedModel, set[Any]]) -> None:
     """Make ``module(...)`` run through ``handle``'s engine (DeepSpeed's forward registers the hooks its
     backward needs), while the engine itself still calls the module's own ``forward``; a training engine's
-    forward with gradients is added to ``forwarded``."""
+    forward with gradients records its outputs' autograd nodes in ``forwarded``."""
     own_forward, engine = module.forward, handle.engine
     inside = False
 
@@ -767,10 +772,43 @@ def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: set[Dee
             return own_forward(*args, **kwargs)
         inside = True
         try:
+            output = engine(*args, **kwargs)
             if handle.is_training_engine and torch.is_grad_enabled():
-                forwarded.add(handle)
-            return engine(*args, **kwargs)
+                forwarded.setdefault(handle, set()).update(_output_nodes(output))
+            return output
         finally:
             inside = False
 
     module.forward = forward
+
+
+def _output_nodes(output: Any) -> Iterator[Any]:
+    """The autograd nodes of the tensors in a forward's output (a tensor, a mapping such as a Hugging Face
+    ``ModelOutput``, or a sequence of them)."""
+    if isinstance(output, torch.Tensor):
+        if output.grad_fn is not None:
+            yield output.grad_fn
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from _output_nodes(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _output_nodes(value)
+
+
+def _loss_sources(loss: torch.Tensor, outputs: dict[DeepSpeedModel, set[Any]]) -> list[DeepSpeedModel]:
+    """The engines among ``outputs`` whose recorded output nodes ``loss``'s graph reaches; the search stops
+    at those nodes, so it covers the loss's own computation, not the models'."""
+    owner = {node: handle for handle, nodes in outputs.items() for node in nodes}
+    seen, stack, found = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in owner:
+            if owner[node] not in found:
+                found.append(owner[node])
+            continue
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return found
