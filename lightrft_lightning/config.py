@@ -17,7 +17,42 @@ ENGINE_SLEEP_LEVELS = (1, 2)
 
 
 @dataclass
-class StrategyConfig:
+class RewardShaping:
+    """LightRFT's reward and advantage shaping settings, one definition for :class:`StrategyConfig`
+    (LightRFT's trainers read them as ``strategy.config.X``) and
+    :class:`~lightrft_lightning.algorithms.advantages.Advantages` (which applies them).
+
+    Args:
+        reward_clip: clip each sequence reward to ``[-reward_clip, reward_clip]`` (0: off).
+        reward_running_norm: divide rewards by the std of all rewards seen so far (all ranks, kept in
+            checkpoints); with ``reward_running_norm_minus_mean`` also subtract their mean.
+        advantages_norm: whiten the advantages over the response tokens of the rollout (all ranks).
+        advantage_clip: clip advantages to ``[-advantage_clip, advantage_clip]`` after that (0: off).
+        overlong_buffer: DAPO's soft overlong punishment: a response longer than ``max_new_tokens -
+            overlong_buffer_len`` tokens loses ``(length - that) / overlong_buffer_len x
+            overlong_buffer_penalty_factor`` reward.
+        dynamic_sampling: DAPO's dynamic sampling: prompt groups whose samples all got the same reward
+            are left out of the loss (their response tokens are masked, so they count neither in the
+            loss nor in its token normalizer); needs ``n_samples_per_prompt >= 2``.
+    """
+
+    reward_clip: float = 0.0
+    reward_running_norm: bool = False
+    reward_running_norm_minus_mean: bool = False
+    advantages_norm: bool = False
+    advantage_clip: float = 0.0
+    overlong_buffer: bool = False
+    overlong_buffer_len: int = 1024
+    overlong_buffer_penalty_factor: float = 1.0
+    dynamic_sampling: bool = False
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """The shaping fields and their values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RewardShaping)}
+
+
+@dataclass
+class StrategyConfig(RewardShaping):
     """Typed configuration of a strategy, validated when it is built.
 
     Build it directly, or from a legacy argument object with :meth:`from_args`; attributes it does
@@ -82,24 +117,8 @@ class StrategyConfig:
     kl_estimator: str = "k3"
     init_kl_coef: float = 0.001
 
-    # reward and advantage shaping, read by GRPO/PPO (LightRFT's trainers read them as
-    # `strategy.config.X`); each one is an algorithm there, see `lightrft_lightning.algorithms`
-    # clip sequence rewards to [-reward_clip, reward_clip] (0: off)
-    reward_clip: float = 0.0
-    # normalize rewards by running moments over the whole run (all ranks); `..._minus_mean` also centers them
-    reward_running_norm: bool = False
-    reward_running_norm_minus_mean: bool = False
-    # whiten advantages over the response tokens of the rollout (all ranks), then clip to
-    # [-advantage_clip, advantage_clip] (0: off)
-    advantages_norm: bool = False
-    advantage_clip: float = 0.0
-    # DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer_len lose
-    # (length - expected) / overlong_buffer_len * overlong_buffer_penalty_factor reward
-    overlong_buffer: bool = False
-    overlong_buffer_len: int = 1024
-    overlong_buffer_penalty_factor: float = 1.0
-    # DAPO's dynamic sampling: prompt groups whose samples all score the same are left out of the loss
-    dynamic_sampling: bool = False
+    # reward and advantage shaping (RewardShaping's fields, inherited): read by GRPO/PPO, which write
+    # their Advantages' values here under a Trainer; LightRFT's trainers read them as `strategy.config.X`
 
     extra_args: dict[str, Any] = field(default_factory=dict)
     args: Any = field(default=None, repr=False, compare=False)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightrft_lightning.algorithms.experience import Experience
+from lightrft_lightning.config import RewardShaping
 
 SumFn = Callable[[Tensor], Tensor]
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -250,7 +251,7 @@ SHAPING_NUMBERS = ("reward_clip", "advantage_clip", "overlong_buffer_penalty_fac
 
 
 @dataclass
-class Advantages:
+class Advantages(RewardShaping):
     """How sequence rewards become token advantages: the ``estimator`` and LightRFT's shaping around it.
 
     Shaping runs in this order: overlong penalty, running normalization, clip (on the rewards); then
@@ -258,39 +259,17 @@ class Advantages:
 
     Args:
         estimator: see :data:`ESTIMATORS` (``"gae"`` needs a critic: PPO).
-        reward_clip: clip each sequence reward to ``[-reward_clip, reward_clip]`` (0: off; LightRFT's).
-        reward_running_norm: divide rewards by the std of all rewards seen so far (all ranks, kept in
-            checkpoints); with ``reward_running_norm_minus_mean`` also subtract their mean (LightRFT's).
-        advantages_norm: whiten the advantages over the response tokens of the rollout (all ranks).
-        advantage_clip: clip advantages to ``[-advantage_clip, advantage_clip]`` after that (0: off).
-        overlong_buffer: DAPO's soft overlong punishment: a response longer than ``max_new_tokens -
-            overlong_buffer_len`` tokens loses ``(length - that) / overlong_buffer_len x
-            overlong_buffer_penalty_factor`` reward.
-        dynamic_sampling: DAPO's dynamic sampling, with fixed batch shapes: prompt groups whose samples
-            all got the same reward are left out of the loss (their response tokens are masked, so they
-            count neither in the loss nor in its token normalizer); needs ``n_samples_per_prompt >= 2``.
+        The shaping fields (``reward_clip`` ... ``dynamic_sampling``): see
+            :class:`~lightrft_lightning.config.RewardShaping`.
         gamma, lam: the discount (GAE, returns) and GAE's lambda.
     """
 
     estimator: str = "group_norm"
-    reward_clip: float = 0.0
-    reward_running_norm: bool = False
-    reward_running_norm_minus_mean: bool = False
-    advantages_norm: bool = False
-    advantage_clip: float = 0.0
-    overlong_buffer: bool = False
-    overlong_buffer_len: int = 1024
-    overlong_buffer_penalty_factor: float = 1.0
-    dynamic_sampling: bool = False
     gamma: float = 1.0
     lam: float = 0.95
 
     def __post_init__(self) -> None:
         self.moments = RunningMoments()
-
-    def shaping_settings(self) -> dict[str, object]:
-        """The shaping fields by their ``StrategyConfig`` names."""
-        return {name: getattr(self, name) for name in (*SHAPING_NUMBERS, *SHAPING_FLAGS, "overlong_buffer_len")}
 
     def check(self, owner: str, accepted: tuple[str, ...], n_samples_per_prompt: int, max_new_tokens: int) -> None:
         """Raise on a bad field (named ``owner.field``); ``accepted``: the estimators ``owner`` takes."""

@@ -561,17 +561,27 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         keywords work too (they must name the model's own, or give it one)."""
         tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
         self._bind_ckpt_objects(model, kwargs)
+        keep = not load_module_only
+        path, extra = self._read_ckpt(model, load_dir, tag, strict=load_module_strict,
+                                      optimizer_states=keep and load_optimizer_states,
+                                      scheduler_states=keep and load_lr_scheduler_states, module_only=load_module_only)
+        if keep:
+            self.stepper(model).load_counters(extra.get("train_state", {}))
+        return path, extra.get("client_state", {})
+
+    def _read_ckpt(self, model: nn.Module, load_dir: str, tag: Optional[str], strict: bool, optimizer_states: bool,
+                   scheduler_states: bool, module_only: bool) -> tuple[str, dict]:
+        """Backend hook: read checkpoint ``tag`` of ``load_dir`` into ``model`` (its optimizer's and
+        scheduler's states as asked). Returns the directory read and the extra state saved with it."""
         state = self.stepper(model)
-        optimizer = None if (load_module_only or not load_optimizer_states) else state.optimizer
+        optimizer = state.optimizer if optimizer_states else None
         path = checkpoint.resolve(load_dir, tag)
         template = self._model_state(model, optimizer)
         extra = checkpoint.load(path, template)
-        self._load_model_state(model, optimizer, template, strict=load_module_strict)
-        if state.scheduler is not None and load_lr_scheduler_states and not load_module_only and extra["scheduler"]:
+        self._load_model_state(model, optimizer, template, strict=strict)
+        if state.scheduler is not None and scheduler_states and extra["scheduler"]:
             state.scheduler.load_state_dict(extra["scheduler"])
-        if not load_module_only:
-            state.load_counters(extra.get("train_state", {}))
-        return path, extra["client_state"]
+        return path, extra
 
     def _bind_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
         """``optimizer=`` / ``scheduler=`` of a checkpoint call: the model's own, or its first one."""

@@ -527,38 +527,21 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     def _is_ckpt_dir(path: Path) -> bool:
         return any(path.glob("*model_states.pt"))
 
-    def load_ckpt(
-        self,
-        model: nn.Module,
-        load_dir: str,
-        tag: Optional[str] = None,
-        load_module_strict: bool = True,
-        load_optimizer_states: bool = True,
-        load_lr_scheduler_states: bool = True,
-        load_module_only: bool = False,
-        **kwargs: Any,
-    ) -> tuple[str, dict]:
-        """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
-        engine. Returns ``(path, client_state)``."""
-        tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
-        self._bind_ckpt_objects(model, kwargs)
+    def _read_ckpt(self, model: nn.Module, load_dir: str, tag: Optional[str], strict: bool, optimizer_states: bool,
+                   scheduler_states: bool, module_only: bool) -> tuple[str, dict]:
         if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
         engine = self._engine_of_stepper(model)
-        if load_module_only and engine.zero_optimization_partition_weights():
+        if module_only and engine.zero_optimization_partition_weights():
             tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
             return parallel_deepspeed.load_zero3_weights(engine, load_dir, tag), {}
         with weights_only_loads():
             path, extra = engine.load_checkpoint(
-                load_dir, tag=tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+                load_dir, tag=tag, load_module_strict=strict, load_optimizer_states=optimizer_states,
+                load_lr_scheduler_states=scheduler_states, load_module_only=module_only)
         if path is None:
             raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
-        extra = extra or {}
-        if not load_module_only:
-            state = self.stepper(model)
-            state.load_counters(extra.get("train_state", {}))
-        return path, extra.get("client_state", {})
+        return path, extra or {}
 
     def _engine_of_stepper(self, model: nn.Module) -> Any:
         """``model``'s engine, holding the scheduler its stepper steps (the engine saves and loads it)."""
