@@ -61,14 +61,15 @@ def run(mode: str, args, train, held_out, precision: str) -> dict:
     trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=precision, max_steps=args.steps,
                          logger=False, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False, callbacks=[log])
+    # validation has a Trainer of its own (the training one runs no validation)
+    evaluator = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=precision, logger=False,
+                           enable_progress_bar=False, enable_model_summary=False)
     before = None
     if args.before and mode == "mask":
-        before = trainer.validate(model, data, verbose=False)[0]["val/accuracy"]
+        before = evaluator.validate(model, data, verbose=False)[0]["val/accuracy"]
     start = time.perf_counter()
     trainer.fit(model, data)
     fit_s = time.perf_counter() - start
-    evaluator = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), precision=precision, logger=False,
-                           enable_progress_bar=False, enable_model_summary=False)
     after = evaluator.validate(model, data, verbose=False)[0]["val/accuracy"]
     warm = log.steps[1:] or log.steps
     return {"mode": mode, "steps": log.steps, "fit_s": fit_s, "before": before, "accuracy": after,
