@@ -20,7 +20,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Iterable, Optional, Sequence
 
@@ -64,9 +65,16 @@ class GlooGroup:
     def __init__(self, group: dist.ProcessGroupGloo, store: dist.TCPStore) -> None:
         self.group, self.store = group, store
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        """``tensor`` from rank 0 into every rank's ``tensor``."""
-        self.group.broadcast([tensor], 0).wait()
+    def broadcast(self, tensor: torch.Tensor, peers: Sequence[Future] = ()) -> None:
+        """``tensor`` from rank 0 into every rank's ``tensor``. ``peers``: the requests that make the other
+        ranks receive; one that fails ends the wait at once (not at the group's timeout)."""
+        work = self.group.broadcast(tensor, 0)
+        while not work.is_completed():
+            for peer in peers:
+                if peer.done() and peer.exception() is not None:
+                    peer.result()
+            time.sleep(0.002)
+        work.wait()
 
 
 def gloo_group(host: str, port: int, rank: int, world_size: int, token: str, timeout_s: float,
@@ -233,10 +241,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 raw = tensor.contiguous().reshape(-1).view(torch.uint8)
                 flat[offset: offset + raw.numel()].copy_(raw)
             futures = [self._pool.submit(c.update_weights, asdict(info)) for c in self.clients]
-            for future in futures:  # a request refused before its receive: fail now, not in the broadcast
-                if future.done():
-                    future.result()
-            self.group.broadcast(flat)
+            self.group.broadcast(flat, futures)
             for future in futures:
                 future.result()
             sent += total
