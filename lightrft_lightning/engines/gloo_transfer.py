@@ -93,6 +93,22 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, token: str, tim
                      store)
 
 
+def refresh_shared_weights(model: torch.nn.Module) -> None:
+    """Re-run the weight processing of modules that share one weight (a tied ``lm_head``): the layerwise
+    reload processes only the modules it was sent tensors for, and a tied ``lm_head`` gets none (its weight
+    travels once, as ``embed_tokens``); on CPU that processing keeps a packed copy of the weight for the
+    logits GEMM, which would keep the old values (``VLLMEngine`` does the same in process)."""
+    shared: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and hasattr(module, "quant_method"):
+            shared.setdefault(id(weight), []).append(module)
+    for modules in shared.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+
+
 # ---------------------------------------------------------------------------------------------- worker side
 @dataclass
 class GlooWeightTransferInitInfo(WeightTransferInitInfo):
@@ -150,6 +166,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        refresh_shared_weights(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # the base class synchronizes torch.accelerator, which has no device on CPU; gloo is synchronous

@@ -106,7 +106,8 @@ class VLLMServerEngine(LifecycleEngine):
         self.eos_token_ids = ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)) \
             if eos_token_id is not None else []
         self._sender: Any = None  # the weight-transfer engine, built at the first push (rank 0)
-        self.version = 0  # the weight version of the last push
+        self.version = 0  # the weight version of the last push: the learner's step when tagged, else a count
+        self._tagged: Optional[int] = None
         self.adapter_dir: Optional[str] = None
         self.adapters_loaded = 0
 
@@ -211,7 +212,8 @@ class VLLMServerEngine(LifecycleEngine):
         """One update to every server: paused, the buckets broadcast once (rank 0; the other ranks only
         walk the stream, whose gathers are collectives), finished with the next weight version, resumed."""
         self._check_weights_awake("load_weight_buckets")
-        self.version += 1
+        self.version = self._tagged if self._tagged is not None else self.version + 1
+        self._tagged = None
         if self._rank() != 0:
             for _ in buckets:
                 pass
@@ -229,6 +231,9 @@ class VLLMServerEngine(LifecycleEngine):
 
         if dist.is_available() and dist.is_initialized() and self.rank is None:
             dist.barrier()
+
+    def tag_weight_version(self, version: int) -> None:
+        self._tagged = int(version)
 
     def weight_versions(self) -> list[Optional[str]]:
         """Each server's weight version (``/weight_info``)."""
@@ -272,7 +277,8 @@ class VLLMServerEngine(LifecycleEngine):
     def load_adapter(self, peft_model: Any) -> None:
         """Adapter-only sync: save ``peft_model``'s adapter (rank 0; a directory the servers can read) and
         load it on every server as ``lightrft-v<version>``; generation then uses it."""
-        self.version += 1
+        self.version = self._tagged if self._tagged is not None else self.version + 1
+        self._tagged = None
         if self._rank() == 0:
             self.adapter_dir = self.adapter_dir or tempfile.mkdtemp(prefix="lightrft-adapter-")
             path = os.path.join(self.adapter_dir, self._adapter_name())

@@ -1,0 +1,88 @@
+"""`VLLMServerEngine` against real vLLM servers (``lightrft-lightning serve`` on 127.0.0.1, free ports), the
+weights pushed through vLLM's weight-transfer protocol with our gloo backend (loaded as a plugin).
+
+One tiny tied model server (fp32, API key) serves the module; its last test kills it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+import torch
+
+from lightrft_lightning.engines.base import SamplingParams
+from lightrft_lightning.engines.server import ServerError, VLLMServerEngine
+from lightrft_lightning.engines.weight_sync import plan_buckets, push_weights
+from lightrft_lightning.tiny_models import tiny_causal_lm
+from tests.vllm.common import TINY, greedy, max_logprob_diff, save_tiny_served
+from tests.vllm.servers import served
+
+KEY = "test-key"
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = save_tiny_served(str(tmp_path_factory.mktemp("tiny-served")))
+    with served(model, args=["--dtype", "float32"], api_key=KEY) as servers:
+        yield servers[0]
+
+
+def test_push_from_an_actor_makes_greedy_equal_with_buckets_that_split_layers(server):
+    engine = VLLMServerEngine([server.url], api_key=KEY, timeout_s=120)
+    actor = tiny_causal_lm(seed=3, **TINY)
+    bucket_bytes = 40_000  # a decoder layer is ~230 kB: every layer spans several buckets
+    assert len(plan_buckets(actor, bucket_bytes)) > 2 * TINY["num_hidden_layers"]
+    before = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8, stop_at_eos=False))
+    moved = push_weights(actor, engine, bucket_bytes)
+    assert moved == sum(p.numel() * 4 for p in actor.parameters())  # tied: embed_tokens travels once
+    out = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop_at_eos=False))
+    ref = greedy(actor, PROMPTS, 8)
+    assert [c.token_ids for c in out] == [r for r in ref for _ in range(2)]
+    assert [c.token_ids for c in before] != ref
+    assert max_logprob_diff(actor, PROMPTS, out) < 1e-4
+    assert engine.weight_versions() == ["1"]
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.mul_(1.5)
+    push_weights(actor, engine, bucket_bytes)
+    out = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8, stop_at_eos=False))
+    assert [c.token_ids for c in out] == greedy(actor, PROMPTS, 8) and engine.weight_versions() == ["2"]
+    assert requests.get(f"{server.url}/is_paused", headers={"Authorization": f"Bearer {KEY}"}).json() == \
+        {"is_paused": False}
+
+
+def test_sampling_returns_ids_logprobs_and_finish_reasons_per_prompt(server):
+    engine = VLLMServerEngine([server.url], api_key=KEY)
+    out = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=7))
+    assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len(c.token_ids) == len(c.logprobs) == 5 and c.finish_reason == "length" for c in out)
+    assert all(all(lp <= 0 for lp in c.logprobs) for c in out)
+    again = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=7))
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]  # seeded
+
+
+def test_every_route_but_health_refuses_a_request_without_the_key(server):
+    for method, path in (("post", "/update_weights"), ("post", "/collective_rpc"), ("post", "/pause"),
+                         ("get", "/weight_info"), ("post", "/v1/completions"), ("post", "/sleep")):
+        response = getattr(requests, method)(f"{server.url}{path}", json={}, timeout=10)
+        assert response.status_code == 401, (path, response.status_code)
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+    with pytest.raises(ServerError, match=f"vLLM server {server.url}: GET /v1/models was refused \\(401"):
+        VLLMServerEngine([server.url], api_key="wrong")
+
+
+def test_a_slow_answer_is_a_timeout_error_naming_the_url(server):
+    engine = VLLMServerEngine([server.url], api_key=KEY, timeout_s=0.05)
+    start = time.monotonic()
+    with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions timed out after 0.05 s"):
+        engine.generate([list(range(3, 90))] * 8, SamplingParams(n=4, max_new_tokens=150, stop_at_eos=False))
+    assert time.monotonic() - start < 5
+
+
+def test_a_dead_server_is_a_clear_error_naming_the_url(server):
+    engine = VLLMServerEngine([server.url], api_key=KEY, timeout_s=30)
+    server.kill()
+    with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions failed: cannot connect"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
