@@ -120,7 +120,7 @@ class RolloutEngineCallback(Callback):
         try:
             if version != self._pushed_version or not getattr(engine, "weights_valid", True):
                 start = time.perf_counter()
-                engine.tag_weight_version(version)
+                engine.tag_weight_version(pl_module.trainer.global_step)  # the learner's step
                 nbytes = push_weights(self._actor(pl_module), engine, config.bucket_bytes, dtype=engine.dtype)
                 self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
                 self.stats["pushes"] += 1
