@@ -95,7 +95,7 @@ class DCPCheckpoint(Checkpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=str(self.dirpath))
+        return lightning_api.callback_state_key(self, dirpath=str(self.dirpath))
 
     # ------------------------------------------------------------------ setup and resume
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -20,6 +20,7 @@ from lightrft_lightning.engines.build import (
     engine_config,
     refuse_ignored_fields,
 )
+from lightrft_lightning.engines.memory import pending_optimizer_bytes
 from lightrft_lightning.engines.sleep import sleep_engines, wake_engines
 from lightrft_lightning.engines.weight_sync import push_weights
 
@@ -114,7 +115,7 @@ class RolloutEngineCallback(Callback):
             raise RuntimeError("RolloutEngineCallback.generate: no engine yet; call it inside Trainer.fit "
                                "(the engine is built at fit start)")
         start = time.perf_counter()
-        wake_engines([engine], ["weights"])
+        wake_engines([engine], ["weights"], mem_util=_device_budget(engine, config))
         wake_s = time.perf_counter() - start
         version = self._actor_version(pl_module.trainer)
         try:
@@ -160,7 +161,9 @@ class RolloutEngineCallback(Callback):
         if self.engine_config.engine_type == "hf":  # (the LightRFT calls' engine groups do read engine_tp_size)
             refuse_ignored_fields(getattr(trainer.strategy, "config", None), "engine_type='hf' (the built-in HFEngine "
                                   "runs unsharded, in the trainer's memory)", ("engine_tp_size", "engine_mem_util"))
-        return build_engine(self.engine_config, self._actor(pl_module), device=pl_module.device, share_weights=True)
+        # a PyTorch optimizer allocates its state at the first step, after the engine is built: count it now
+        return build_engine(self.engine_config, self._actor(pl_module), device=pl_module.device, share_weights=True,
+                            pending_bytes=pending_optimizer_bytes(trainer.optimizers))
 
     def _actor_version(self, trainer: Trainer) -> int:
         # LightRFT-shape steps are counted by the strategy, Lightning-shape ones by on_before_optimizer_step
@@ -179,6 +182,15 @@ class RolloutEngineCallback(Callback):
             return
         for key in keys:
             pl_module.log(f"rollout/{key}", float(self.stats.get(key, 0.0)))
+
+
+def _device_budget(engine: RolloutEngine, config: EngineConfig) -> Optional[float]:
+    """The memory fraction a waking engine maps again (vLLM/SGLang; the HF engine lives in PyTorch's memory,
+    a server's engine on devices of its own)."""
+    from lightrft_lightning.engines.hf import HFEngine
+    from lightrft_lightning.engines.server import VLLMServerEngine
+
+    return None if isinstance(engine, (HFEngine, VLLMServerEngine)) else config.mem_util
 
 
 def hf_model(module: nn.Module) -> nn.Module:

@@ -11,13 +11,9 @@ from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE as DEEPSPEED_AVAILABLE
-from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers as init_optimizers_and_lr_schedulers
 
 __all__ = [
     "DEEPSPEED_AVAILABLE",
-    "optimizers_to_device",
-    "init_optimizers_and_lr_schedulers",
     "in_hook",
     "can_log",
     "should_update_logs",
@@ -28,6 +24,14 @@ __all__ = [
     "restore_modules_and_callbacks",
     "unwrap_optimizer",
     "share_device_mesh",
+    "given_precision_plugin",
+    "set_precision_plugin",
+    "set_process_group_backend",
+    "join_process_group",
+    "join_deepspeed_process_group",
+    "callback_state_key",
+    "strategy_device_mesh",
+    "set_strategy_device_mesh",
 ]
 
 
@@ -94,3 +98,48 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 def share_device_mesh(module: pl.LightningModule, mesh: Any) -> None:
     """Make ``module.device_mesh`` return ``mesh`` (as Lightning's ``ModelParallelStrategy`` does)."""
     module._device_mesh = mesh
+
+
+def given_precision_plugin(strategy: Any) -> Any:
+    """The precision plugin the Trainer (or the user) gave ``strategy``, or None (where the public
+    ``strategy.precision_plugin`` returns a default ``Precision()``)."""
+    return strategy._precision_plugin
+
+
+def set_precision_plugin(strategy: Any, plugin: Any) -> None:
+    """Store ``plugin`` as ``strategy``'s precision plugin (what the public setter does)."""
+    strategy._precision_plugin = plugin
+
+
+def set_process_group_backend(strategy: Any, backend: str) -> None:
+    """The backend a Lightning ``DDPStrategy``-like strategy joins its process group with, unless one was given."""
+    if strategy._process_group_backend is None:
+        strategy._process_group_backend = backend
+
+
+def join_process_group(strategy: Any) -> None:
+    """Join the process group as a Lightning ``ParallelStrategy`` does in its ``setup_environment``
+    (ranks from the cluster environment, the strategy's backend and timeout)."""
+    strategy._setup_distributed()
+
+
+def join_deepspeed_process_group(strategy: Any) -> None:
+    """Join the process group through ``deepspeed.init_distributed`` as Lightning's ``DeepSpeedStrategy`` does
+    (its node environment variables, the strategy's backend)."""
+    strategy._init_deepspeed_distributed()
+
+
+def callback_state_key(callback: Any, **key: Any) -> str:
+    """A callback's ``state_key`` from ``key`` (the arguments that tell two instances apart), as Lightning's
+    own callbacks build theirs."""
+    return callback._generate_state_key(**key)
+
+
+def strategy_device_mesh(strategy: Any) -> Any:
+    """``strategy.device_mesh`` of a ``ModelParallelStrategy``, or None before it is built."""
+    return strategy._device_mesh
+
+
+def set_strategy_device_mesh(strategy: Any, mesh: Any) -> None:
+    """Make ``strategy.device_mesh`` (``ModelParallelStrategy``'s) return ``mesh``."""
+    strategy._device_mesh = mesh

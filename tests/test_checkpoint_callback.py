@@ -40,7 +40,7 @@ def test_resume_is_bitwise_exact(tmp_path, async_save):
     assert second == straight_losses[3:]
     assert max_diff(params(resumed), params(straight)) == 0.0
     strategy = trainer.strategy
-    assert strategy._state(resumed.actor).steps == 6 and strategy._state(resumed.actor).micro_steps == 12
+    assert strategy.stepper(resumed.actor).steps == 6 and strategy.stepper(resumed.actor).micro_steps == 12
     assert resumed.scheduler.last_epoch == 6
 
 
@@ -71,7 +71,7 @@ def test_max_mem_rotation(tmp_path):
 
 def test_nonfinite_loss_is_skipped_counted_and_logged(tmp_path, caplog):
     trainer, module, losses = fit(4, [], nonfinite_at=(1,))
-    state = trainer.strategy._state(module.actor)
+    state = trainer.strategy.stepper(module.actor)
     assert state.skipped_steps == 1 and state.steps == 3
     assert "step skipped" in caplog.text
     assert all(torch.isfinite(p).all() for p in module.parameters())

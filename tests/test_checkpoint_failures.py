@@ -188,7 +188,7 @@ def test_engine_that_fails_to_wake_leaves_training_state_untouched(tmp_path):
 
         def training_step(self, batch, batch_idx):
             if self.global_step == self.fail_at:
-                self.before = (params(self.actor), self.trainer.strategy._state(self.actor).steps,
+                self.before = (params(self.actor), self.trainer.strategy.stepper(self.actor).steps,
                                [v.clone() for s in self.optimizers().optimizer.state.values() for v in s.values()])
                 find_rollout_callback(self.trainer).generate(self, [[1, 2, 3]], SamplingParams(max_new_tokens=2))
             return super().training_step(batch, batch_idx)
@@ -203,7 +203,7 @@ def test_engine_that_fails_to_wake_leaves_training_state_untouched(tmp_path):
         trainer.fit(module, prompts())
     weights, steps, optim = module.before
     assert all(torch.equal(weights[k], v) for k, v in params(module.actor).items())
-    assert trainer.strategy._state(module.actor).steps == steps == 2
+    assert trainer.strategy.stepper(module.actor).steps == steps == 2
     after = [v for s in module.optimizers().optimizer.state.values() for v in s.values()]
     assert len(optim) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(optim, after))
     assert checkpoint.read_latest(tmp_path) == "global_step2"  # the last good checkpoint stays the latest

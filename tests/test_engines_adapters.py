@@ -170,7 +170,9 @@ def test_vllm_is_built_in_process_with_sleep_mode_only_where_the_platform_has_it
     assert engine.llm.init_kwargs == {"model": "/models/x", "enable_sleep_mode": not cpu,
                                       "distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
     # CPU: a KV cache of 1 GiB (not a fraction of the host's memory); one process: no data parallelism
-    assert engine.llm.other_kwargs == ({"kv_cache_memory_bytes": 1 << 30} if cpu else {})
+    # log-probs of the distribution sampled from (temperature, top-k, top-p), as the learner's weights take them
+    assert engine.llm.other_kwargs == ({"kv_cache_memory_bytes": 1 << 30} if cpu else {}) | {
+        "logprobs_mode": "processed_logprobs"}
     assert engine.sleep_mode is not cpu
     assert engine.weights_survive_sleep is cpu  # level 2 drops the weights only with sleep mode
     assert VLLMEngine("/m").weights_survive_sleep
@@ -250,6 +252,16 @@ def test_vllm_push_order_and_prefix_cache_reset(fake_packages):
     assert [(c.prompt_index, c.token_ids, c.logprobs, c.finish_reason) for c in out] == [
         (0, [1, 2], [-0.5, -0.25], "eos"), (0, [1, 2], [-0.5, -0.25], "length"),
         (1, [2, 2], [-0.5, -0.25], "eos"), (1, [2, 2], [-0.5, -0.25], "length")]
+
+
+def test_vllm_refuses_an_engine_whose_log_probs_are_not_of_the_sampled_distribution(fake_packages):
+    llm = FakeLLM("/m")
+    llm.llm_engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(
+        model_config=types.SimpleNamespace(logprobs_mode="raw_logprobs", model="/m")))
+    with pytest.raises(ValueError, match="logprobs_mode is 'raw_logprobs'.*accepted: logprobs_mode='processed_logprobs'"):
+        VLLMEngine(llm=llm)
+    with pytest.raises(ValueError, match="logprobs_mode is 'raw_logits'"):
+        VLLMEngine("/m", logprobs_mode="raw_logits")  # refused before vLLM is built
 
 
 @pytest.mark.parametrize("bucket_bytes", [1, 3000, 8192, 1 << 30])

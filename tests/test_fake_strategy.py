@@ -57,7 +57,7 @@ def test_clipping_bounds_the_update():
     strategy.backward(loss, model, optimizer)
     grad = model.weight.grad.clone()
     strategy.optimizer_step(optimizer, model, None)
-    state = strategy._state(model)
+    state = strategy.stepper(model)
     assert state.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
     assert state.grad_norm > 0.1
 

@@ -39,7 +39,7 @@ class ActorCritic(pl.LightningModule):
                 opt.step()
             self.losses.append(loss.item())
         self.log("actor_loss", self.losses[-2])
-        self.grad_norms.append(strategy._state(self.actor).grad_norm)
+        self.grad_norms.append(strategy.stepper(self.actor).grad_norm)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.actor.parameters(), lr=0.1), torch.optim.SGD(self.critic.parameters(), lr=0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -49,6 +50,26 @@ def fit(model, data, steps, callbacks=(), ckpt_path=None, **kwargs):
     return trainer, recorder
 
 
+def count_manual_optimization_calls(monkeypatch) -> dict[str, list]:
+    """Record the stepper of every ``manual_backward`` and ``LightningOptimizer.step`` call."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    calls: dict[str, list] = {"manual_backward": [], "optimizer.step": []}
+    manual_backward, step = pl.LightningModule.manual_backward, LightningOptimizer.step
+
+    def spy_backward(self, loss, *args, **kwargs):
+        calls["manual_backward"].append(kwargs.get("stepper"))
+        return manual_backward(self, loss, *args, **kwargs)
+
+    def spy_step(self, closure=None, **kwargs):
+        calls["optimizer.step"].append(kwargs.get("stepper"))
+        return step(self, closure, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "manual_backward", spy_backward)
+    monkeypatch.setattr(LightningOptimizer, "step", spy_step)
+    return calls
+
+
 def tiny_grpo(**kwargs):
     defaults = dict(tokenizer_chars="0123456789", model_config={"hidden_size": 64, "intermediate_size": 128},
                     n_samples_per_prompt=8, max_new_tokens=4, micro_train_batch_size=64,
@@ -74,20 +95,49 @@ def test_grpo_learns_the_counting_task():
     dict(advantage_estimator="rloo", loss_agg="sequence", kl_coef=0.1, kl_estimator="k1"),
     dict(advantage_estimator="reinforce++_baseline", kl_coef=0.1, kl_in_reward=True, kl_estimator="k3"),
 ])
-def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant):
+def test_micro_batches_accumulate_into_the_configured_optimizer_steps(variant, monkeypatch):
     # 4 prompts x 8 samples = 32 per step; micro 8, train_batch_size 16 -> 2 optimizer steps per pass, 2 passes
+    calls = count_manual_optimization_calls(monkeypatch)
     pl.seed_everything(0, verbose=False)
     model = tiny_grpo(micro_train_batch_size=8, train_batch_size=16, epochs=2, **variant)
     before = {n: p.detach().clone() for n, p in model.actor.named_parameters()}
     trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(64), batch_size=4), 3)
-    state = trainer.strategy._state(model.actor)
+    state = trainer.strategy.stepper(model.actor)
     assert (state.steps, state.micro_steps) == (3 * 2 * 2, 3 * 4 * 2)
+    # every micro-batch went through Lightning's manual optimization, with the actor's stepper
+    assert calls == {"manual_backward": [state] * 3 * 4 * 2, "optimizer.step": [state] * 3 * 4 * 2}
     assert trainer.global_step == 3
     assert trainer.strategy.config.accumulation_steps(1) == 2
     assert any(not torch.equal(before[n], p) for n, p in model.actor.named_parameters())
     if variant.get("kl_coef"):
         assert rec.metrics[-1]["kl"] != 0  # the policy moved away from the frozen reference (k1 may be < 0)
         assert all(not p.requires_grad for p in model.ref.parameters())
+
+
+def _storages(module):
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def test_reference_shares_the_actors_tensors_until_fit_then_stays_the_initial_policy(tmp_path):
+    # issue 29, risk 4: no second full copy of the weights per rank before the strategy shards them
+    pl.seed_everything(0, verbose=False)
+    model = tiny_grpo(kl_coef=0.1, kl_estimator="k1", micro_train_batch_size=32)
+    assert _storages(model.ref) == _storages(model.actor)
+    initial = {n: p.detach().clone() for n, p in model.ref.named_parameters()}
+    data = PromptDataModule(prompts=counting_prompts(64), batch_size=4)
+    trainer, _ = fit(model, data, 2)
+    assert not _storages(model.ref) & _storages(model.actor)  # one process: copied at fit start
+    assert all(torch.equal(initial[n], p) for n, p in model.ref.named_parameters())
+    assert any(not torch.equal(initial[n], p) for n, p in model.actor.named_parameters())
+    # resuming loads before setup, into the module as built: the checkpoint's reference must not land
+    # in the actor's tensors
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    pl.seed_everything(1, verbose=False)
+    resumed = tiny_grpo(kl_coef=0.1, kl_estimator="k1", micro_train_batch_size=32)
+    fit(resumed, data, 2, ckpt_path=str(tmp_path / "ckpt"))
+    for name, p in resumed.actor.named_parameters():
+        assert torch.equal(p, dict(model.actor.named_parameters())[name]), name
+    assert all(torch.equal(initial[n], p) for n, p in resumed.ref.named_parameters())
 
 
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])
@@ -205,12 +255,14 @@ def test_resume_neither_replays_nor_skips_prompts(tmp_path):
     _, first = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 3,
                    callbacks=[ckpt], enable_checkpointing=True)
     path = next(tmp_path.glob("*step=3*.ckpt"))
-    _, second = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8, ckpt_path=str(path))
+    resumed, second = fit(tiny_grpo(n_samples_per_prompt=2, micro_train_batch_size=8), data(), 8, ckpt_path=str(path))
     assert first.indices + second.indices == full.indices
+    # the step counters continue from the checkpoint (configure_optimizers runs after it is loaded)
+    assert resumed.strategy.stepper(resumed.lightning_module.actor).steps == 8
     assert sorted(i for step in full.indices[:5] for i in step) == list(range(20))
 
 
-def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path):
+def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path, monkeypatch):
     from transformers import Qwen2ForSequenceClassification
 
     from lightrft_lightning.tiny_models import tiny_qwen2_config
@@ -226,10 +278,12 @@ def test_ppo_trains_actor_and_critic_with_a_reward_model(tmp_path):
                 epochs=2, kl_coef=0.05, actor_learning_rate=1e-3, critic_learning_rate=1e-2,
                 rewards={"lightrft_lightning.tasks:counting_reward": 1.0, str(tmp_path): 0.5})
     head = model.critic.value_head.weight.detach().clone()
+    calls = count_manual_optimization_calls(monkeypatch)
     trainer, rec = fit(model, PromptDataModule(prompts=counting_prompts(32), batch_size=4), 2)
     assert trainer.global_step == 2
-    actor, critic = trainer.strategy._state(model.actor), trainer.strategy._state(model.critic)
+    actor, critic = trainer.strategy.stepper(model.actor), trainer.strategy.stepper(model.critic)
     assert actor.steps == critic.steps == 2 * 2  # one optimizer step per pass, for each model
+    assert calls["manual_backward"] == calls["optimizer.step"] == [actor, critic] * 2 * 2
     assert not torch.equal(head, model.critic.value_head.weight)
     assert len(trainer.optimizers) == 2
     assert trainer.optimizers[1].param_groups[0]["lr"] == 1e-2
@@ -243,13 +297,27 @@ LORA = (f'{_M}lora={{"r": 4, "alpha": 8}}',
 ZERO3 = ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false}',)
 
 
+# the off-policy losses, each on one strategy, against an engine made stale by STALE (grpo_strategies.StaleEngine)
+STALE = 0.4
+GSPO_TIS_MIS = (f"{_M}policy_loss_type=gspo", f"{_M}rollout_is=sequence", f"{_M}rollout_is_threshold=1.5",
+                f"{_M}rollout_rs=token", f"{_M}rollout_rs_threshold=1.3", f"{_M}rollout_rs_threshold_lower=0.8")
+TIS_MIS = (f"{_M}rollout_is=token", f"{_M}rollout_is_threshold=1.2", f"{_M}rollout_rs=geometric",
+           f"{_M}rollout_rs_threshold=1.1")
+GSPO_GEOMETRIC = (f"{_M}policy_loss_type=gspo", f"{_M}rollout_is=geometric", f"{_M}rollout_is_threshold=1.1",
+                  f"{_M}rollout_rs=sequence", f"{_M}rollout_rs_threshold=2.0")
+MISMATCH = ("mismatch/logp_abs_diff", "mismatch/kl", "mismatch/ratio_max", "mismatch/tokens_truncated",
+            "mismatch/seqs_truncated", "mismatch/tokens_masked", "mismatch/seqs_masked")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy, extra, adapters", [
-    ("fsdp", LORA, ["DTensor"]), ("deepspeed", LORA, ["plain"]), ("deepspeed", LORA + ZERO3, ["zero3"]),
-], ids=["fsdp-lora", "deepspeed-lora", "deepspeed-zero3-lora"])
+    ("fsdp", LORA + GSPO_TIS_MIS, ["DTensor"]), ("deepspeed", LORA + TIS_MIS, ["plain"]),
+    ("deepspeed", LORA + ZERO3 + GSPO_GEOMETRIC, ["zero3"]),
+], ids=["fsdp-lora-gspo-tis-mis", "deepspeed-lora-tis-mis", "deepspeed-zero3-lora-gspo-geometric"])
 def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, adapters, tmp_path, monkeypatch):
     """examples/grpo_tiny_{fsdp,deepspeed}.yaml on 2 ranks against examples/grpo_tiny_fake.yaml, with LoRA
-    adapters on a tied model (adapters sharded with their blocks, or partitioned). A full fine-tune on 2
+    adapters on a tied model (adapters sharded with their blocks, or partitioned), GSPO or PPO's ratio,
+    and truncated and masked importance sampling against a stale engine. A full fine-tune on 2
     ranks against one process: tests/test_real_model.py (GRPO), tests/test_fsdp.py, tests/test_deepspeed.py."""
     module = f"lightrft_lightning.strategies.{strategy}"
     if importlib.util.find_spec(module) is None:
@@ -257,13 +325,17 @@ def test_two_rank_examples_give_the_same_steps_as_one_process(strategy, extra, a
     monkeypatch.chdir(ROOT)
     out = tmp_path / "steps.json"
     torchrun("grpo_strategies.py", 2, f"examples/grpo_tiny_{strategy}.yaml", str(out), str(grpo_strategies.STEPS),
-             *extra, env={"PYTHONPATH": ROOT}, timeout=300)
+             *extra, env={"PYTHONPATH": ROOT, "SHIFT_ENGINE_LOGPROBS": str(STALE)}, timeout=300)
     result = json.loads(out.read_text())
     assert result["adapters"] == adapters  # sharded with their blocks / partitioned
     ranks = result["steps"]
-    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml", extra=tuple(a for a in extra if a not in ZERO3)).steps
+    one = grpo_strategies.run("examples/grpo_tiny_fake.yaml", extra=tuple(a for a in extra if a not in ZERO3),
+                              shift=STALE).steps
     assert len(ranks) == len(one) == grpo_strategies.STEPS
     for got, ref in zip(ranks, one):
-        for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac"):
+        for key in ("loss/policy", "actor/grad_norm", "kl", "reward", "reward_std", "clip_frac", *MISMATCH):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
     assert one[0]["loss/policy"] != 0 and one[0]["actor/grad_norm"] > 0
+    # the corrections acted: some tokens truncated, some masked, ratios up to about e^0.4
+    assert all(0 < one[0][f"mismatch/{k}"] < 1 for k in ("tokens_truncated", "tokens_masked")), one[0]
+    assert one[0]["mismatch/ratio_max"] == pytest.approx(math.exp(STALE), rel=1e-3)

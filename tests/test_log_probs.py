@@ -115,3 +115,30 @@ def test_rows_without_a_response_token_are_not_forwarded():
     ids, attn, mask = _group_rollout([2], [[60, 60, 50, 60]])  # not packed (as above)
     mask[1] = 0
     assert _masked_against_full(module, model, ids, attn, mask, 1, atol=1e-6) == [(3, 62), (4, 62)]  # row 1: 0
+
+
+def test_chunked_log_probs_and_entropy_equal_log_softmax_forward_and_backward(monkeypatch):
+    """Gather minus logsumexp, by chunks of positions (3 here, so rows span chunks), against log_softmax:
+    the same log-probs, entropies and gradients, at temperature 0.7 and 1 (greedy: 0 scores at 1), for fp32
+    and bf16 logits (bf16: the gradient comes back in bf16, computed in fp32)."""
+    import lightrft_lightning.algorithms.log_probs as lp
+
+    monkeypatch.setattr(lp, "CHUNK_ROWS", 3)
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for temperature in (0.7, 1.0, 0.0):
+            base = (torch.randn(2, 5, 50, generator=gen) * 4).to(dtype)
+            targets = torch.randint(50, (2, 5), generator=gen)
+            weights = torch.randn(2, 5, generator=gen)
+            got_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+            got, ent = lp._token_log_probs(got_in, targets, temperature, entropy=True)
+            scaled = ref_in.float() / (temperature if temperature > 0 else 1.0)
+            ref_all = torch.log_softmax(scaled, -1)
+            ref = ref_all.gather(-1, targets[..., None])[..., 0]
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1).detach(), atol=1e-4, rtol=1e-4)
+            (got * weights).sum().backward()
+            (ref * weights).sum().backward()
+            assert got_in.grad.dtype == dtype
+            torch.testing.assert_close(got_in.grad.float(), ref_in.grad.float(), atol=tol, rtol=tol)

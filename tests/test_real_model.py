@@ -216,3 +216,43 @@ def test_a_hub_id_resolves_from_the_hub_cache(tmp_path, monkeypatch):
     assert os.path.samefile(path, snapshot)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _learner_logprobs(actor, prompt: list[int], completions, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's (``log_probs`` at the sampling temperature, one batched forward) and the engine's
+    log-probs of every sampled token (completions of one prompt, all of one length)."""
+    from lightrft_lightning.algorithms.log_probs import log_probs
+
+    ids = torch.tensor([prompt + c.token_ids for c in completions])
+    with torch.no_grad():
+        logp, _ = log_probs(actor, ids, torch.ones_like(ids), temperature)
+    return logp[:, len(prompt) - 1:].flatten(), torch.tensor([c.logprobs for c in completions]).flatten()
+
+
+def test_engine_and_learner_log_probs_mean_the_same_on_the_real_model(actor, prompt_ids):
+    """fp32 HF engine at temperature 0.7: its log-probs are the learner's (the same tempered distribution);
+    with top-p they are renormalized over the nucleus, so never below the learner's; a bf16 engine under the
+    fp32 learner: the mismatch metrics are non-zero and TIS caps the weights."""
+    from lightrft_lightning.algorithms.losses import rollout_correction
+    from lightrft_lightning.engines import SamplingParams
+
+    prompt = prompt_ids[0].tolist()
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=8, stop_at_eos=False, seed=0)
+    fp32 = HFEngine(actor, pad_token_id=0, share_weights=True)
+    learner, engine = _learner_logprobs(actor, prompt, fp32.generate([prompt], params), 0.7)
+    gap = (learner - engine).abs()
+    print(f"FIGURE hf_fp32_T0.7 mean_abs_diff={gap.mean():.3g} max={gap.max():.3g} tokens={len(gap)}")
+    assert gap.max() < 1e-4 and gap.mean() < 1e-5
+    nucleus = SamplingParams(**dict(vars(params), top_p=0.8))
+    learner, engine = _learner_logprobs(actor, prompt, fp32.generate([prompt], nucleus), 0.7)
+    assert (engine - learner).min() > -1e-4 and (engine - learner).max() > 1e-3  # log of the mass top-p kept
+
+    bf16 = HFEngine.from_config(actor.config, dtype=torch.bfloat16, pad_token_id=0)
+    push_weights(actor, bf16, bucket_bytes=64 << 20)
+    learner, engine = _learner_logprobs(actor, prompt, bf16.generate([prompt], params), 0.7)
+    weights, metrics = rollout_correction(learner[None], engine[None], torch.ones(1, len(learner)), is_level="token",
+                                          is_threshold=1.01)
+    print("FIGURE hf_bf16_T0.7", {k: round(v.item(), 6) for k, v in metrics.items()})
+    assert metrics["logp_abs_diff"] > 1e-3 and metrics["kl"] > 1e-6 and metrics["ratio_max"] > 1.01
+    assert 0 < metrics["tokens_truncated"] < 1
+    assert weights.max() == pytest.approx(1.01) and weights.min() > 0

@@ -92,7 +92,7 @@ def test_grpo_lr_warms_up_then_follows_the_cosine():
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == total
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * LR)  # the end of the cosine
-    assert trainer.strategy._state(model.actor).scheduler is scheduler  # handed to strategy.optimizer_step
+    assert trainer.strategy.stepper(model.actor).scheduler is scheduler  # handed to strategy.optimizer_step
     assert trainer.strategy.config.lr_warmup_ratio == 0.25
 
 
@@ -126,7 +126,7 @@ def test_scheduler_steps_only_on_real_optimizer_steps():
 
     model.actor.lm_head.weight.register_hook(nan_on_fifth_backward)
     trainer, lrs = fit(model, 3)
-    state = trainer.strategy._state(model.actor)
+    state = trainer.strategy.stepper(model.actor)
     total, warmup = 3 * 2, 2
     assert (trainer.global_step, state.micro_steps, state.steps, state.skipped_steps) == (3, 12, 5, 1)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5  # not 12 micro-steps, 6 attempts or 3 steps
@@ -230,7 +230,7 @@ def test_gradient_checkpointing_trains_ppo_with_the_hf_engine():
     assert model.critic.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in backbone.layers)
     trainer, _ = fit(model, 2)
     assert trainer.strategy.config.gradient_checkpointing is True
-    assert trainer.strategy._state(model.actor).steps == trainer.strategy._state(model.critic).steps == 4
+    assert trainer.strategy.stepper(model.actor).steps == trainer.strategy.stepper(model.critic).steps == 4
     assert model.actor.config.use_cache  # the engine's generation keeps its KV cache; training forwards pass none
 
 
@@ -273,7 +273,8 @@ def test_engine_type_vllm_and_sglang_build_with_tp_size_and_memory(hf_dir, monke
     assert vllm.llm.kwargs == {"model": hf_dir, "enable_sleep_mode": True, "tensor_parallel_size": 2,
                                "gpu_memory_utilization": 0.3, "dtype": "float32", "seed": 7,
                                "distributed_executor_backend": "external_launcher",
-                               "skip_tokenizer_init": True}  # the actor's fp32; this directory has no tokenizer
+                               "skip_tokenizer_init": True,  # the actor's fp32; this directory has no tokenizer
+                               "logprobs_mode": "processed_logprobs"}  # log-probs of the sampled distribution
     sglang = RolloutEngineCallback()._build_engine(_trainer({**config, "engine_type": "sglang"}), module)
     assert isinstance(sglang, SGLangEngine)
     # sleep level 2 by default for SGLang (its weights are pushed before each rollout): no CPU backup

@@ -10,10 +10,11 @@ from lightrft_lightning.algorithms.models import Policy
 from lightrft_lightning.algorithms.module import RLModule, Training
 from lightrft_lightning.algorithms.ppo import PPO, CriticModel, PPOLoss
 from lightrft_lightning.algorithms.rewards import CombinedReward, RewardModel, exact_match, load_function
+from lightrft_lightning.algorithms.refill import RefillRollout
 from lightrft_lightning.algorithms.rollout import Rollout
 
 __all__ = [
-    "GRPO", "PPO", "RLModule", "CriticModel", "GRPOLoss", "PPOLoss", "Policy", "Rollout", "Advantages", "Training",
+    "GRPO", "PPO", "RLModule", "CriticModel", "GRPOLoss", "PPOLoss", "Policy", "Rollout", "RefillRollout", "Advantages", "Training",
     "Experience", "compute_advantages", "gae", "group_norm", "rloo", "whiten", "kl_penalty", "aggregate", "policy_loss",
     "value_loss", "kl_loss", "CombinedReward", "RewardModel", "exact_match", "load_function",
 ]

@@ -13,7 +13,8 @@ from torch import Tensor
 class Experience:
     """One rollout: ``[N, L]`` sequences (prompt + response, right-padded) and ``[N, L-1]`` per-token
     tensors aligned with the tokens they predict (``action_mask`` marks response tokens); ``rewards``
-    are the ``[N]`` sequence rewards."""
+    are the ``[N]`` sequence rewards. ``rollout_logp``: the log-probs the engine that sampled the
+    responses gave them (mu; 0 outside ``action_mask``), ``old_logp`` the learner's (pi_old)."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -24,6 +25,7 @@ class Experience:
     advantages: Optional[Tensor] = None
     returns: Optional[Tensor] = None
     rewards: Optional[Tensor] = None
+    rollout_logp: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -9,7 +9,10 @@ from lightrft_lightning.algorithms.advantages import Advantages
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
 from lightrft_lightning.algorithms.models import Policy
 from lightrft_lightning.algorithms.module import DEFAULT_MIN_LR_RATIO, Training
+from lightrft_lightning.algorithms.refill import DEFAULT_MAX_NUM_GEN_BATCHES, RefillRollout
 from lightrft_lightning.algorithms.rollout import Rollout
+
+DYNAMIC_SAMPLING_MODES = ("mask", "refill")
 
 
 def flat_parts(
@@ -32,6 +35,12 @@ def flat_parts(
     kl_estimator: str = "k3",
     kl_in_reward: bool = False,
     loss_agg: str = "token",
+    policy_loss_type: str = "ppo",
+    rollout_is: Optional[str] = None,
+    rollout_is_threshold: float = 2.0,
+    rollout_rs: Optional[str] = None,
+    rollout_rs_threshold: float = 2.0,
+    rollout_rs_threshold_lower: Optional[float] = None,
     micro_rollout_batch_size: Optional[int] = None,
     lr_scheduler: str = "constant",
     lr_warmup_ratio: float = 0.0,
@@ -50,21 +59,28 @@ def flat_parts(
     overlong_buffer_len: int = 1024,
     overlong_buffer_penalty_factor: float = 1.0,
     dynamic_sampling: bool = False,
+    dynamic_sampling_mode: str = "mask",
+    max_num_gen_batches: int = DEFAULT_MAX_NUM_GEN_BATCHES,
+    batch_multiplier: float = 1.0,
     lora: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The keyword arguments of :class:`~lightrft_lightning.algorithms.RLModule` from flat ones: each flat
     argument is the field of the same name of :class:`~lightrft_lightning.algorithms.models.Policy`
     (model, tokenizer, tokenizer_chars, model_config, lora, gradient_checkpointing),
     :class:`~lightrft_lightning.algorithms.rollout.Rollout` (rewards, n_samples_per_prompt, max_new_tokens,
-    temperature, top_p, apply_chat_template, sample_every_n_steps),
+    temperature, top_p, apply_chat_template, sample_every_n_steps; with dynamic_sampling_mode="refill" a
+    :class:`~lightrft_lightning.algorithms.refill.RefillRollout`, which also takes max_num_gen_batches and
+    batch_multiplier),
     :class:`~lightrft_lightning.algorithms.advantages.Advantages` (``advantage_estimator`` is its
     ``estimator``; the shaping settings), the loss (kl_coef, kl_estimator, kl_in_reward,
-    loss_agg: ``loss`` builds it from them) and :class:`~lightrft_lightning.algorithms.module.Training`
+    loss_agg, policy_loss_type and the rollout correction's rollout_is* / rollout_rs*: ``loss`` builds it
+    from them; :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`) and :class:`~lightrft_lightning.algorithms.module.Training`
     (the batch sizes, epochs, learning rate and schedule); val_samples and val_temperature are RLModule's own.
     The parts' docstrings say more.
 
     Args:
-        loss: builds the loss from kl_coef, kl_estimator, kl_in_reward and loss_agg.
+        loss: builds the loss from kl_coef, kl_estimator, kl_in_reward, loss_agg, policy_loss_type and
+            the rollout correction's settings.
         model: "tiny", a built-in name ("smollm2-135m-instruct") or a local Hugging Face directory.
         tokenizer: "char", a built-in model name or a local directory (None: the model's own).
         tokenizer_chars: the characters of the "char" tokenizer.
@@ -83,6 +99,13 @@ def flat_parts(
         kl_estimator: "k1", "k2" or "k3".
         kl_in_reward: subtract the KL from the reward instead of adding it to the loss.
         loss_agg: "token" (DAPO), "sequence" or "constant" (Dr.GRPO).
+        policy_loss_type: "ppo" (token ratios) or "gspo" (one length-normalized ratio per sequence).
+        rollout_is: truncated importance sampling of the engine's samples, None (off), "token",
+            "sequence" or "geometric": weight min(pi_old / mu, rollout_is_threshold).
+        rollout_is_threshold: its cap.
+        rollout_rs: masked importance sampling, None (off), "token", "sequence" or "geometric": drop
+            what has pi_old / mu outside [rollout_rs_threshold_lower, rollout_rs_threshold].
+        rollout_rs_threshold, rollout_rs_threshold_lower: that range (lower default: 1 / upper).
         micro_rollout_batch_size: samples per no-grad scoring forward (None: micro_train_batch_size).
         lr_scheduler: "constant" or "cosine", after warmup.
         lr_warmup_ratio: the fraction of the optimizer steps with a linear warmup from 0.
@@ -100,21 +123,48 @@ def flat_parts(
         overlong_buffer: DAPO's soft overlong punishment.
         overlong_buffer_len: its buffer, in tokens before max_new_tokens.
         overlong_buffer_penalty_factor: its largest penalty.
-        dynamic_sampling: leave prompt groups whose rewards all tie out of the loss.
+        dynamic_sampling: DAPO's dynamic sampling of prompt groups whose rewards all tie.
+        dynamic_sampling_mode: "mask": leave those groups out of the loss (LightRFT's); "refill":
+            over-sample and generate again until the step holds as many groups with signal as prompts
+            (:class:`~lightrft_lightning.algorithms.refill.RefillRollout`).
+        max_num_gen_batches: "refill": generations per step at most.
+        batch_multiplier: "refill": the first generation's prompts as a multiple of the step's.
         lora: {r, alpha, dropout, target_modules}: train LoRA adapters of the actor.
     """
+    owner = getattr(loss, "func", loss).__name__.removesuffix("Loss")
+    rollout_args = dict(rewards=rewards, n_samples_per_prompt=n_samples_per_prompt, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, apply_chat_template=apply_chat_template,
+                        sample_every_n_steps=sample_every_n_steps)
+    if dynamic_sampling_mode not in DYNAMIC_SAMPLING_MODES:
+        raise ValueError(f"{owner}.dynamic_sampling_mode={dynamic_sampling_mode!r} is invalid; accepted: "
+                         f"{', '.join(map(repr, DYNAMIC_SAMPLING_MODES))}")
+    if dynamic_sampling_mode == "refill":
+        if dynamic_sampling is not True:
+            raise ValueError(f"{owner}.dynamic_sampling_mode='refill' is only used with dynamic_sampling=True, and "
+                             f"dynamic_sampling={dynamic_sampling!r}; accepted: dynamic_sampling=True, or "
+                             "dynamic_sampling_mode='mask'")
+        rollout: Rollout = RefillRollout(max_num_gen_batches=max_num_gen_batches, batch_multiplier=batch_multiplier,
+                                         **rollout_args)
+    else:
+        if max_num_gen_batches != DEFAULT_MAX_NUM_GEN_BATCHES or batch_multiplier != 1.0:
+            raise ValueError(f"{owner}.max_num_gen_batches={max_num_gen_batches!r} / batch_multiplier="
+                             f"{batch_multiplier!r} are only used with dynamic_sampling_mode='refill'; accepted: "
+                             f"dynamic_sampling=True with dynamic_sampling_mode='refill', or both left at their "
+                             f"defaults ({DEFAULT_MAX_NUM_GEN_BATCHES}, 1.0)")
+        rollout = Rollout(**rollout_args)
     return {
         "policy": Policy(model=model, tokenizer=tokenizer, tokenizer_chars=tokenizer_chars, model_config=model_config,
                          lora=lora, gradient_checkpointing=gradient_checkpointing),
-        "rollout": Rollout(rewards=rewards, n_samples_per_prompt=n_samples_per_prompt, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, apply_chat_template=apply_chat_template,
-                           sample_every_n_steps=sample_every_n_steps),
+        "rollout": rollout,
         "advantages": Advantages(
             estimator=advantage_estimator, reward_clip=reward_clip, reward_running_norm=reward_running_norm,
             reward_running_norm_minus_mean=reward_running_norm_minus_mean, advantages_norm=advantages_norm,
             advantage_clip=advantage_clip, overlong_buffer=overlong_buffer, overlong_buffer_len=overlong_buffer_len,
             overlong_buffer_penalty_factor=overlong_buffer_penalty_factor, dynamic_sampling=dynamic_sampling),
-        "loss": loss(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_in_reward=kl_in_reward, loss_agg=loss_agg),
+        "loss": loss(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_in_reward=kl_in_reward, loss_agg=loss_agg,
+                     policy_loss_type=policy_loss_type, rollout_is=rollout_is, rollout_is_threshold=rollout_is_threshold,
+                     rollout_rs=rollout_rs, rollout_rs_threshold=rollout_rs_threshold,
+                     rollout_rs_threshold_lower=rollout_rs_threshold_lower),
         "training": Training(micro_train_batch_size=micro_train_batch_size, train_batch_size=train_batch_size,
                              epochs=epochs, micro_rollout_batch_size=micro_rollout_batch_size,
                              actor_learning_rate=actor_learning_rate, lr_scheduler=lr_scheduler,

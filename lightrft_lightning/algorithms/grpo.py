@@ -20,9 +20,7 @@ class GRPOLoss(ClippedPolicyLoss):
     def __call__(self, logp: Tensor, mb: Experience, mask: Tensor, **agg: Any) -> tuple[Tensor, dict[str, float]]:
         """The loss of one micro-batch from the actor's ``logp`` on it (``mask``: the response tokens the
         policy term takes; the KL term takes all of ``mb.action_mask``), and its metrics."""
-        old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-        loss, clip_frac = self.policy(logp, old_logp, mb.advantages, mask, **agg)
-        metrics = {"loss/policy": loss.item(), "clip_frac": clip_frac.item()}
+        loss, metrics = self.policy(logp, mb, mask, **agg)
         if self.has_reference:
             kl_term = kl_loss(logp, mb.ref_logp, mb.action_mask, self.kl_estimator, self.loss_agg, **agg)
             metrics["kl"] = kl_term.item()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -58,16 +58,59 @@ def _packed_log_probs(model: nn.Module, packed: SharedPromptBatch, shape: torch.
     return logp, ent
 
 
+CHUNK_ROWS = 256  # positions per chunk: one [rows, vocab] fp32 temporary at a time
+
+
 def _token_log_probs(logits: Tensor, targets: Tensor, temperature: float,
                      entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """The log-prob of each target under ``logits`` at the sampling temperature, and the entropy."""
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None
-    return logp, ent
+    """The log-prob of each target under ``logits`` at the sampling temperature (fp32), and the entropy.
+
+    ``logit[target] / T - logsumexp(logits / T)`` a chunk of positions at a time, forward and backward
+    (:class:`_TokenLogProb`): besides the logits and their gradient, no vocabulary-sized tensor is
+    made (``log_softmax`` kept an fp32 copy for the backward, and the entropy took two more)."""
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    logp = _TokenLogProb.apply(logits, targets, scale)
+    return logp, _entropy(logits.detach(), scale) if entropy else None
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """``log_softmax(logits * scale)[target]`` in fp32, by chunks of positions; saves only the logits
+    (no copy) and one log-sum-exp per position."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, scale: float) -> Tensor:
+        flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, flat.shape[0], CHUNK_ROWS):
+            lse[start:start + CHUNK_ROWS] = torch.logsumexp(flat[start:start + CHUNK_ROWS].float() * scale, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.scale = scale
+        return (flat.gather(1, index).squeeze(1).float() * scale - lse).view(targets.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+        logits, targets, lse = ctx.saved_tensors
+        flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        g = grad.reshape(-1, 1).float() * ctx.scale
+        out = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            # d/dx (x_t * s - lse(x * s)) = s * (onehot(t) - softmax(x * s))
+            part = torch.exp(flat[rows].float() * ctx.scale - lse[rows, None]).mul_(-g[rows])
+            out[rows] = part.scatter_add_(1, index[rows], g[rows])
+        return out.view_as(logits), None, None
+
+
+@torch.no_grad()
+def _entropy(logits: Tensor, scale: float = 1.0) -> Tensor:
+    """The entropy of ``softmax(logits * scale)`` for each row of ``logits`` (``[..., vocab]``, fp32), a
+    chunk of rows at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], CHUNK_ROWS):
+        rows = flat[start:start + CHUNK_ROWS].float() * scale
+        out[start:start + CHUNK_ROWS] = torch.logsumexp(rows, dim=-1) - (torch.softmax(rows, dim=-1) * rows).sum(-1)
+    return out.view(logits.shape[:-1])
 
 
 def _first_action(action_mask: Tensor) -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightrft_lightning.lora import LoRASettings, apply_lora
+from lightrft_lightning.parallel.sharding import is_sharded
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 from lightrft_lightning.tokenizer import load_tokenizer
 
@@ -86,7 +87,32 @@ class Policy:
         if lora is not None:
             apply_lora(actor, lora, owner)
         # a LoRA actor's reference is its own base (adapters off)
-        ref = copy.deepcopy(actor).eval().requires_grad_(False) if reference and lora is None else None
+        ref = frozen_view(actor) if reference and lora is None else None
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(actor)
         return tokenizer, actor, ref, lora
+
+
+def frozen_view(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode copy of ``model`` whose parameters share ``model``'s tensors: no second copy of
+    the weights on every rank before the strategy shards them. FSDP2 shards and ZeRO partitions (and a
+    DeepSpeed ZeRO-1/2 or bf16 engine's flat buffers) get storage of their own from the shared tensors;
+    :func:`own_storage` copies what still shares (one process, or a ZeRO-0 fp32 engine training in place)
+    before anything writes to it."""
+    shared = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, shared).eval()
+
+
+def own_storage(model: nn.Module, source: nn.Module) -> int:
+    """Give ``model``'s plain parameters that still share storage with ``source``'s a copy of their own;
+    returns the bytes copied."""
+    def storage(p: torch.Tensor) -> int:
+        return 0 if is_sharded(p) or p.is_meta else p.untyped_storage().data_ptr()
+
+    theirs = {storage(p) for p in source.parameters()} - {0}
+    copied = 0
+    for param in model.parameters():
+        if storage(param) in theirs:
+            param.data = param.data.clone()
+            copied += param.numel() * param.element_size()
+    return copied

@@ -21,12 +21,13 @@ from lightrft_lightning.algorithms.advantages import ESTIMATORS, Advantages
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.log_probs import log_probs
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
-from lightrft_lightning.algorithms.models import Policy
+from lightrft_lightning.algorithms.models import Policy, own_storage
 from lightrft_lightning.algorithms.rollout import Rollout, row_metadata
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.lora import adapters_disabled, frozen_base_keys
+from lightrft_lightning.parallel.sharding import forward_is_collective
 from lightrft_lightning.strategies.base import StrategyBase
 
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
@@ -209,6 +210,7 @@ class RLModule(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._own_reference_storage()  # the checkpoint's reference weights must not land in the actor's tensors
         if "reward_running_moments" in checkpoint:
             self.advantages.moments.load_state_dict(checkpoint["reward_running_moments"])
         if self.lora is not None and "state_dict" in checkpoint:
@@ -218,6 +220,16 @@ class RLModule(pl.LightningModule):
             state.update({k: v for k, v in self.state_dict().items() if k in frozen})
 
     # ------------------------------------------------------------------ setup
+    def on_fit_start(self) -> None:
+        self._own_reference_storage()  # the strategy has sharded or copied what it trains: nothing shares now
+
+    def _own_reference_storage(self) -> None:
+        """The reference shares the actor's tensors from construction until the strategy's setup (see
+        :func:`~lightrft_lightning.algorithms.models.frozen_view`); copy what still shares before training
+        or a checkpoint writes to it."""
+        if self.ref is not None:
+            own_storage(self.ref, self.actor)
+
     def configure_callbacks(self) -> list[pl.Callback]:
         """Add a rollout-engine callback (an in-process HF engine) unless the Trainer has one."""
         from lightrft_lightning.callbacks import RolloutEngineCallback
@@ -358,14 +370,15 @@ class RLModule(pl.LightningModule):
         return kl
 
     def _train(self, exp: Experience) -> dict[str, float]:
-        """Every micro-batch of every pass through :meth:`_train_micro_batch`; the mean of its metrics."""
+        """Every micro-batch of every pass through :meth:`_train_micro_batch`; the mean of its metrics
+        (the largest value of those named ``*_max``)."""
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for mb, agg in self._loss_batches(exp):
             for key, value in self._train_micro_batch(mb, agg).items():
-                sums[key] += value
+                sums[key] = max(sums.get(key, value), value) if key.endswith("_max") else sums[key] + value
             count += 1
-        return {k: v / count for k, v in sums.items()}
+        return {k: v if k.endswith("_max") else v / count for k, v in sums.items()}
 
     def _train_micro_batch(self, mb: Experience, agg: dict[str, Any]) -> dict[str, float]:
         """The actor's forward, ``loss`` and (accumulated) optimizer step on one micro-batch."""
@@ -375,11 +388,13 @@ class RLModule(pl.LightningModule):
         return {**metrics, "entropy": entropy}
 
     def _backward_and_step(self, loss: Tensor, model: nn.Module, optimizer: Any, scheduler: Any, name: str) -> None:
-        """The one place the algorithms reach the optimizer: backward, then an optimizer step that the
-        strategy takes once per ``train_batch_size`` samples (accumulating before)."""
-        strategy = self.trainer.strategy
-        strategy.backward(loss, model, optimizer)
-        strategy.optimizer_step(optimizer, model, scheduler, name=name)
+        """The one place the algorithms reach the optimizer, through Lightning's manual optimization
+        (``manual_backward``, ``optimizer.step()``) with the strategy's :class:`~lightrft_lightning.parallel.stepper.Stepper`
+        of ``model``: the optimizer steps once per ``train_batch_size`` samples (accumulating before), clipped
+        to ``max_norm``, skipped on a non-finite norm, and the scheduler steps with it."""
+        stepper = self.trainer.strategy.stepper(model, optimizer, scheduler, name)
+        self.manual_backward(loss, stepper=stepper)
+        optimizer.step(stepper=stepper)
 
     def _loss_batches(self, exp: Experience) -> Iterator[tuple[Experience, dict[str, Any]]]:
         """Each micro-batch of each pass, with the aggregation arguments of ``loss.loss_agg`` that make the
@@ -463,10 +478,14 @@ class RLModule(pl.LightningModule):
         return {name: mean, f"{name}_std": (s[1] / s[2] - mean**2).clamp(min=0).sqrt()}
 
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
-        """Log ``metrics`` (the mean over ranks; reward and advantage stats are already global)."""
+        """Log ``metrics`` (the mean over ranks, the largest value for those named ``*_max``; reward and
+        advantage stats are already global)."""
         values = {k: float(v) for k, v in metrics.items()}
         local = {k: v for k, v in values.items() if k not in _GLOBAL_METRICS}
-        values.update(self.trainer.strategy.all_reduce(local, op="mean"))
+        for op, names in (("mean", [k for k in local if not k.endswith("_max")]),
+                          ("max", [k for k in local if k.endswith("_max")])):
+            if names:
+                values.update(self.trainer.strategy.all_reduce({k: local[k] for k in names}, op=op))
         for key, value in values.items():
             self.log(key, value, prog_bar=key in ("reward", "kl"), batch_size=1)
 
@@ -501,9 +520,12 @@ class RLModule(pl.LightningModule):
         sampling: dict[str, Any] = {"do_sample": False}
         if do_sample:
             sampling = {"do_sample": True, "temperature": self.val_temperature, "top_p": 1.0, "top_k": 0}
-        out = hf_model(self.actor).generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
-                                            max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
-                                            eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        model = hf_model(self.actor)
+        # a sharded actor's forward is a collective: ranks whose completions ended keep joining it
+        out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
+                             max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=self.tokenizer.eos_token_id, synced_gpus=forward_is_collective(model),
+                             **sampling)
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 

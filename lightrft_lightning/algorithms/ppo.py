@@ -56,9 +56,7 @@ class PPOLoss(ClippedPolicyLoss):
 
     def __call__(self, logp: Tensor, mb: Experience, mask: Tensor, **agg: Any) -> tuple[Tensor, dict[str, float]]:
         """The policy term of one micro-batch from the actor's ``logp`` on it, and its metrics."""
-        old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-        loss, clip_frac = self.policy(logp, old_logp, mb.advantages, mask, **agg)
-        return loss, {"loss/policy": loss.item(), "clip_frac": clip_frac.item()}
+        return self.policy(logp, mb, mask, **agg)
 
     def value(self, values: Tensor, mb: Experience, **agg: Any) -> Tensor:
         """The value term of one micro-batch from the critic's ``values`` on it."""

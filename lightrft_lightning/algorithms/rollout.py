@@ -96,6 +96,7 @@ class Rollout:
             raise RuntimeError(f"the rollout engine returned {len(completions)} completions for {len(prompts)} "
                                f"prompts x n={n}")
         exp = Experience(*(t.to(module.device) for t in self._pack(prompt_ids, completions)))
+        exp.rollout_logp = engine_log_probs(completions, exp.action_mask)
         meta = [row_metadata(rows[c.prompt_index]) for c in completions]
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         sample_prompts = [prompts[c.prompt_index] for c in completions]
@@ -148,6 +149,16 @@ class Rollout:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=list(rows[0]), data=[list(r.values()) for r in rows],
                                 step=trainer.global_step)
+
+
+def engine_log_probs(completions: list[Completion], action_mask: Tensor) -> Optional[Tensor]:
+    """The engine's log-probs of the sampled tokens on ``action_mask``'s positions (``[N, L-1]``, 0
+    elsewhere), or None when a completion came without them."""
+    if any(len(c.logprobs) != len(c.token_ids) for c in completions):
+        return None
+    values = torch.tensor([lp for c in completions for lp in c.logprobs], dtype=torch.float32)
+    out = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)
+    return out.masked_scatter(action_mask.bool(), values.to(action_mask.device))
 
 
 def row_metadata(row: dict[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from lightrft_lightning.config import ENGINE_TYPES, StrategyConfig, precision_name
+from lightrft_lightning.engines import memory
 from lightrft_lightning.engines.base import RolloutEngine, check_sleep_level
 from lightrft_lightning.lora import has_lora
+from lightrft_lightning.parallel.sharding import is_sharded
 
 # the byte budget of one weight-streaming bucket: the extra memory of a push is about one bucket plus
 # the largest parameter; larger buckets mean fewer engine reloads per push
@@ -131,14 +133,17 @@ def refuse_ignored_fields(config: Any, reason: str, fields: Sequence[str] = _ENG
 
 
 def build_engine(config: EngineConfig, actor: Optional[nn.Module], *, model_path: Optional[str] = None,
-                 device: Any = None, share_weights: bool = False) -> RolloutEngine:
+                 device: Any = None, share_weights: bool = False, pending_bytes: int = 0) -> RolloutEngine:
     """The engine ``config`` describes, for ``actor`` (a Hugging Face model, possibly sharded).
 
     "hf": an ``HFEngine`` from the actor's config on ``device``, filled by the first push; with
     ``share_weights`` and an actor this process holds whole, in the generation dtype, on ``device``
     and without LoRA, one that generates from the actor's own tensors instead (no second copy).
     "vllm" / "sglang": the engine of ``model_path`` (default: the actor's ``config.name_or_path``), a
-    local Hugging Face directory. Sleep is the caller's: the engine comes back awake."""
+    local Hugging Face directory. Sleep is the caller's: the engine comes back awake. On CUDA a "vllm" /
+    "sglang" engine is built only when ``engine_mem_util`` x device memory is free now and stays free once
+    the trainer allocates ``pending_bytes`` more (its optimizer state; :mod:`~lightrft_lightning.engines.memory`),
+    else a ``ValueError`` names the setting and the value that fits."""
     if config.engine_type == "hf":
         return _hf_engine(config, actor, device, share_weights)
     if config.engine_type == "vllm_server":
@@ -157,6 +162,9 @@ def build_engine(config: EngineConfig, actor: Optional[nn.Module], *, model_path
             f"config.name_or_path is {path!r}, not a local directory; accepted: an actor loaded from a local directory "
             "(model=<path>, or args.pretrain for setup_inference_engine), engine_type='hf', or "
             "RolloutEngineCallback(engine=...)")
+    available = memory.device_memory(device)
+    if available is not None:
+        memory.check_engine_fits(config.mem_util, available, pending_bytes)
     level = config.sleep_level or 1  # an engine that never sleeps: its sleep level is never used
     # explicit: the engines' "auto" takes the checkpoint's dtype, not the one the actor trains in
     dtype = _DTYPE_NAMES.get(config.dtype or (next(actor.parameters()).dtype if actor is not None else None), "auto")
@@ -186,16 +194,11 @@ def _hf_engine(config: EngineConfig, actor: Optional[nn.Module], device: Any, sh
     dtype = config.dtype or next(actor.parameters()).dtype
     device = torch.device(device) if device is not None else next(actor.parameters()).device
     kwargs = dict(pad_token_id=pad or 0, eos_token_id=eos, sleep_level=config.sleep_level or 1, device=device)
-    if share_weights and not has_lora(actor) and all(_plain(p) and p.dtype == dtype and p.device == device
+    if share_weights and not has_lora(actor) and all(not is_sharded(p) and p.dtype == dtype and p.device == device
                                                      for p in actor.parameters()):
         # a LoRA actor's engine holds the merged weights instead
         return HFEngine(actor, share_weights=True, **kwargs)
     return HFEngine.from_config(hf_config, dtype=dtype, **kwargs)
-
-
-def _plain(param: torch.Tensor) -> bool:
-    """Neither an FSDP2 shard (DTensor) nor a DeepSpeed ZeRO-3 partition."""
-    return not (hasattr(param, "full_tensor") or hasattr(param, "ds_id"))
 
 
 def _server_engine(config: EngineConfig) -> RolloutEngine:

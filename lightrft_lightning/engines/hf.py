@@ -7,7 +7,6 @@ import inspect
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams
@@ -22,7 +21,9 @@ class HFEngine(LifecycleEngine):
     ``sleep(1)`` moves the weights to CPU memory (nothing moves when the engine already runs on
     CPU), ``sleep(2)`` drops them: a complete :meth:`update_weights` is then needed before the next
     ``generate``. Completions include the EOS token that stopped them; log-probs are those of the
-    model's own distribution (temperature 1, no top-k/top-p), as the actor computes them.
+    distribution each token was sampled from (vLLM's ``processed_logprobs``): the logits divided by the
+    temperature, as the learner scores them, and renormalized over what top-k / top-p keep (the
+    learner does not filter: with those filters the two differ, by ``log`` of the mass kept).
 
     Args:
         model: a (non-sharded) transformers causal LM; the engine deep-copies it.
@@ -161,9 +162,8 @@ class HFEngine(LifecycleEngine):
         for step in range(params.max_new_tokens):
             if step:
                 logits = self._next_logits(ids, mask, positions, cache)
-            logp = torch.log_softmax(logits, dim=-1)
-            token = _sample(logits, logp, params, generator)
-            logprobs.append(logp.gather(-1, token[:, None])[:, 0])
+            token, logp = _sample(logits, params, generator)
+            logprobs.append(logp)
             tokens.append(token)
             stopped = ~finished & torch.isin(token, eos)
             lengths = torch.where(stopped, step + 1, lengths)
@@ -187,19 +187,28 @@ class HFEngine(LifecycleEngine):
                           **{self._cache_kw: cache}, logits_to_keep=1).logits[:, -1, :].float()
 
 
-def _sample(logits: torch.Tensor, logp: torch.Tensor, params: SamplingParams,
-            generator: Optional[torch.Generator]) -> torch.Tensor:
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    if params.temperature == 1 and params.top_k < 0 and params.top_p == 1:
-        return torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]  # the model's own distribution
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+def _sample(logits: torch.Tensor, params: SamplingParams,
+            generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and its log-prob under the distribution it was sampled from (vLLM's
+    ``processed_logprobs``): the logits / temperature, then top-k and top-p (renormalized over what they
+    keep); greedy (temperature 0): the model's own distribution."""
+    if params.temperature > 0:
+        logits = sampling_logits(logits, params.temperature, params.top_k, params.top_p)
+    logp = torch.log_softmax(logits, dim=-1)
+    token = logits.argmax(-1) if params.temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
+    """``logits / temperature`` with what top-k (``-1``: off) and top-p (``1.0``: off) filter out at -inf."""
+    if temperature != 1:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
+    if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keeps the smallest prefix reaching top_p
+        drop = probs.cumsum(-1) - probs > top_p  # keeps the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return logits

@@ -174,6 +174,11 @@ def _config_eos(model: str) -> list[int]:
     return ids
 
 
+# the log-probs of the distribution a token was sampled from: the logits / temperature, top-k and top-p
+# applied and renormalized (vLLM's default, "raw_logprobs", is the temperature-1 distribution)
+LOGPROBS_MODE = "processed_logprobs"
+
+
 class VLLMEngine(LifecycleEngine):
     """A ``vllm.LLM`` in the trainer's process (``external_launcher``), one per trainer rank or per
     tensor-parallel group. See the module docstring for what it does on each platform.
@@ -192,6 +197,12 @@ class VLLMEngine(LifecycleEngine):
         skip_tokenizer_init: the engine takes and returns token ids only (default: only when ``model`` holds no
             tokenizer files).
         llm_kwargs: any other ``vllm.LLM`` argument (``enforce_eager``, ``data_parallel_size``...).
+
+    ``Completion.logprobs`` are vLLM's ``processed_logprobs`` (an engine it wraps must have that
+    ``logprobs_mode``): those of the distribution each token was sampled from, the logits divided by
+    the temperature as the learner scores them, renormalized over what top-k / top-p keep (the learner
+    does not filter: with those filters the two differ by ``log`` of the mass kept). Greedy
+    (temperature 0): the model's own distribution.
     """
 
     def __init__(self, model: Optional[str] = None, *, llm: Any = None, sleep_level: int = 1,
@@ -221,6 +232,7 @@ class VLLMEngine(LifecycleEngine):
                 skip_tokenizer_init = True  # token ids in, token ids out: a directory without a tokenizer works
             if skip_tokenizer_init is not None:
                 llm_kwargs["skip_tokenizer_init"] = bool(skip_tokenizer_init)
+            _check_logprobs_mode(llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE))
             with launcher_env() if backend == "external_launcher" else contextlib.nullcontext(1) as world, \
                     _trainer_state_kept():
                 per_engine = tensor_parallel_size * int(llm_kwargs.get("pipeline_parallel_size", 1))
@@ -234,6 +246,7 @@ class VLLMEngine(LifecycleEngine):
                                dtype=dtype, seed=seed, **llm_kwargs)
         elif enable_sleep_mode is None:
             enable_sleep_mode = bool(getattr(_model_config(llm), "enable_sleep_mode", True))
+        _check_logprobs_mode(getattr(_model_config(llm), "logprobs_mode", LOGPROBS_MODE))
         self.llm = llm
         if llm_kwargs.get("distributed_executor_backend") == "external_launcher":
             _keep_process_group(llm)
@@ -374,6 +387,13 @@ class VLLMEngine(LifecycleEngine):
                 logprobs = [float(step[tok].logprob) for tok, step in zip(ids, out.logprobs or [])]
                 completions.append(Completion(index, ids, logprobs, "eos" if out.finish_reason == "stop" else "length"))
         return completions
+
+
+def _check_logprobs_mode(mode: str) -> None:
+    if mode != LOGPROBS_MODE:
+        raise ValueError(f"VLLMEngine: the engine's logprobs_mode is {mode!r}: its log-probs would not be those of the "
+                         "distribution it samples from (after temperature, top-k and top-p), which the learner's "
+                         f"importance weights take; accepted: logprobs_mode={LOGPROBS_MODE!r}")
 
 
 def _copy_split_layers(buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]) -> Iterator[tuple[str, torch.Tensor]]:

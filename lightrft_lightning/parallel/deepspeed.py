@@ -4,11 +4,12 @@ weights read back from a checkpoint. ``LightRFTDeepSpeed`` (under a Trainer and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import torch
 import torch.distributed as dist
@@ -107,3 +108,30 @@ def load_zero3_weights(engine: Any, load_dir: str, tag: str) -> str:
                 param.data.copy_(state[name])
     engine.optimizer._restore_from_bit16_weights()  # the fp32 master partitions follow the new weights
     return str(Path(load_dir) / tag)
+
+
+def engine_build_order(children: list[tuple[str, Any]], trained: Any) -> list[tuple[str, Any]]:
+    """The order to build engines for ``children`` (``(name, module)``; ``trained``: the names an optimizer
+    trains): frozen children first, in their order, then the trained ones. A frozen reference made as a
+    view of the actor's tensors (GRPO's) is then partitioned or converted while the actor still holds the
+    full tensors, before the actor's engine allocates its optimizer state: the full weights never coexist
+    with that state twice (once for the actor, once for the reference). The same order on every rank."""
+    return [c for c in children if c[0] not in trained] + [c for c in children if c[0] in trained]
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Build models partitioned from the start under ZeRO-3: ``deepspeed.zero.Init`` partitions each
+    parameter over the ranks as it is created, and transformers' ``from_pretrained``, which reads
+    ``HfDeepSpeedConfig`` while it lives, loads each weight into its partitions (gathered one at a time,
+    filled from the checkpoint, re-partitioned) instead of a whole copy of the model per rank."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    marker = HfDeepSpeedConfig(ds_config)  # transformers holds it through a weak reference
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+    finally:
+        unset_hf_deepspeed_config()
+        del marker

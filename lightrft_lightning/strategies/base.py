@@ -32,8 +32,8 @@ import dataclasses
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
@@ -46,6 +46,7 @@ from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.config import StrategyConfig, precision_name
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.parallel.meta_init import parameters_on_meta
+from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
     LightRFTCompatMixin,
     ResumableDistributedSampler,
@@ -65,27 +66,6 @@ log = logging.getLogger(__name__)
 ReduceOp = str
 TRAIN_STATES = "lightrft_train_states"  # the key of the strategy's step counters in a Lightning checkpoint
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-
-
-@dataclass
-class TrainState:
-    """What the strategy knows about a model it trains: its optimizer, scheduler and step counts."""
-
-    optimizer: Optional[Optimizer] = None
-    scheduler: Any = None
-    micro_steps: int = 0
-    steps: int = 0
-    skipped_steps: int = 0
-    grad_norm: float = 0.0
-
-    def counters(self) -> dict[str, int]:
-        """The step counters a checkpoint keeps."""
-        return {"micro_steps": self.micro_steps, "steps": self.steps, "skipped_steps": self.skipped_steps}
-
-    def load_counters(self, counters: dict[str, int]) -> None:
-        for key in ("micro_steps", "steps", "skipped_steps"):
-            if key in counters:
-                setattr(self, key, counters[key])
 
 
 # LightRFT's constructor arguments, which are StrategyConfig fields here
@@ -129,7 +109,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def __init__(self, config: Union[StrategyConfig, Any, None] = None) -> None:
         self.config = StrategyConfig.from_args(config)
-        self._train_states: dict[int, TrainState] = {}
+        self._train_states: dict[int, Stepper] = {}
         self._frozen_requires_grad: dict[int, dict[str, bool]] = {}
         self.engines: list[Any] = []
         self._init_lightrft_compat()
@@ -178,8 +158,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
     def _default_process_group_backend(self) -> None:
         """Under a Trainer, join with :func:`~lightrft_lightning.process_group.default_backend` unless a backend
         was given (Lightning's own default is NCCL-only on CUDA)."""
-        if self._process_group_backend is None:  # type: ignore[has-type]
-            self._process_group_backend = process_group.default_backend(self.root_device.type)  # type: ignore[attr-defined]
+        lightning_api.set_process_group_backend(self, process_group.default_backend(self.root_device.type))  # type: ignore[attr-defined]
 
     def get_rank(self) -> int:
         """This process's rank (0 without a process group)."""
@@ -242,7 +221,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             inner = self._materialize(self._inner(model))
             self._enable_gradient_checkpointing([inner])
             prepared, optimizer = self._prepare_model(inner, optimizer, train=True)
-            self._train_states[id(prepared)] = TrainState(unwrap_optimizer(optimizer), scheduler)
+            self._train_states[id(prepared)] = Stepper(unwrap_optimizer(optimizer), scheduler, model=prepared)
             return (self._rewrap(model, prepared), optimizer, scheduler)
         if not isinstance(item, nn.Module):
             raise TypeError(f"prepare: cannot prepare a {type(item).__name__}; accepted: an nn.Module, a (model, "
@@ -282,7 +261,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         kwargs.setdefault("betas", self.config.adam_betas)
         kwargs.setdefault("weight_decay", self.config.l2)
         optimizer = self._build_optimizer(model, **kwargs)
-        self._train_states[id(model)] = TrainState(optimizer)
+        self.stepper(model, optimizer)  # its counters stay: fit(ckpt_path) restores them before configure_optimizers
         return optimizer
 
     def unwrap_model(self, model: Any) -> Any:
@@ -321,7 +300,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         away from LightRFT's bf16 default) against a Trainer that trains otherwise is refused; standalone,
         the config's."""
         configured = self.config.precision
-        plugin = getattr(self, "_precision_plugin", None)  # set by the Trainer
+        plugin = lightning_api.given_precision_plugin(self)  # set by the Trainer
         if plugin is None:
             return configured
         flag = str(plugin.precision)
@@ -334,9 +313,15 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         return precision
 
     def setup(self, trainer: Any) -> None:
+        """Check the precision, materialize what ``init_module(empty_init=True)`` left on the meta device,
+        enable gradient checkpointing, then the Lightning strategy's own ``setup`` (:meth:`_lightning_setup`)."""
         self.training_precision()  # refuses a config that disagrees with the Trainer
         self._materialize_lightning_module()
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        self._lightning_setup(trainer)
+
+    def _lightning_setup(self, trainer: Any) -> None:
+        """Backend hook: the Lightning parent's ``setup``."""
         super().setup(trainer)  # type: ignore[misc]
 
     def _materialize_lightning_module(self) -> None:
@@ -373,99 +358,119 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         """Backend hook: shard or wrap ``model``; return it with its (possibly rebuilt) optimizer."""
         return model, optimizer
 
-    def _state(self, model: nn.Module, optimizer: Any = None) -> TrainState:
+    def stepper(self, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
+                name: Optional[str] = None) -> Stepper:
+        """The :class:`~lightrft_lightning.parallel.stepper.Stepper` of ``model`` (its optimizer, scheduler and
+        step counters); ``optimizer``, ``scheduler`` and ``name`` given here replace the ones it had."""
         model = self._inner(model)
         state = self._train_states.get(id(model))
         if state is None:
-            state = self._train_states[id(model)] = TrainState(unwrap_optimizer(optimizer))
-        elif optimizer is not None:
+            state = self._train_states[id(model)] = Stepper(model=model)
+        if optimizer is not None:
             state.optimizer = unwrap_optimizer(optimizer)
+        if scheduler is not None:
+            state.scheduler = scheduler
+        if name is not None:
+            state.name = name
         return state
 
     # ------------------------------------------------------------------ training step
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """``backward(loss, model, optimizer)`` (LightRFT) or ``backward(loss, optimizer)`` (Lightning);
-        :func:`is_lightrft_call` tells them apart."""
-        if is_lightrft_call(args, kwargs):
-            model = args[0] if args else kwargs.pop("model")
-            optimizer = args[1] if len(args) > 1 else kwargs.pop("optimizer", None)
-            return self._lightrft_backward(loss, model, optimizer)
-        return self._lightning_backward(loss, *args, **kwargs)
+        """Lightning's ``backward(loss, optimizer)``; with LightRFT's step semantics (the loss divided by the
+        accumulation steps, gradient sync only where the step needs it) when the call names a
+        :class:`Stepper`: ``backward(loss, model, optimizer)`` (LightRFT), or ``backward(loss, optimizer,
+        stepper=...)`` (``LightningModule.manual_backward(loss, stepper=...)``); see :func:`call_stepper`."""
+        stepper = self.call_stepper(args, kwargs, "optimizer")
+        if stepper is None:
+            return self._lightning_backward(loss, *args, **kwargs)
+        return self._stepped_backward(loss, stepper)
+
+    def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``optimizer_step(optimizer, closure, model)``; with LightRFT's step semantics when the
+        call names a :class:`Stepper`: ``optimizer_step(optimizer, model, scheduler, name=...)`` (LightRFT), or
+        ``optimizer_step(optimizer, closure, stepper=...)`` (``LightningOptimizer.step(stepper=...)``). Then
+        every ``accumulation_steps``-th call is a real step (see :class:`Stepper`), and it returns whether
+        the optimizer stepped."""
+        closure = None if is_lightrft_call(args, kwargs) else (args[0] if args else kwargs.get("closure"))
+        stepper = self.call_stepper(args, kwargs, "scheduler", optimizer)
+        if stepper is None:
+            return self._lightning_optimizer_step(optimizer, *args, **kwargs)
+        if closure is not None:
+            closure()
+        return self._stepped_optimizer_step(stepper)
+
+    def call_stepper(self, args: tuple, kwargs: dict[str, Any], second: str, optimizer: Any = None) -> Optional[Stepper]:
+        """The one place that tells the call shapes apart: the :class:`Stepper` a ``backward`` /
+        ``optimizer_step`` call asks for (``stepper=``, or the model LightRFT passes second, followed by
+        ``second``: the optimizer of ``backward``, the scheduler of ``optimizer_step``), or None for
+        Lightning's own semantics. Consumes the LightRFT arguments from ``kwargs``."""
+        stepper = kwargs.pop("stepper", None)
+        if stepper is not None:
+            if not isinstance(stepper, Stepper):
+                raise TypeError(f"stepper={type(stepper).__name__}; accepted: a Stepper (strategy.stepper(model))")
+            return stepper
+        if not is_lightrft_call(args, kwargs):
+            return None
+        model = args[0] if args else kwargs.pop("model")
+        other = args[1] if len(args) > 1 else kwargs.pop(second, None)
+        name = kwargs.pop("name", None)
+        if second == "optimizer":
+            return self.stepper(model, other)
+        return self.stepper(model, optimizer, other, name)
 
     def _lightning_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Backend hook: the Lightning shape (Lightning's own by default)."""
         return super().backward(loss, *args, **kwargs)  # type: ignore[misc]
 
-    def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
-        state = self._state(model, optimizer)
-        steps = self.accumulation_steps
-        boundary = (state.micro_steps + 1) % steps == 0
-        if steps > 1:
-            loss = loss / steps
-        module = self._hooked_module()
-        scaled = self.precision_plugin.pre_backward(loss, module) if module is not None else loss
-        with self._no_gradient_sync(model, boundary):
-            scaled.backward()
-        if module is not None:
-            self.precision_plugin.post_backward(scaled, module)
-        return loss
-
-    def _hooked_module(self) -> Any:
-        """The LightningModule whose hooks and precision plugin the LightRFT shape goes through: the
-        Trainer's module while one of its hooks runs, else None (standalone use)."""
-        module = getattr(self, "lightning_module", None)
-        return module if lightning_api.in_hook(module) else None
-
-    def optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        """``optimizer_step(optimizer, model, scheduler, name=...)`` (LightRFT) or
-        ``optimizer_step(optimizer, closure, model)`` (Lightning). The LightRFT shape returns
-        whether the optimizer stepped."""
-        if is_lightrft_call(args, kwargs):
-            model = args[0] if args else kwargs.pop("model")
-            scheduler = args[1] if len(args) > 1 else kwargs.pop("scheduler", None)
-            return self._lightrft_optimizer_step(optimizer, model, scheduler, kwargs.get("name", "model"))
-        return self._lightning_optimizer_step(optimizer, *args, **kwargs)
-
     def _lightning_optimizer_step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Backend hook: the Lightning shape (Lightning's own by default)."""
         return super().optimizer_step(optimizer, *args, **kwargs)  # type: ignore[misc]
 
-    def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
-        state = self._state(model, optimizer)
-        if scheduler is not None:
-            state.scheduler = scheduler
-        state.micro_steps += 1
-        if state.micro_steps % self.accumulation_steps:
-            return False
-        opt = state.optimizer
-        module = self._hooked_module()
+    def _stepped_backward(self, loss: torch.Tensor, stepper: Stepper) -> torch.Tensor:
+        """Backward of ``loss`` / accumulation steps; under a Trainer through Lightning's backward (the
+        precision plugin, ``on_before_backward`` / ``on_after_backward``)."""
+        steps = self.accumulation_steps
+        loss = Stepper.scale(loss, steps)
+        with self._no_gradient_sync(stepper.model, stepper.is_boundary(steps)):
+            if self._hooked_module() is not None:
+                self._lightning_backward(loss, stepper.optimizer)
+            else:
+                loss.backward()
+        return loss
+
+    def _hooked_module(self) -> Any:
+        """The LightningModule whose hooks and precision plugin the stepped calls go through: the
+        Trainer's module while one of its hooks runs, else None (standalone use)."""
+        module = getattr(self, "lightning_module", None)
+        return module if lightning_api.in_hook(module) else None
+
+    def _stepped_optimizer_step(self, stepper: Stepper) -> bool:
+        """:meth:`Stepper.step` with this backend's clipping; under a Trainer the ``on_before_optimizer_step``
+        hooks run first and a loss scaler (fp16) unscales, steps and updates as ``GradScaler`` does."""
+        opt, module = stepper.optimizer, self._hooked_module()
         scaler = getattr(self.precision_plugin, "scaler", None) if module is not None else None
-        if scaler is not None:
-            scaler.unscale_(opt)  # clip and check the true gradients
-        if module is not None:
-            lightning_api.before_optimizer_step(self.precision_plugin, module, opt)
-        norm = self._clip_grad_norm(model, opt, self.config.max_norm)
-        state.grad_norm = float(norm)
-        if not torch.isfinite(norm):
-            opt.zero_grad(set_to_none=True)
+        boundary = stepper.is_boundary(self.accumulation_steps)
+
+        def clip(max_norm: float) -> torch.Tensor:
             if scaler is not None:
-                scaler.update()  # lower the loss scale, as GradScaler does on an overflow
-            state.skipped_steps += 1
-            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
-                        state.skipped_steps)
-            self._log_step(name, state, skipped=True)
-            return False
-        if scaler is not None:
+                scaler.unscale_(opt)  # clip and check the true gradients
+            if module is not None:
+                lightning_api.before_optimizer_step(self.precision_plugin, module, opt)
+            return self._clip_grad_norm(stepper.model, opt, max_norm)
+
+        def optimizer_step() -> None:
+            if scaler is None:
+                opt.step()
+                return
             scaler.step(opt)
             scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if state.scheduler is not None:
-            state.scheduler.step()
-        state.steps += 1
-        self._log_step(name, state, skipped=False)
-        return True
+
+        skipped = stepper.skipped_steps
+        stepped = stepper.step(self.accumulation_steps, self.config.max_norm, clip, optimizer_step,
+                               on_skip=scaler.update if scaler is not None else None)  # lower the loss scale
+        if boundary:
+            self._log_step(stepper, skipped=stepper.skipped_steps > skipped)
+        return stepped
 
     def _no_gradient_sync(self, model: nn.Module, boundary: bool) -> AbstractContextManager:
         """Backend hook: skip the gradient all-reduce/reduce-scatter on non-boundary micro-steps."""
@@ -478,15 +483,15 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             return torch.tensor(0.0)
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
-    def _log_step(self, name: str, state: TrainState, skipped: bool) -> None:
-        """``self.log`` the gradient norm and skipped-step count of ``name`` on the steps where Lightning
+    def _log_step(self, state: Stepper, skipped: bool) -> None:
+        """``self.log`` the gradient norm and skipped-step count of ``state.name`` on the steps where Lightning
         writes logs (every ``log_every_n_steps``) and on a skipped step. Loggers never see the other
         steps' values, and each ``self.log`` call costs about a millisecond."""
         module = self._hooked_module()
         if module is None or not (skipped or lightning_api.should_update_logs(module.trainer)):
             return
-        module.log(f"{name}/grad_norm", state.grad_norm if state.grad_norm == state.grad_norm else -1.0)
-        module.log(f"{name}/skipped_steps", float(state.skipped_steps))
+        module.log(f"{state.name}/grad_norm", state.grad_norm if state.grad_norm == state.grad_norm else -1.0)
+        module.log(f"{state.name}/skipped_steps", float(state.skipped_steps))
 
     @property
     def optimizer_steps(self) -> int:
@@ -510,26 +515,34 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         save_latest: bool = True,
         **kwargs: Any,
     ) -> str:
-        """Save ``model`` with its optimizer and scheduler and ``client_state`` as a DCP directory
-        ``save_dir/tag`` (atomically: written aside, then renamed), keep at most ``max_num``
-        checkpoints and ``max_mem`` GB, and point ``save_dir/latest`` at it. Returns the path.
-        LightRFT's FSDP keywords ``optimizer=`` / ``scheduler=`` must name the model's own (or give it one)."""
+        """Save ``model`` with its optimizer and scheduler and ``client_state`` as the checkpoint
+        ``save_dir/tag`` (atomically: written aside, then renamed; the backend writes the files,
+        :meth:`_write_ckpt`), keep at most ``max_num`` checkpoints and ``max_mem`` GB, and point
+        ``save_dir/latest`` at it. Returns the path. LightRFT's FSDP keywords ``optimizer=`` /
+        ``scheduler=`` must name the model's own (or give it one)."""
         self._bind_ckpt_objects(model, kwargs)
-        state = self._state(model)
+        state = self.stepper(model)
         tag = tag or f"global_step{state.steps}"
-        return checkpoint.save(
-            save_dir,
-            tag,
-            self._model_state(model, state.optimizer),
-            extra={"scheduler": state.scheduler.state_dict() if state.scheduler else None,
-                   "train_state": state.counters(),
-                   "client_state": client_state or {}},
-            max_num=max_num,
-            max_mem=max_mem,
-            save_latest=save_latest,
-            is_rank_0=self.is_rank_0(),
-            barrier=self._barrier,
-        ).path
+        extra = {"client_state": client_state or {}, "train_state": state.counters()}
+        options = checkpoint.Publish(latest=save_latest, max_num=max_num, max_mem=max_mem,
+                                     is_checkpoint=self._is_ckpt_dir)
+        return checkpoint.write_checkpoint(Path(save_dir) / tag, lambda tmp: self._write_ckpt(model, tmp, extra, kwargs),
+                                           options, is_rank_0=self.is_rank_0(), barrier=self._barrier).path
+
+    def _write_ckpt(self, model: nn.Module, tmp: Path, extra: dict[str, Any], options: dict[str, Any]) -> None:
+        """Backend hook: write ``model``'s checkpoint with ``extra`` into ``tmp`` (DCP here); ``options`` are
+        the remaining keywords of ``save_ckpt``."""
+        if options:
+            raise ValueError(f"save_ckpt: {sorted(options)} are not supported by {type(self).__name__}; accepted: "
+                             "optimizer=, scheduler=")
+        state = self.stepper(model)
+        extra = {**extra, "scheduler": state.scheduler.state_dict() if state.scheduler else None}
+        checkpoint.write_dcp(tmp, self._model_state(model, state.optimizer), extra, is_rank_0=self.is_rank_0())
+
+    @staticmethod
+    def _is_ckpt_dir(path: Path) -> bool:
+        """Backend hook: whether a directory of ``save_dir`` is one of :meth:`save_ckpt`'s (rotation counts those)."""
+        return (path / checkpoint.METADATA).is_file()
 
     def load_ckpt(
         self,
@@ -548,7 +561,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         keywords work too (they must name the model's own, or give it one)."""
         tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
         self._bind_ckpt_objects(model, kwargs)
-        state = self._state(model)
+        state = self.stepper(model)
         optimizer = None if (load_module_only or not load_optimizer_states) else state.optimizer
         path = checkpoint.resolve(load_dir, tag)
         template = self._model_state(model, optimizer)
@@ -562,7 +575,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def _bind_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
         """``optimizer=`` / ``scheduler=`` of a checkpoint call: the model's own, or its first one."""
-        state = self._state(model)
+        state = self.stepper(model)
         optimizer, scheduler = kwargs.pop("optimizer", None), kwargs.pop("scheduler", None)
         if optimizer is not None:
             optimizer = unwrap_optimizer(optimizer)
@@ -620,7 +633,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
                 sub = module.get_submodule(name)
             except AttributeError:
                 continue
-            state = self._state(sub)
+            state = self.stepper(sub)
             state.load_counters(values)
             if values.get("scheduler") is not None and state.scheduler is not None:
                 state.scheduler.load_state_dict(values["scheduler"])

@@ -6,13 +6,14 @@ This one builds a training engine for each child module that an optimizer trains
 ``self.critic``) and an inference engine for each frozen child (``self.ref``: ZeRO-3 partitioned, or
 stage 0 since ZeRO-1/2 engines need an optimizer). The children stay the user's modules (same type,
 same parameter names, same ``state_dict`` keys); the strategy holds the engines and routes each
-child's ``forward`` through its engine. ``manual_backward(loss)`` goes to the engine whose parameters
-the loss depends on, ``optimizer.step()`` to the engine of that optimizer.
+child's ``forward`` through its engine. A call with a stepper goes to the engine of the stepper's model,
+``optimizer.step()`` to the engine of that optimizer (a map built at setup), and a plain
+``manual_backward(loss)`` to the only training engine, or to the one whose forward ran since its last backward.
 
 Accumulation scaling, gradient clipping, non-finite step skipping and (standalone) the scheduler
 step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them. The clipping norm
-follows the call shape: ``StrategyConfig.max_norm`` for the LightRFT shape, and for the Lightning
-shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
+follows the call shape: ``StrategyConfig.max_norm`` with a stepper (LightRFT's semantics), and for
+Lightning's shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed, seed_everything
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
-from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -42,6 +42,7 @@ from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
+from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config, lightrft_load_args
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,18 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             self.config = dataclasses.replace(self.config, zero_stage=stage)  # validated again
         self.user_ds_config = parallel_deepspeed.load_user_config(ds_config)
         self._handles: list[tuple[str, DeepSpeedModel]] = []
+        self._forwarded: set[DeepSpeedModel] = set()  # training engines whose forward ran since their backward
 
     @property
     def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else Precision()
+        return DeepSpeedStrategy.precision_plugin.fget(self)
 
     @precision_plugin.setter
     def precision_plugin(self, plugin: Optional[Precision]) -> None:
         # the Trainer hands every DeepSpeedStrategy a DeepSpeedPrecision; ours also records clipping requests
         if type(plugin) is DeepSpeedPrecision:
             plugin = EngineClippingPrecision(plugin.precision)
-        self._precision_plugin = plugin
+        DeepSpeedStrategy.precision_plugin.fset(self, plugin)
 
     # ------------------------------------------------------------------ DeepSpeed config
     @property
@@ -230,7 +232,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if self.cluster_environment is not None:  # called by Lightning's setup_environment
             reset_seed()
             self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            lightning_api.join_deepspeed_process_group(self)
             self._create_engine_groups()
             return
         seed_everything(self.config.seed, verbose=False)
@@ -263,7 +265,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if not on_cuda and get_accelerator().device_name() != "cpu":
             raise RuntimeError("LightRFTDeepSpeed on CPU needs DeepSpeed's CPU accelerator: set DS_ACCELERATOR=cpu")
         self._default_process_group_backend()
-        DDPStrategy.setup_environment(self)
+        super(DeepSpeedStrategy, self).setup_environment()  # past the parent's CUDA-only check
 
     # ------------------------------------------------------------------ engines
     def _build_engine(self, module: nn.Module, optimizer: Optional[Optimizer]) -> Any:
@@ -324,6 +326,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         model._set_optimizer(optimizer)
         model.train()
         self._train_states[id(model)] = self._train_states.pop(id(model.module))
+        self._train_states[id(model)].model = model
         return optimizer
 
     def _engine(self, model: nn.Module) -> Any:
@@ -342,56 +345,37 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """The ``DeepSpeedEngine`` that runs ``model`` (a prepared model, or a child of the LightningModule)."""
         return self._engine(model)
 
-    # ------------------------------------------------------------------ LightRFT training step
-    def _lightrft_backward(self, loss: torch.Tensor, model: nn.Module, optimizer: Any) -> torch.Tensor:
-        self._state(model, optimizer)
-        module = self._hooked_module()
-        if module is not None:
-            loss = self.precision_plugin.pre_backward(loss, module)
-        self._engine(model).backward(loss)
-        if module is not None:
-            self.precision_plugin.post_backward(loss, module)
+    # ------------------------------------------------------------------ training step
+    def _stepped_backward(self, loss: torch.Tensor, stepper: Stepper) -> torch.Tensor:
+        # the engine divides by its gradient_accumulation_steps (the strategy's accumulation steps)
+        if self._hooked_module() is not None:
+            return self._lightning_backward(loss, stepper.optimizer)
+        self._engine(stepper.model).backward(loss)
         return loss
 
-    def _lightrft_optimizer_step(self, optimizer: Any, model: nn.Module, scheduler: Any, name: str) -> bool:
-        engine = self._engine(model)
-        if scheduler is not None:
-            engine.lr_scheduler = scheduler
+    def _stepped_optimizer_step(self, stepper: Stepper) -> bool:
+        engine = self._engine(stepper.model)
         module = self._hooked_module()
         if module is not None and engine.is_gradient_accumulation_boundary():
-            lightning_api.before_optimizer_step(self.precision_plugin, module, unwrap_optimizer(optimizer))
-        return self._engine_step(model, optimizer, scheduler, name, self._lightrft_max_norm())
-
-    def _lightrft_max_norm(self) -> float:
+            lightning_api.before_optimizer_step(self.precision_plugin, module, stepper.optimizer)
         # what ds_config() gives the engine, without building the whole config on every step
-        return float(self.user_ds_config.get("gradient_clipping", self.config.max_norm))
+        return self._engine_step(stepper, float(self.user_ds_config.get("gradient_clipping", self.config.max_norm)))
 
-    def _engine_step(self, model: nn.Module, optimizer: Any, scheduler: Any, name: str, max_norm: float) -> bool:
+    def _engine_step(self, stepper: Stepper, max_norm: float) -> bool:
         """``engine.step()``: a real step on accumulation boundaries (clip the global gradient norm to
-        ``max_norm`` (0: no clipping), step, zero grads and, when the engine holds one, step the
-        scheduler), skipped when the gradient norm is not finite."""
-        engine = self._engine(model)
-        state = self._state(model, optimizer)
-        if scheduler is not None:
-            state.scheduler = scheduler
+        ``max_norm`` (0: no clipping), step, zero grads and step the stepper's scheduler), skipped when
+        the gradient norm is not finite; the engine decides, the stepper counts."""
+        engine = self._engine_of_stepper(stepper.model)
         boundary = engine.is_gradient_accumulation_boundary()
         skipped = engine.skipped_steps
         parallel_deepspeed.set_gradient_clipping(engine, max_norm)
         engine.step()
-        state.micro_steps += 1
+        stepper.micro_steps += 1
         if not boundary:
             return False
-        norm = engine.get_global_grad_norm()
-        state.grad_norm = float(norm) if norm is not None else float("nan")
-        if engine.skipped_steps > skipped:
-            state.skipped_steps += 1
-            log.warning("%s: gradient norm is %s, step skipped (%d skipped so far)", name, state.grad_norm,
-                        state.skipped_steps)
-            self._log_step(name, state, skipped=True)
-            return False
-        state.steps += 1
-        self._log_step(name, state, skipped=False)
-        return True
+        stepped = stepper.record(engine.get_global_grad_norm(), skipped=engine.skipped_steps > skipped)
+        self._log_step(stepper, skipped=not stepped)
+        return stepped
 
     # ------------------------------------------------------------------ Lightning training step
     def _lightning_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -402,6 +386,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         self.pre_backward(loss)
         loss = self.precision_plugin.pre_backward(loss, module)
         handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
+        self._forwarded.discard(handle)
         if module.automatic_optimization:
             # Lightning's closure already divided the loss by accumulate_grad_batches: not again
             kwargs.setdefault("scale_wrt_gas", False)
@@ -420,8 +405,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         name = next(n for n, h in self._handles if h is handle)
         plugin = self.precision_plugin
         requested = plugin.take_requested_max_norm() if isinstance(plugin, EngineClippingPrecision) else 0.0
-        return self._engine_step(handle.module, unwrap_optimizer(optimizer), None, name,
-                                 requested or self._lightning_max_norm())
+        return self._engine_step(self.stepper(handle.module, name=name), requested or self._lightning_max_norm())
 
     def _lightning_max_norm(self) -> float:
         # the Lightning shape clips only when asked to, or when the user's ds_config says so
@@ -435,60 +419,68 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
 
     def _handle_for_loss(self, loss: torch.Tensor) -> DeepSpeedModel:
-        training = self._training_handles()
+        """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, or the
+        one whose forward ran with gradients since its last backward (as DeepSpeed's own forward records)."""
+        training = [h for _, h in self._training_handles()]
         if len(training) == 1:
-            return training[0][1]
-        owner = {id(p): (name, h) for name, h in self._handles if h.is_training_engine for p in h.parameters()}
-        found = {name: h for name, h in _graph_parameters(loss, owner)}
-        if len(found) != 1:
-            names = ", ".join(sorted(found)) or "none of " + ", ".join(n for n, _ in self._handles)
+            return training[0]
+        pending = [h for h in training if h in self._forwarded]
+        if len(pending) != 1:
+            names = ", ".join(n for n, h in self._training_handles() if h in pending) or "none"
             raise RuntimeError(
-                f"manual_backward: the loss depends on the parameters of {names}; each backward must reach exactly "
-                "one DeepSpeed training engine (call manual_backward once per model's loss)"
-            )
-        return next(iter(found.values()))
+                f"manual_backward: {len(training)} DeepSpeed training engines, and the forwards since the last backward "
+                f"ran through {names}; accepted: one model's forward before each manual_backward(loss), or "
+                "manual_backward(loss, stepper=trainer.strategy.stepper(model))")
+        return pending[0]
 
     # ------------------------------------------------------------------ Lightning setup
-    def setup(self, trainer: Any) -> None:
+    def _init_config_if_needed(self) -> None:
+        """Nothing to format: each engine's DeepSpeed config is built from ``StrategyConfig`` (:meth:`ds_config`)."""
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        # Lightning's DeepSpeedStrategy leaves them to its one engine; here configure_optimizers gives
+        # the optimizer (and schedulers) of each child, as under every other strategy
+        super(DeepSpeedStrategy, self).setup_optimizers(trainer)
+
+    def init_deepspeed(self) -> None:
         """Build a training engine for each child of the ``LightningModule`` that an optimizer trains and
-        an inference engine for each frozen child. The children stay where they are; each one's
-        ``forward`` runs through its engine (as Lightning's own DeepSpeed strategy redirects the
-        module's ``forward``) until the next ``setup``. ``trainer.strategy.optimizers`` are the engines'
-        optimizers; :meth:`engine_of` gives a child's engine."""
-        assert self.accelerator is not None and self.lightning_module is not None
-        self.accelerator.setup(trainer)
-        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then engines
-        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        an inference engine for each frozen child (``DeepSpeedStrategy.setup`` calls it last). The
+        children stay where they are; each one's ``forward`` runs through its engine (as Lightning's own
+        DeepSpeed strategy redirects the module's ``forward``) until the next ``setup``.
+        ``trainer.strategy.optimizers`` become the engines' optimizers; :meth:`engine_of` gives a child's engine."""
         module = self.lightning_module
-        self.model = self.precision_plugin.convert_module(self.model)
-        optimizers, schedulers = [], []
-        if trainer.state.fn == TrainerFn.FITTING:
-            optimizers, schedulers = lightning_api.init_optimizers_and_lr_schedulers(module)
-        owners = _optimizer_children(module, optimizers)
+        owners = _optimizer_children(module, self.optimizers)
         self._release_engines()
-        for name, child in list(module.named_children()):
+        for name, child in parallel_deepspeed.engine_build_order(list(module.named_children()), owners):
             params = list(child.parameters())
             if name in owners:
-                handle = DeepSpeedModel(child, self, owners[name])
+                handle = DeepSpeedModel(child, self, unwrap_optimizer(owners[name]))
             elif params and not any(p.requires_grad for p in params):
                 handle = DeepSpeedModel(child, self)
             else:
                 continue
-            _route_forward(child, handle.engine)  # built now, so every rank builds the engines in the same order
+            _route_forward(child, handle, self._forwarded)  # built now: every rank builds them in the same order
             self._handles.append((name, handle))
             if handle.is_training_engine:
-                self._state(child, handle.engine.optimizer)
+                self.stepper(child, handle.engine.optimizer, name=name)
         by_client = {id(h._optimizer): h.engine.optimizer for _, h in self._handles if h.is_training_engine}
-        self.optimizers = [by_client[id(opt)] for opt in optimizers]
-        self.lr_scheduler_configs = schedulers  # stepped by Lightning (manual optimization: by the module)
-        self.setup_precision_plugin()
-        self.barrier()
+        self.optimizers = [by_client[id(unwrap_optimizer(opt))] for opt in self.optimizers]
 
     def _release_engines(self) -> None:
         """Give the children their own ``forward`` back and drop the engines."""
         for _, handle in self._handles:
             handle.module.__dict__.pop("forward", None)
         self._handles = []
+        self._forwarded.clear()
+
+    def init_model_context(self, meta_init: bool = False) -> AbstractContextManager:
+        """LightRFT's model-building context; under ZeRO-3 (once ``setup_distributed`` ran) models are built
+        partitioned, a Hugging Face ``from_pretrained`` loading its weights into the partitions: no whole
+        model per rank (:func:`~lightrft_lightning.parallel.deepspeed.zero3_init`). ``meta_init=True``: as
+        on every strategy."""
+        if self.zero_stage_3 and not meta_init and dist.is_initialized():
+            return parallel_deepspeed.zero3_init(self.ds_config(train=True))
+        return super().init_model_context(meta_init)
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
@@ -517,34 +509,18 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         return {}  # DeepSpeed saves the optimizer states itself, partitioned
 
     # ------------------------------------------------------------------ checkpoints
-    def save_ckpt(
-        self,
-        model: nn.Module,
-        save_dir: str,
-        tag: Optional[str] = None,
-        max_num: int = 3,
-        max_mem: float = 1000,
-        client_state: Optional[dict] = None,
-        save_latest: bool = True,
-        **kwargs: Any,
-    ) -> str:
-        """Save ``model``'s engine (weights, optimizer and scheduler, partitioned as trained) with
-        ``client_state`` as a DeepSpeed checkpoint ``save_dir/tag`` (``latest`` names it), keeping
-        at most ``max_num`` checkpoints and ``max_mem`` GB. Returns the path."""
-        self._bind_engine_ckpt_objects(model, kwargs)
-        state = self._state(model)
-        tag = tag or f"global_step{state.steps}"
-        extra = {"client_state": client_state or {}, "train_state": state.counters()}
-        engine = self._engine(model)
-        exclude_frozen = kwargs.get("exclude_frozen_parameters", False)
+    def _write_ckpt(self, model: nn.Module, tmp: Path, extra: dict[str, Any], options: dict[str, Any]) -> None:
+        # the engine's own checkpoint: weights, optimizer and scheduler, partitioned as trained
+        exclude_frozen = options.pop("exclude_frozen_parameters", False)
+        if options:
+            raise ValueError(f"save_ckpt: {sorted(options)} are not supported by {type(self).__name__}; accepted: "
+                             "optimizer=, scheduler=, exclude_frozen_parameters=")
+        self._engine_of_stepper(model).save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra,
+                                                       save_latest=False, exclude_frozen_parameters=exclude_frozen)
 
-        def fill(tmp: Path) -> None:
-            engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra, save_latest=False,
-                                   exclude_frozen_parameters=exclude_frozen)
-
-        options = checkpoint.Publish(latest=save_latest, max_num=max_num, max_mem=max_mem, is_checkpoint=_is_ds_tag)
-        return checkpoint.write_checkpoint(Path(save_dir) / tag, fill, options, is_rank_0=self.is_rank_0(),
-                                           barrier=self._barrier).path
+    @staticmethod
+    def _is_ckpt_dir(path: Path) -> bool:
+        return any(path.glob("*model_states.pt"))
 
     def load_ckpt(
         self,
@@ -560,10 +536,10 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """Load a checkpoint written by :meth:`save_ckpt` (``tag`` defaults to ``latest``) into the
         engine. Returns ``(path, client_state)``."""
         tag, load_module_strict = lightrft_load_args(tag, load_module_strict, kwargs)
-        self._bind_engine_ckpt_objects(model, kwargs)
+        self._bind_ckpt_objects(model, kwargs)
         if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
             raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
-        engine = self._engine(model)
+        engine = self._engine_of_stepper(model)
         if load_module_only and engine.zero_optimization_partition_weights():
             tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
             return parallel_deepspeed.load_zero3_weights(engine, load_dir, tag), {}
@@ -575,16 +551,16 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
         extra = extra or {}
         if not load_module_only:
-            state = self._state(model)
+            state = self.stepper(model)
             state.load_counters(extra.get("train_state", {}))
         return path, extra.get("client_state", {})
 
-    def _bind_engine_ckpt_objects(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
-        """``optimizer=`` / ``scheduler=`` (LightRFT's FSDP keywords): the engine's own, or its scheduler."""
-        scheduler = kwargs.get("scheduler")
-        self._bind_ckpt_objects(model, kwargs)
+    def _engine_of_stepper(self, model: nn.Module) -> Any:
+        """``model``'s engine, holding the scheduler its stepper steps (the engine saves and loads it)."""
+        engine, scheduler = self._engine(model), self.stepper(model).scheduler
         if scheduler is not None:
-            self._engine(model).lr_scheduler = scheduler
+            engine.lr_scheduler = scheduler
+        return engine
 
     def save_checkpoint(self, checkpoint_dict: dict, filepath: Any,
                         storage_options: Optional[checkpoint.Publish] = None) -> checkpoint.SaveHandle:
@@ -761,21 +737,6 @@ def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
     return owner._non_persistent_buffers_set
 
 
-def _graph_parameters(loss: torch.Tensor, owner: dict[int, tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """The owners of the parameters ``loss`` was computed from (a walk of its autograd graph)."""
-    seen, stack, found = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in owner and id(variable) not in found:
-            found.add(id(variable))
-            yield owner[id(variable)]
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-
-
 def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Optimizer]:
     """Map each optimizer to the child module whose trainable parameters it holds."""
     owners: dict[str, Optimizer] = {}
@@ -793,10 +754,11 @@ def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[
     return owners
 
 
-def _route_forward(module: nn.Module, engine: Any) -> None:
-    """Make ``module(...)`` run through ``engine`` (DeepSpeed's forward registers the hooks its backward
-    needs), while ``engine`` itself still calls the module's own ``forward``."""
-    own_forward = module.forward
+def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: set[DeepSpeedModel]) -> None:
+    """Make ``module(...)`` run through ``handle``'s engine (DeepSpeed's forward registers the hooks its
+    backward needs), while the engine itself still calls the module's own ``forward``; a training engine's
+    forward with gradients is added to ``forwarded``."""
+    own_forward, engine = module.forward, handle.engine
     inside = False
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -805,17 +767,10 @@ def _route_forward(module: nn.Module, engine: Any) -> None:
             return own_forward(*args, **kwargs)
         inside = True
         try:
+            if handle.is_training_engine and torch.is_grad_enabled():
+                forwarded.add(handle)
             return engine(*args, **kwargs)
         finally:
             inside = False
 
     module.forward = forward
-
-
-
-
-def _is_ds_tag(path: Path) -> bool:
-    return any(path.glob("*model_states.pt"))
-
-
-

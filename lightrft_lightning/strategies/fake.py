@@ -7,6 +7,7 @@ from typing import Any, Optional
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from lightrft_lightning import lightning_api
 from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
 
 
@@ -61,7 +62,7 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
     def training_precision(self) -> str:
         """As on every strategy under a Trainer; standalone "fp32": the fake applies no mixed precision of
         its own (``StrategyConfig.bf16`` is for the FSDP2 and DeepSpeed backends)."""
-        if self._precision_plugin is None:
+        if lightning_api.given_precision_plugin(self) is None:
             return "fp32"
         return super().training_precision()
 

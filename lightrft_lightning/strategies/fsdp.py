@@ -12,7 +12,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -106,18 +105,18 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
         super().setup_distributed(timeout)
-        self._device_mesh = self._build_mesh()
+        lightning_api.set_strategy_device_mesh(self, self._build_mesh())
         if self._engine_mp_group is None:
             self._create_engine_groups()
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
         self._default_process_group_backend()
-        self._setup_distributed()
-        self._device_mesh = self._build_mesh()
+        lightning_api.join_process_group(self)
+        lightning_api.set_strategy_device_mesh(self, self._build_mesh())
         self._create_engine_groups()
         assert self.lightning_module is not None
-        lightning_api.share_device_mesh(self.lightning_module, self._device_mesh)
+        lightning_api.share_device_mesh(self.lightning_module, self.device_mesh)
 
     def _check_shard_size(self, world_size: int, size: Optional[int] = None, name: str = "StrategyConfig.shard_size") -> None:
         fsdp2.check_shard_size(world_size, self.config.shard_size if size is None else size, name)
@@ -192,8 +191,9 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
     def mp_policy(self) -> MixedPrecisionPolicy:
         """The ``MixedPrecisionPolicy`` every model is sharded with."""
         trained = self.training_precision()
-        if self._precision_plugin is not None:  # the Trainer's, with its exact flag (bf16-true...)
-            precision = str(self._precision_plugin.precision)
+        plugin = lightning_api.given_precision_plugin(self)
+        if plugin is not None:  # the Trainer's, with its exact flag (bf16-true...)
+            precision = str(plugin.precision)
         else:
             precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[trained]
         return fsdp2.mixed_precision_policy(precision, type(self).__name__)
@@ -204,7 +204,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         unchanged. ``shard_size`` (default ``config.shard_size``) shards within groups of that many ranks
         (HSDP); ``reshard_after_forward`` is FSDP2's (False keeps the gathered weights between forward and
         backward)."""
-        if self._device_mesh is None:
+        if lightning_api.strategy_device_mesh(self) is None:
             raise RuntimeError(f"{type(self).__name__}: call setup_distributed() before prepare() (a Trainer does it)")
         mesh = self.device_mesh
         if shard_size is not None:
@@ -255,22 +255,27 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ------------------------------------------------------------------ Lightning integration
-    def setup(self, trainer: Any) -> None:
-        assert self.model is not None and self.accelerator is not None
-        self.accelerator.setup(trainer)
-        self._materialize_lightning_module()  # trainer.init_module(empty_init=True): meta -> weights, then shard
-        self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
-        self.model = self.precision_plugin.convert_module(self.model)
-        if not any(isinstance(m, FSDPModule) for m in self.model.modules()):  # else configure_model sharded it
-            self._shard_lightning_module(self.model)
-        if not self.config.fsdp_cpu_offload:
-            self.model_to_device()  # what sharding left: frozen children without parameters, buffers
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            lightning_api.optimizers_to_device(self.optimizers, self.root_device)
+    def _lightning_setup(self, trainer: Any) -> None:
+        # ModelParallelStrategy.setup requires configure_model to shard the module; this strategy shards
+        # what configure_model left (_setup_model), so it runs the setup every Lightning strategy shares
+        super(ModelParallelStrategy, self).setup(trainer)
+
+    def model_to_device(self) -> None:
+        # unsharded, the whole module would land on every device: _setup_model shards it first
+        if self._sharded(self.model) and not self.config.fsdp_cpu_offload:
+            super().model_to_device()
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Shard each child of the ``LightningModule`` that has parameters (unless ``configure_model`` did),
+        then move what sharding left (frozen children without parameters, buffers) to the device."""
+        if not self._sharded(model):
+            self._shard_lightning_module(model)
+            self.model_to_device()
+        return model
+
+    @staticmethod
+    def _sharded(model: Optional[nn.Module]) -> bool:
+        return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
     def _shard_lightning_module(self, module: nn.Module) -> None:
         for child in module.children():

@@ -122,7 +122,9 @@ class LightRFTEngineMixin:
     def engines_wake_up(self, engines: Optional[Iterable[Any]] = None, tags: Optional[Sequence[str]] = None) -> None:
         """Wake rollout engines (default: the registered ones) before generation; ``tags``: a subset of
         ["weights", "kv_cache"] (None: both)."""
-        wake_engines(_engines(engines, self.engines), tags)
+        config = self._engine_config
+        mem_util = config.mem_util if config is not None and config.engine_type not in ("hf", "vllm_server") else None
+        wake_engines(_engines(engines, self.engines), tags, mem_util=mem_util)
 
     def maybe_sleep_inference_engine(self) -> None:
         """Put the rollout engine to sleep (at :meth:`engines_sleep`'s level) if ``enable_engine_sleep``;

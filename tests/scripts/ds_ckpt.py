@@ -75,7 +75,7 @@ def check(stage: int, root: Path) -> dict:
     strategy2, model2, optimizer2, scheduler2 = build(stage)
     loaded, client = strategy2.load_ckpt(model2, str(ckpt))
     assert client == {"consumed_samples": 8}, client
-    assert strategy2._state(model2).steps == 2 and scheduler2.get_last_lr()[0] == 1e-2 * 0.25
+    assert strategy2.stepper(model2).steps == 2 and scheduler2.get_last_lr()[0] == 1e-2 * 0.25
     resumed = train(strategy2, model2, optimizer2, scheduler2, range(4, 12))
     resume_diff = max(abs(a - b) for a, b in zip(reference, resumed))
     assert resume_diff < 1e-6, (reference, resumed)

@@ -68,7 +68,7 @@ def run(name: str, stage: int, order: str, out: str, adam_offload: bool = False)
         strategy.backward(loss * float("inf") if step == INF_AT else loss, model, optimizer)
         stepped.append(bool(strategy.optimizer_step(optimizer, model, scheduler)))
         if stepped[-1]:
-            norms.append(strategy._state(model).grad_norm)  # before clipping
+            norms.append(strategy.stepper(model).grad_norm)  # before clipping
     state = (strategy.full_state_dict(model) if hasattr(strategy, "full_state_dict")
              else {k: v.detach().cpu() for k, v in model.state_dict().items()})  # LightRFTFake: one process
     if rank == 0:

@@ -59,7 +59,7 @@ def train(strategy, rows, micro_batches, reduce):
             strategy.optimizer_step(opt, model, None)
             step_loss += loss.item() / micro_batches
         losses.append(reduce(step_loss))
-        norms.append(strategy._state(model).grad_norm)
+        norms.append(strategy.stepper(model).grad_norm)
     return model, losses, norms
 
 
@@ -138,7 +138,7 @@ def seed_snippets(root: Path) -> None:
 
     result = {
         "stepped": stepped,
-        "skipped_steps": strategy._state(actor).skipped_steps,
+        "skipped_steps": strategy.stepper(actor).skipped_steps,
         "actor_changed": max((after_good[k] - v).abs().max().item() for k, v in before.items()),
         "full_state_dict_matches": (not full) or all(torch.equal(full[k], after_good[k].cpu()) for k in full),
         "all_reduce_mean": strategy.all_reduce({"x": float(strategy.dp_rank)})["x"],
@@ -209,7 +209,7 @@ def load(root: Path) -> None:
     step(strategy, model, opt, sched, 3)  # the restored optimizer and scheduler continue the saved run
     after = full_params(strategy, model)
     result = {"world": strategy.dp_world_size, "client_state": client, "tag": Path(path).name,
-              "steps": strategy._state(model).steps, "sched_last_epoch": sched.last_epoch}
+              "steps": strategy.stepper(model).steps, "sched_last_epoch": sched.last_epoch}
     if strategy.is_rank_0():
         ref = torch.load(root / "ref.pt", weights_only=True)
         result["optim_entries"] = [len(optim), len(ref["optim"])]

@@ -81,7 +81,7 @@ def fit(root: Path, ckpt_path=None, module=None, max_steps=4):
     assert not any(p.requires_grad for p in module.ref.parameters())
     params = {f"{name}.{k}": v.clone() for name in ("actor", "critic")
               for k, v in strategy.iter_full_params(getattr(module, name))}
-    states = {name: strategy._state(getattr(module, name)) for name in ("actor", "critic")}
+    states = {name: strategy.stepper(getattr(module, name)) for name in ("actor", "critic")}
     return trainer, params, {
         "global_step": trainer.global_step,
         "optimizer_steps": {k: s.steps for k, s in states.items()},

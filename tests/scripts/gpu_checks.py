@@ -6,8 +6,9 @@ subprocess with a timeout and prints one summary line per check, then the counts
 
 A check's body prints ``RESULT {json}`` (its figures, peak GPU memory included) and exits non-zero
 when an assertion fails. The bodies also run on CPU (gloo, DS_ACCELERATOR=cpu), which is how they
-were written; the runner only starts them where CUDA is. Before the first check on a CUDA machine the
-runner installs, without a package index, what this checkout needs and the machine lacks: the package
+were written (except ``engine_budget``, which reads ``torch.cuda.mem_get_info``; its arithmetic is
+tested on CPU in tests/test_engine_memory.py); the runner only starts them where CUDA is. Before the
+first check on a CUDA machine the runner installs, without a package index, what this checkout needs and the machine lacks: the package
 itself (editable) and the wheels carried in tests/gpu/wheels (see tests/gpu/README.md).
 """
 
@@ -130,7 +131,43 @@ def engine_dtype(workdir: Path) -> None:
     assert got == "torch.bfloat16", f"engine dtype {got}, expected torch.bfloat16"
 
 
+def engine_budget(workdir: Path) -> None:
+    """Issue 29 risk 2, what one GPU without vLLM can check: the free memory the colocated-engine budget
+    reads (``torch.cuda.mem_get_info``) sees a tensor the trainer holds and, once PyTorch's cache is
+    emptied, the blocks it freed; the Adam state counted as pending before the first step is what that
+    step allocates; an engine fraction larger than what is free is refused naming engine_mem_util."""
+    import torch
+
+    from lightrft_lightning.engines.memory import check_engine_fits, device_memory, pending_optimizer_bytes
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+
+    start = device_memory()
+    assert start is not None and 0 < start.free <= start.total, f"device memory {start}"
+    held = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB the trainer holds
+    holding = device_memory()
+    assert start.free - holding.free >= (1 << 30) * 0.99, f"free {start.free} -> {holding.free} with 1 GiB held"
+    del held  # cached by PyTorch until device_memory empties the cache
+    released = device_memory()
+    assert released.free - holding.free >= (1 << 30) * 0.99, f"free {holding.free} -> {released.free} after release"
+    model = tiny_causal_lm(seed=0, hidden_size=256, intermediate_size=1024).cuda()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pending = pending_optimizer_bytes([adam])
+    model(torch.tensor([[1, 2, 3]], device="cuda")).logits.sum().backward()
+    before = torch.cuda.memory_allocated()
+    adam.step()
+    allocated = torch.cuda.memory_allocated() - before
+    assert abs(allocated - pending) <= 0.01 * pending + (1 << 20), f"Adam allocated {allocated}, pending said {pending}"
+    try:
+        check_engine_fits(min(1.0, released.free / released.total + 0.05), released)
+        raise AssertionError("an engine larger than the free memory was not refused")
+    except ValueError as err:
+        assert "engine_mem_util" in str(err), str(err)
+    _report({"total_gib": round(start.total / 2**30, 1), "free_gib": round(released.free / 2**30, 1),
+             "adam_pending_mib": round(pending / 2**20, 2), "adam_allocated_mib": round(allocated / 2**20, 2)})
+
+
 BODIES: dict[str, Callable[[Path], None]] = {
+    "engine_budget": engine_budget,
     "fit_fsdp": lambda workdir: fit("fsdp", workdir),
     "fit_deepspeed": lambda workdir: fit("deepspeed", workdir),
     "offload_clip_push": offload_clip_push,
@@ -157,6 +194,7 @@ class Check:
 
 CHECKS = (
     Check("engine_dtype", 120),
+    Check("engine_budget", 60),
     Check("offload_clip_push", 120),
     Check("fit_fsdp", 180, needs=("jsonargparse",)),  # the LightningCLI reads the example YAML
     Check("fit_deepspeed", 240, needs=("jsonargparse", "deepspeed")),

@@ -47,7 +47,7 @@ def step(name: str, checkpointing: bool, zero_stage: int = 2) -> dict:
     strategy.optimizer_step(optimizer, model, None)
     weight = dict(strategy.full_state_dict(model)) if hasattr(strategy, "full_state_dict") else model.state_dict()
     probe = weight["model.layers.0.mlp.up_proj.weight"].float().sum().item() if weight else 0.0
-    return {"loss": strategy.all_reduce(loss.item()), "grad_norm": strategy._state(model).grad_norm,
+    return {"loss": strategy.all_reduce(loss.item()), "grad_norm": strategy.stepper(model).grad_norm,
             "probe": probe, "saved_bytes": nbytes}
 
 

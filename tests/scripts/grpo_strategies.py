@@ -5,6 +5,10 @@
 Greedy rollouts (temperature 0) make every prompt's completions independent of how prompts are
 split over ranks, so 2 ranks and 1 process must log the same loss and gradient norm. Also imported
 by tests/test_grpo.py (``run``) for the one-process reference with examples/grpo_tiny_fake.yaml.
+
+``SHIFT_ENGINE_LOGPROBS=x`` (environment) simulates a stale engine for the off-policy correction: the
+engine's log-prob of token ``t`` moves by ``-x * (t % 3 - 1)``, a ratio pi_old / mu of e^x, 1 or e^-x
+that depends on the token alone (so on no split over ranks).
 """
 
 from __future__ import annotations
@@ -50,7 +54,28 @@ class Recorder(Callback):
                        "engine": str(next(engine.model.parameters()).dtype) if engine is not None else "none"}
 
 
-def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] = ()) -> Recorder:
+class StaleEngine(Callback):
+    """Shift the engine's log-probs by ``-shift * (token % 3 - 1)`` (see the module docstring)."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from lightrft_lightning.callbacks import find_rollout_callback
+
+        callback = find_rollout_callback(trainer)
+        generate = callback.generate
+
+        def stale(module, prompt_ids, params):
+            out = generate(module, prompt_ids, params)
+            for c in out:
+                c.logprobs = [lp - self.shift * (t % 3 - 1) for t, lp in zip(c.token_ids, c.logprobs)]
+            return out
+
+        callback.generate = stale
+
+
+def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] = (), shift: float = 0.0) -> Recorder:
     m = "--model.init_args."
     args = ["--config", config, f"--trainer.devices={world}", f"--trainer.max_steps={steps}", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
@@ -61,6 +86,8 @@ def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] 
     cli = LightRFTCLI(args=args, run=False, save_config_callback=None)
     recorder = Recorder()
     cli.trainer.callbacks.append(recorder)
+    if shift:
+        cli.trainer.callbacks.append(StaleEngine(shift))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return recorder
 
@@ -69,7 +96,7 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     recorder = run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")), steps=int(sys.argv[3]) if len(sys.argv) > 3 else STEPS,
-                   extra=tuple(sys.argv[4:]))
+                   extra=tuple(sys.argv[4:]), shift=float(os.environ.get("SHIFT_ENGINE_LOGPROBS", "0")))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:
             json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes, "adapters": recorder.adapters}, f)

@@ -97,7 +97,7 @@ def train(strategy, init_path: str, ckpt_dir: str, meta_init: bool) -> dict:
         micro += 1
         if stepped:
             losses.append(strategy.all_reduce(step_loss))
-            norms.append(strategy._state(actor).grad_norm)
+            norms.append(strategy.stepper(actor).grad_norm)
             lrs.append(actor_scheduler.get_last_lr()[0])
             step_loss = 0.0
         if len(losses) == STEPS:

@@ -1,0 +1,91 @@
+"""Per-rank peak memory (RSS) at setup: GRPO on the real SmolLM2-135M-Instruct with a KL reference, 2 CPU
+ranks (gloo), ``Trainer.fit`` stopped once the strategy has set the models up (FSDP2 shards, ZeRO-3
+partitions). Prints per rank: RSS after imports, after building the module (actor and reference), the
+peak up to the end of the strategy's setup, what setup left, and that plus the rollout engine; in MB and in units of the model's fp32 bytes (4P).
+
+Usage: DS_ACCELERATOR=cpu python bench/bench_setup_memory.py [lightrft_fsdp lightrft_deepspeed_stage_3]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+from bench_fsdp import launch  # same folder: run as python bench/bench_setup_memory.py
+
+STRATEGIES = ("lightrft_fsdp", "lightrft_deepspeed_stage_3")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def anon() -> int:
+    """Private (anonymous) resident bytes: RSS less the file pages a memory-mapped checkpoint brings in,
+    which the ranks share in the page cache."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(strategy: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed as dist
+
+    from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.data import PromptDataModule
+
+    torch.set_num_threads(1)
+    marks = {"imports": rss(), "anon_imports": anon()}
+
+    class Stop(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:  # the strategy's setup is done; the engine is next
+            marks["peak_setup"], marks["after_setup"], marks["anon_setup"] = peak(), rss(), anon()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            marks["with_engine"] = rss()
+            trainer.should_stop = True
+
+    pl.seed_everything(0)
+    module = GRPO(model="smollm2-135m-instruct", kl_coef=0.05, max_new_tokens=4, n_samples_per_prompt=2,
+                  micro_train_batch_size=4)
+    marks["built"], marks["anon_built"] = rss(), anon()
+    marks["model_fp32"] = sum(p.numel() for p in module.actor.parameters()) * 4
+    data = PromptDataModule(prompts=["1+1="] * 4, batch_size=2, shuffle=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Stop()])
+    trainer.fit(module, datamodule=data)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, marks)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(everyone), flush=True)
+    dist.barrier()
+
+
+def main(strategies: tuple[str, ...]) -> None:
+    print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak setup MB':>13} "
+          f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak-imports)/4P':>17} {'anon built/setup MB':>19}")
+    for strategy in strategies:
+        for rank, m in enumerate(launch(2, strategy, script=__file__)):
+            print(f"{strategy:>28} {rank:>4} {m['imports'] / 2**20:>10.0f} {m['built'] / 2**20:>9.0f} "
+                  f"{m['peak_setup'] / 2**20:>13.0f} {m['after_setup'] / 2**20:>14.0f} {m['with_engine'] / 2**20:>11.0f} "
+                  f"{(m['peak_setup'] - m['imports']) / m['model_fp32']:>17.2f} "
+                  f"{(m['anon_built'] - m['anon_imports']) / 2**20:>9.0f}/{(m['anon_setup'] - m['anon_imports']) / 2**20:<9.0f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+    else:
+        main(tuple(sys.argv[1:]) or STRATEGIES)
