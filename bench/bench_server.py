@@ -57,6 +57,45 @@ def memcpy_rate(nbytes: int) -> float:
     return 3 * nbytes / (time.perf_counter() - start)
 
 
+PHASES = ("rollout/sync_s", "rollout/generate_s", "time/score", "time/train")
+
+
+def grpo(engine, steps: int) -> dict[str, float]:
+    """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``) with ``engine`` for rollouts:
+    steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
+    import lightning.pytorch as pl
+
+    from lightrft_lightning import LightRFTFake
+    from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.callbacks import RolloutEngineCallback
+    from lightrft_lightning.data import PromptDataModule
+    from lightrft_lightning.tasks import arithmetic_problems
+
+    class Times(pl.Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.metrics: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.ends.append(time.perf_counter())
+            self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    pl.seed_everything(0, verbose=False)
+    model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
+                 rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0}, n_samples_per_prompt=4,
+                 max_new_tokens=32, temperature=1.0, micro_train_batch_size=4, actor_learning_rate=1e-5)
+    data = PromptDataModule(prompts=arithmetic_problems(64, seed=3), batch_size=2, shuffle=False)
+    times = Times()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"seed": 0}), max_steps=steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[RolloutEngineCallback(engine=engine, bucket_bytes=BUCKET), times])
+    trainer.fit(model, data)
+    timed = times.metrics[1:]
+    return {"steps/s": (len(times.ends) - 1) / (times.ends[-1] - times.ends[0]),
+            **{k: sum(m.get(k, 0.0) for m in timed) / len(timed) for k in PHASES}}
+
+
 def prompts(tokenizer) -> list[list[int]]:
     texts = ["What is 12 + 7?", "What is the capital of France?", "Name a colour.", "Write a haiku about rain.",
              "Count to five.", "What is 3 * 4?"]
@@ -66,8 +105,11 @@ def prompts(tokenizer) -> list[list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--grpo-steps", type=int, default=0)
+    parser.add_argument("--grpo-steps", type=int, default=0,
+                        help="also time this many GRPO steps (>= 2) on one server and colocated")
     args = parser.parse_args()
+    if args.grpo_steps == 1 or args.grpo_steps < 0:
+        parser.error(f"--grpo-steps={args.grpo_steps} is invalid; accepted: 0 (off) or >= 2 (the first is warm-up)")
     from transformers import AutoTokenizer
 
     path = resolve("smollm2-135m-instruct")
@@ -75,7 +117,7 @@ def main() -> None:
     actor = trained_actor(path)
     ref = greedy(actor, ids, NEW)
     nbytes = sum(p.numel() * p.element_size() for p in actor.parameters())
-    rows = []
+    rows, grpo_rows = [], []
     greedy_params = SamplingParams(temperature=0.0, max_new_tokens=NEW, stop_at_eos=False)
     with served(path, count=2, args=["--dtype", "float32", "--max-model-len", "1024"]) as servers:
         for count in (1, 2):
@@ -86,6 +128,8 @@ def main() -> None:
             out = engine.generate(ids, greedy_params)
             matched = sum(c.token_ids == r for c, r in zip(out, ref))
             rows.append((f"{count} server(s)", matched, len(ids), max_logprob_diff(actor, ids, out), push_s, moved))
+            if count == 1 and args.grpo_steps:
+                grpo_rows.append(("1 server", grpo(engine, args.grpo_steps)))
             engine.close()
     copy = memcpy_rate(nbytes)
     from lightrft_lightning.engines.vllm import VLLMEngine
@@ -96,6 +140,8 @@ def main() -> None:
     local_s = time.perf_counter() - start
     out = local.generate(ids, greedy_params)
     local_matched = sum(c.token_ids == r for c, r in zip(out, ref))
+    if args.grpo_steps:
+        grpo_rows.append(("colocated VLLMEngine", grpo(local, args.grpo_steps)))
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"\nSmolLM2-135M-Instruct fp32 ({nbytes / 1e6:.0f} MB), CPU {cpu}, bucket {BUCKET >> 20} MiB")
     print("| where | greedy prompts matched | max logprob diff | push s | push MB/s |")
@@ -104,6 +150,12 @@ def main() -> None:
         print(f"| {name} | {m}/{n} | {diff:.2g} | {s:.2f} | {moved / s / 1e6:.0f} |")
     print(f"| colocated VLLMEngine | {local_matched}/{len(ids)} | - | {local_s:.2f} | {nbytes / local_s / 1e6:.0f} |")
     print(f"| memory copy (torch copy_) | - | - | {nbytes / copy:.3f} | {copy / 1e6:.0f} |")
+    if grpo_rows:
+        print(f"\nGRPO, 1 process, {args.grpo_steps - 1} timed steps (2 prompts x 4 samples x 32 tokens), mean s per step")
+        print("| rollouts on | steps/s | " + " | ".join(PHASES) + " |")
+        print("|---|---|" + "---|" * len(PHASES))
+        for name, r in grpo_rows:
+            print(f"| {name} | {r['steps/s']:.3f} | " + " | ".join(f"{r[k]:.2f}" for k in PHASES) + " |")
 
 
 if __name__ == "__main__":

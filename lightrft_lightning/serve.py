@@ -6,7 +6,8 @@ It runs vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server
   ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``, ``/weight_info``...). Dev mode
   also opens ``/collective_rpc`` (any worker method), ``/sleep``, ``/wake_up`` and ``/reset_prefix_cache``.
 * the weight-transfer backend: vLLM's ``nccl`` where CUDA is, our ``gloo`` elsewhere (``--weight-transfer``).
-* the dtype, the KV-cache memory and the context length.
+* the dtype, the KV-cache memory and the context length; ``--logprobs-mode processed_logprobs`` (log-probs of
+  the distribution a token was sampled from, as :class:`~lightrft_lightning.engines.vllm.VLLMEngine` requires).
 * ``--host 127.0.0.1`` by default. Listening beyond loopback needs an API key (``--api-key`` or
   ``$VLLM_API_KEY``); vLLM's own ``--api-key`` guards only ``/v1``..., so :class:`RequireAPIKey` is added as
   middleware and guards every route but ``/health`` (the dev-mode ones included). The key travels in the
@@ -26,6 +27,7 @@ import sys
 from typing import Any, Optional
 
 _OPEN_PATHS = ("/health",)
+LOGPROBS_MODE = "processed_logprobs"  # engines.vllm.LOGPROBS_MODE (not imported: this module starts the server)
 
 
 class RequireAPIKey:
@@ -86,8 +88,6 @@ def parser() -> argparse.ArgumentParser:
                    help="KV-cache size in GiB (CPU: $VLLM_CPU_KVCACHE_SPACE, default 1; GPU: vLLM's "
                         "--kv-cache-memory-bytes)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM's memory fraction (GPU)")
-    p.add_argument("--enable-lora", action="store_true", help="allow /v1/load_lora_adapter (adapter-only sync)")
-    p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--served-model-name", default=None)
     return p
 
@@ -118,7 +118,9 @@ def command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--host", args.host,
            "--port", str(args.port), "--dtype", args.dtype,
            "--weight-transfer-config", '{"backend": "%s"}' % backend,
-           "--middleware", f"{__name__}.RequireAPIKey"]
+           "--middleware", f"{__name__}.RequireAPIKey",
+           # the log-probs of the distribution each token is sampled from, as the learner's importance weights take
+           "--logprobs-mode", LOGPROBS_MODE]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if args.served_model_name:
@@ -130,9 +132,6 @@ def command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         cmd += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
     if args.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if args.enable_lora:
-        cmd += ["--enable-lora", "--max-lora-rank", str(args.max_lora_rank)]
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     return cmd + extra, env
 
 

@@ -27,6 +27,9 @@ def test_serve_runs_vllms_server_in_dev_mode_on_loopback(model_dir, monkeypatch)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
     assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "gloo"}'  # no CUDA here
     assert cmd[cmd.index("--middleware") + 1] == "lightrft_lightning.serve.RequireAPIKey"
+    from lightrft_lightning.engines.vllm import LOGPROBS_MODE
+
+    assert cmd[cmd.index("--logprobs-mode") + 1] == LOGPROBS_MODE  # what the learner's correction takes
     assert cmd[-2:] == ["--seed", "3"] and env["VLLM_SERVER_DEV_MODE"] == "1" and "VLLM_API_KEY" not in env
 
 
@@ -66,8 +69,8 @@ def test_api_key_middleware_guards_every_route_but_health(monkeypatch):
 def test_engine_refuses_bad_arguments_naming_them():
     with pytest.raises(ValueError, match="urls=.*accepted: one or more 'http"):
         VLLMServerEngine(["127.0.0.1:8000"])
-    with pytest.raises(ValueError, match="lora='both' is invalid; accepted: merged, adapter"):
-        VLLMServerEngine(["http://127.0.0.1:1"], lora="both")
+    with pytest.raises(ValueError, match="weight_transfer='ipc' is invalid; accepted: 'gloo', 'nccl'"):
+        VLLMServerEngine(["http://127.0.0.1:1"], weight_transfer="ipc")
     with pytest.raises(ValueError, match="timeout_s=0 is invalid"):
         VLLMServerEngine(["http://127.0.0.1:1"], timeout_s=0)
 

@@ -14,9 +14,8 @@ trainer's processes.
   (:mod:`lightrft_lightning.engines.gloo_transfer`) broadcasts each bucket once to every server. The
   servers are paused during an update and resumed after. Only trainer rank 0 sends; the other ranks walk
   the same gathers (``push_weights``) and wait for the update to finish.
-* **LoRA**: ``lora="adapter"`` sends only the adapter (``/v1/load_lora_adapter`` of a saved peft
-  directory, the servers started with ``--enable-lora``) and generates with it; the default,
-  ``"merged"``, pushes merged weights like the colocated engines (see ``README``: why).
+* **LoRA**: a LoRA actor's merged weights are pushed, as to the colocated engines (adapter-only sync is
+  not built yet).
 * **Sleep/wake**: the servers do not share the trainer's devices, so there is nothing to free:
   ``sleep``/``wake_up`` only keep the bookkeeping, and the weights survive every level.
 """
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional, Sequence
@@ -35,7 +33,6 @@ import torch
 from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LORA_MODES = ("merged", "adapter")
 
 
 class ServerError(RuntimeError):
@@ -60,7 +57,6 @@ class VLLMServerEngine(LifecycleEngine):
         weight_transfer: the backend the servers were started with ("gloo"; "nccl" is vLLM's own, for CUDA).
         trainer_address: the address the servers reach this process at for the weight transfer
             (default 127.0.0.1; the servers' host must reach it).
-        lora: "merged" (default) or "adapter" (servers started with ``--enable-lora``).
         eos_token_id: ids that end a completion (default: the servers' generation config).
         rank, world_size: this trainer rank and the number of ranks (default: torch.distributed's);
             rank 0 sends the weights.
@@ -68,15 +64,13 @@ class VLLMServerEngine(LifecycleEngine):
 
     def __init__(self, urls: Sequence[str] | str, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  setup_timeout_s: float = 10.0, dtype: Optional[str | torch.dtype] = None,
-                 weight_transfer: str = "gloo", trainer_address: str = "127.0.0.1", lora: str = "merged",
+                 weight_transfer: str = "gloo", trainer_address: str = "127.0.0.1",
                  eos_token_id: Optional[int | list[int]] = None, rank: Optional[int] = None) -> None:
         super().__init__(sleep_level=1)
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
             raise ValueError(f"VLLMServerEngine: urls={urls!r} is invalid; accepted: one or more 'http(s)://host:port' "
                              "base URLs of vLLM servers (lightrft-lightning serve)")
-        if lora not in LORA_MODES:
-            raise ValueError(f"VLLMServerEngine: lora={lora!r} is invalid; accepted: {', '.join(LORA_MODES)}")
         if weight_transfer not in ("gloo", "nccl"):
             raise ValueError(f"VLLMServerEngine: weight_transfer={weight_transfer!r} is invalid; accepted: 'gloo', "
                              "'nccl'")
@@ -89,7 +83,6 @@ class VLLMServerEngine(LifecycleEngine):
         self.setup_timeout_s = float(setup_timeout_s)
         self.weight_transfer = weight_transfer
         self.trainer_address = trainer_address
-        self.lora = lora
         self.rank = rank
         self._session = _requests().Session()
         if self.api_key:
@@ -108,8 +101,6 @@ class VLLMServerEngine(LifecycleEngine):
         self._sender: Any = None  # the weight-transfer engine, built at the first push (rank 0)
         self.version = 0  # the weight version of the last push: the learner's step when tagged, else a count
         self._tagged: Optional[int] = None
-        self.adapter_dir: Optional[str] = None
-        self.adapters_loaded = 0
 
     # ------------------------------------------------------------------ HTTP
     def _call(self, method: str, url: str, path: str, timeout: Optional[float] = None, **kwargs: Any) -> Any:
@@ -169,7 +160,7 @@ class VLLMServerEngine(LifecycleEngine):
     def _complete(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
         greedy = params.temperature == 0
         body: dict[str, Any] = {
-            "model": self._served_model(url), "prompt": prompt, "n": 1 if greedy else params.n,
+            "model": self.model_names[self.urls.index(url)], "prompt": prompt, "n": 1 if greedy else params.n,
             "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "max_tokens": params.max_new_tokens, "logprobs": 0, "return_token_ids": True,
             "return_tokens_as_token_ids": True, "ignore_eos": not params.stop_at_eos, "skip_special_tokens": False}
@@ -186,12 +177,6 @@ class VLLMServerEngine(LifecycleEngine):
             completions.append(Completion(index, ids, logprobs, "eos" if choice.get("finish_reason") == "stop"
                                           else "length"))
         return completions
-
-    def _served_model(self, url: str) -> str:
-        index = self.urls.index(url)
-        if self.lora == "adapter" and self.adapter_dir is not None:
-            return self._adapter_name()
-        return self.model_names[index]
 
     # ------------------------------------------------------------------ weights
     def _rank(self) -> int:
@@ -270,28 +255,11 @@ class VLLMServerEngine(LifecycleEngine):
             self._sender = _NCCLSender(self, clients, self.worker_counts, self.trainer_address)
         return self._sender
 
-    # ------------------------------------------------------------------ LoRA adapter-only sync
-    def _adapter_name(self) -> str:
-        return f"lightrft-v{self.version}"
-
-    def load_adapter(self, peft_model: Any) -> None:
-        """Adapter-only sync: save ``peft_model``'s adapter (rank 0; a directory the servers can read) and
-        load it on every server as ``lightrft-v<version>``; generation then uses it."""
-        self.version = self._tagged if self._tagged is not None else self.version + 1
-        self._tagged = None
-        if self._rank() == 0:
-            self.adapter_dir = self.adapter_dir or tempfile.mkdtemp(prefix="lightrft-adapter-")
-            path = os.path.join(self.adapter_dir, self._adapter_name())
-            peft_model.save_pretrained(path)
-            name = self._adapter_name()
-            self._each(lambda url: self._call("POST", url, "/v1/load_lora_adapter",
-                                              json={"lora_name": name, "lora_path": path, "load_inplace": True}))
-        else:
-            self.adapter_dir = self.adapter_dir or "remote"
-        self.adapters_loaded += 1
-        self.finish_weight_update()
-
     def close(self) -> None:
+        """Release the threads, connections and weight-transfer group (the servers keep running)."""
+        if self._sender is not None and hasattr(self._sender, "shutdown"):
+            self._sender.shutdown()
+        self._sender = None
         self._pool.shutdown(wait=False)
         self._session.close()
 

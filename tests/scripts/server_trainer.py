@@ -29,7 +29,7 @@ CONFIG = dict(bf16=False, train_batch_size=2, micro_train_batch_size=1, max_norm
               dist_timeout_minutes=2.0, engine_type="vllm_server")
 NEW = 8
 PARAMS = SamplingParams(n=2, temperature=0.0, max_new_tokens=NEW, stop_at_eos=False)
-STEPS = 3
+STEPS = 2
 
 
 def prompts_of(rank: int) -> list[list[int]]:

@@ -1,7 +1,8 @@
 """`VLLMServerEngine` against real vLLM servers (``lightrft-lightning serve`` on 127.0.0.1, free ports), the
 weights pushed through vLLM's weight-transfer protocol with our gloo backend (loaded as a plugin).
 
-One tiny tied model server (fp32, API key) serves the module; its last test kills it."""
+The session's two tiny tied model servers (``tiny_servers`` in conftest.py: fp32, API key) serve it; this
+module uses the first (tests/vllm/test_server_training.py uses both, and kills the second at its end)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,15 @@ from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.engines.server import ServerError, VLLMServerEngine
 from lightrft_lightning.engines.weight_sync import plan_buckets, push_weights
 from lightrft_lightning.tiny_models import tiny_causal_lm
-from tests.vllm.common import TINY, greedy, max_logprob_diff, save_tiny_served
-from tests.vllm.servers import served
+from tests.vllm.common import TINY, greedy, max_logprob_diff
+from tests.vllm.conftest import SERVER_KEY as KEY
 
-KEY = "test-key"
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = save_tiny_served(str(tmp_path_factory.mktemp("tiny-served")))
-    with served(model, args=["--dtype", "float32"], api_key=KEY) as servers:
-        yield servers[0]
+def server(tiny_servers):
+    return tiny_servers[1][0]
 
 
 def test_push_from_an_actor_makes_greedy_equal_with_buckets_that_split_layers(server):
@@ -79,10 +77,3 @@ def test_a_slow_answer_is_a_timeout_error_naming_the_url(server):
     with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions timed out after 0.05 s"):
         engine.generate([list(range(3, 90))] * 8, SamplingParams(n=4, max_new_tokens=150, stop_at_eos=False))
     assert time.monotonic() - start < 5
-
-
-def test_a_dead_server_is_a_clear_error_naming_the_url(server):
-    engine = VLLMServerEngine([server.url], api_key=KEY, timeout_s=30)
-    server.kill()
-    with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions failed: cannot connect"):
-        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
