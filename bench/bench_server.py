@@ -99,8 +99,10 @@ def grpo(engine, steps: int) -> dict[str, float]:
 def prompts(tokenizer) -> list[list[int]]:
     texts = ["What is 12 + 7?", "What is the capital of France?", "Name a colour.", "Write a haiku about rain.",
              "Count to five.", "What is 3 * 4?"]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
-            for t in texts]
+    from lightrft_lightning.data import render_prompts
+
+    return [list(map(int, ids)) for ids in render_prompts([{"prompt": t} for t in texts], tokenizer,
+                                                           apply_chat_template=True)[1]]
 
 
 def main() -> None:
@@ -122,12 +124,16 @@ def main() -> None:
     with served(path, count=2, args=["--dtype", "float32", "--max-model-len", "1024"]) as servers:
         for count in (1, 2):
             engine = VLLMServerEngine([s.url for s in servers[:count]], timeout_s=300)
-            start = time.perf_counter()
-            moved = push_weights(actor, engine, BUCKET)
-            push_s = time.perf_counter() - start
+            pushes = []
+            for _ in range(2):  # the first push also sets up the weight-transfer group
+                start = time.perf_counter()
+                moved = push_weights(actor, engine, BUCKET)
+                pushes.append(time.perf_counter() - start)
             out = engine.generate(ids, greedy_params)
             matched = sum(c.token_ids == r for c, r in zip(out, ref))
-            rows.append((f"{count} server(s)", matched, len(ids), max_logprob_diff(actor, ids, out), push_s, moved))
+            diff = max_logprob_diff(actor, ids, out)
+            rows.append((f"{count} server(s), first push (group set-up)", matched, len(ids), diff, pushes[0], moved))
+            rows.append((f"{count} server(s), next push", matched, len(ids), diff, pushes[1], moved))
             if count == 1 and args.grpo_steps:
                 grpo_rows.append(("1 server", grpo(engine, args.grpo_steps)))
             engine.close()

@@ -77,3 +77,46 @@ def test_a_slow_answer_is_a_timeout_error_naming_the_url(server):
     with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions timed out after 0.05 s"):
         engine.generate([list(range(3, 90))] * 8, SamplingParams(n=4, max_new_tokens=150, stop_at_eos=False))
     assert time.monotonic() - start < 5
+
+
+def test_lightrft_engine_calls_build_a_server_engine_and_follow_the_trained_actor(server):
+    """LightRFT's calls (``setup_inference_engine``, ``update_engine_weights``, ``gather_and_generate``) on the
+    fake strategy with ``engine_type="vllm_server"``: the one builder makes the server engine, every push is
+    tagged with the strategy's optimizer step, and the server's greedy completions follow the trained actor."""
+    import argparse
+
+    from torch import nn
+
+    from lightrft_lightning import get_fake_strategy
+
+    class Actor(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, labels=ids).loss
+
+    args = argparse.Namespace(engine_type="vllm_server", micro_train_batch_size=1, train_batch_size=1,
+                              actor_learning_rate=5e-2)
+    s = get_fake_strategy(args)
+    actor = Actor(tiny_causal_lm(seed=4, **TINY))
+    (actor, opt, sched), _, _, _ = s.prepare_models_and_optimizers(actor, None, None, None, args, 10)
+    engine = s.setup_inference_engine(args, actor=actor, engine_kwargs={"urls": [server.url], "api_key": KEY})
+    assert isinstance(engine, VLLMServerEngine) and engine.weight_versions() == ["0"]
+    greedy_style = argparse.Namespace(temperature=0.0, max_tokens=6, n=1, top_p=1.0, top_k=-1)
+
+    def follows_the_actor(outs) -> bool:  # a completion may stop at the model's EOS: compare that much
+        ref = greedy(actor.model, PROMPTS, 6)
+        return all(o.output_token_ids and o.output_token_ids == r[:len(o.output_token_ids)] for o, r in zip(outs, ref))
+
+    outs = s.gather_and_generate(greedy_style, all_prompt_token_ids=PROMPTS)
+    assert len(outs) == len(PROMPTS) and follows_the_actor(outs)
+    for _ in range(2):
+        s.backward(actor(torch.tensor([[5, 6, 7, 40, 40, 40, 40]])), actor, opt)
+        s.optimizer_step(opt, actor, sched)
+    s.update_engine_weights(actor)
+    again = s.gather_and_generate(greedy_style, all_prompt_token_ids=PROMPTS)
+    assert follows_the_actor(again) and [o.output_token_ids for o in again] != [o.output_token_ids for o in outs]
+    assert engine.weight_versions() == ["2"]  # the strategy's optimizer steps
+    engine.close()
