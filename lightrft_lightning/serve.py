@@ -63,14 +63,18 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def default_weight_transfer() -> str:
-    """vLLM's ``nccl`` backend where CUDA is, our ``gloo`` elsewhere."""
+def _cuda() -> bool:
     try:
         import torch
 
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return torch.cuda.is_available()
     except ImportError:
-        return "gloo"
+        return False
+
+
+def default_weight_transfer() -> str:
+    """vLLM's ``nccl`` backend where CUDA is, our ``gloo`` elsewhere."""
+    return "nccl" if _cuda() else "gloo"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,6 +135,10 @@ def command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     elif args.kv_cache_gib:
         cmd += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
     if args.gpu_memory_utilization is not None:
+        if backend == "gloo" and not _cuda():
+            raise SystemExit(f"lightrft-lightning serve: --gpu-memory-utilization={args.gpu_memory_utilization} would be "
+                             "ignored: no CUDA here (vLLM's CPU build sizes its KV cache by --kv-cache-gib); "
+                             "accepted: --kv-cache-gib")
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     return cmd + extra, env
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from lightrft_lightning.engines.server import ServerError, VLLMServerEngine
@@ -25,7 +26,8 @@ def test_serve_runs_vllms_server_in_dev_mode_on_loopback(model_dir, monkeypatch)
     cmd, env = command(["--model", model_dir, "--port", "8123", "--dtype", "float32", "--", "--seed", "3"])
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
-    assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "gloo"}'  # no CUDA here
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # vLLM's own where CUDA is, ours elsewhere
+    assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "%s"}' % backend
     assert cmd[cmd.index("--middleware") + 1] == "lightrft_lightning.serve.RequireAPIKey"
     from lightrft_lightning.engines.vllm import LOGPROBS_MODE
 
@@ -39,6 +41,9 @@ def test_serve_beyond_loopback_needs_an_api_key_kept_off_the_command_line(model_
         command(["--model", model_dir, "--host", "0.0.0.0"])
     cmd, env = command(["--model", model_dir, "--host", "0.0.0.0", "--api-key", "s3cret"])
     assert env["VLLM_API_KEY"] == "s3cret" and "s3cret" not in " ".join(cmd)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--gpu-memory-utilization=0.5 would be ignored: no CUDA here"):
+            command(["--model", model_dir, "--gpu-memory-utilization", "0.5"])
     (Path(model_dir) / "tokenizer.json").unlink()
     with pytest.raises(SystemExit, match="holds no tokenizer"):
         command(["--model", model_dir])

@@ -53,7 +53,7 @@ class VLLMServerEngine(LifecycleEngine):
         api_key: sent as ``Authorization: Bearer`` on every request (default ``$VLLM_API_KEY``).
         timeout_s: the limit of one generation request (and of each weight-transfer step).
         setup_timeout_s: the limit of each setup check.
-        dtype: the dtype weights are sent in (default: the servers' own, read at setup).
+        dtype: the dtype weights are sent in (default: the actor's; the servers convert to their own on load).
         weight_transfer: the backend the servers were started with ("gloo"; "nccl" is vLLM's own, for CUDA).
         trainer_address: the address the servers reach this process at for the weight transfer
             (default 127.0.0.1; the servers' host must reach it).
