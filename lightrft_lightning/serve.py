@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
                    help="KV-cache size in GiB (CPU: $VLLM_CPU_KVCACHE_SPACE, default 1; GPU: vLLM's "
                         "--kv-cache-memory-bytes)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM's memory fraction (GPU)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="load adapters at run time (VLLMServerEngine lora='adapter': adapter-only sync)")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="the largest adapter rank (with --enable-lora)")
     p.add_argument("--served-model-name", default=None)
     return p
 
@@ -140,6 +143,12 @@ def command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                              "ignored: no CUDA here (vLLM's CPU build sizes its KV cache by --kv-cache-gib); "
                              "accepted: --kv-cache-gib")
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.max_lora_rank is not None and not args.enable_lora:
+        raise SystemExit(f"lightrft-lightning serve: --max-lora-rank={args.max_lora_rank} would be ignored without "
+                         "--enable-lora; accepted: both, or neither")
+    if args.enable_lora:  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+        cmd += ["--enable-lora", "--max-lora-rank", str(args.max_lora_rank or 64)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     return cmd + extra, env
 
 

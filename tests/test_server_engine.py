@@ -44,6 +44,10 @@ def test_serve_beyond_loopback_needs_an_api_key_kept_off_the_command_line(model_
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--gpu-memory-utilization=0.5 would be ignored: no CUDA here"):
             command(["--model", model_dir, "--gpu-memory-utilization", "0.5"])
+    with pytest.raises(SystemExit, match="--max-lora-rank=8 would be ignored without --enable-lora"):
+        command(["--model", model_dir, "--max-lora-rank", "8"])
+    cmd, env = command(["--model", model_dir, "--enable-lora"])
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "64" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
     (Path(model_dir) / "tokenizer.json").unlink()
     with pytest.raises(SystemExit, match="holds no tokenizer"):
         command(["--model", model_dir])
@@ -76,6 +80,10 @@ def test_engine_refuses_bad_arguments_naming_them():
         VLLMServerEngine(["127.0.0.1:8000"])
     with pytest.raises(ValueError, match="weight_transfer='ipc' is invalid; accepted: 'gloo', 'nccl'"):
         VLLMServerEngine(["http://127.0.0.1:1"], weight_transfer="ipc")
+    with pytest.raises(ValueError, match="lora='both' is invalid; accepted: merged, adapter"):
+        VLLMServerEngine(["http://127.0.0.1:1"], lora="both")
+    with pytest.raises(ValueError, match="adapter_dir='/tmp' would be ignored: lora='merged'"):
+        VLLMServerEngine(["http://127.0.0.1:1"], adapter_dir="/tmp")
     with pytest.raises(ValueError, match="timeout_s=0 is invalid"):
         VLLMServerEngine(["http://127.0.0.1:1"], timeout_s=0)
 

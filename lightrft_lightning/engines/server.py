@@ -14,8 +14,13 @@ trainer's processes.
   (:mod:`lightrft_lightning.engines.gloo_transfer`) broadcasts each bucket once to every server. The
   servers are paused during an update and resumed after. Only trainer rank 0 sends; the other ranks walk
   the same gathers (``push_weights``) and wait for the update to finish.
-* **LoRA**: a LoRA actor's merged weights are pushed, as to the colocated engines (adapter-only sync is
-  not built yet).
+* **LoRA**: ``lora="merged"`` (default) pushes a LoRA actor's merged weights like the colocated engines;
+  ``lora="adapter"`` (servers started with ``serve --enable-lora``) sends only the adapter: rank 0 writes it
+  as a peft directory under ``adapter_dir`` (the servers must read that path: same machine or a shared
+  filesystem), each server loads it (``/v1/load_lora_adapter``) as ``lightrft-v<version>`` and unloads the
+  previous one, and generation names it. Merged is the default: it needs no LoRA support in the server and
+  its generation costs no adapter kernels; adapter-only moves far fewer bytes and keeps the base weights
+  exact (merging onto the bf16 grid rounds the update away, NeMo-RL#3696).
 * **Sleep/wake**: the servers do not share the trainer's devices, so there is nothing to free:
   ``sleep``/``wake_up`` only keep the bookkeeping, and the weights survive every level.
 """
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional, Sequence
@@ -32,6 +39,7 @@ import torch
 
 from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams
 
+LORA_MODES = ("merged", "adapter")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -57,6 +65,8 @@ class VLLMServerEngine(LifecycleEngine):
         weight_transfer: the backend the servers were started with ("gloo"; "nccl" is vLLM's own, for CUDA).
         trainer_address: the address the servers reach this process at for the weight transfer
             (default 127.0.0.1; the servers' host must reach it).
+        lora: "merged" (default) or "adapter" (adapter-only sync of a LoRA actor; servers with LoRA enabled).
+        adapter_dir: where rank 0 writes the adapters for ``lora="adapter"`` (default: a temporary directory).
         eos_token_id: ids that end a completion (default: the servers' generation config).
         rank, world_size: this trainer rank and the number of ranks (default: torch.distributed's);
             rank 0 sends the weights.
@@ -64,7 +74,8 @@ class VLLMServerEngine(LifecycleEngine):
 
     def __init__(self, urls: Sequence[str] | str, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  setup_timeout_s: float = 10.0, dtype: Optional[str | torch.dtype] = None,
-                 weight_transfer: str = "gloo", trainer_address: str = "127.0.0.1",
+                 weight_transfer: str = "gloo", trainer_address: str = "127.0.0.1", lora: str = "merged",
+                 adapter_dir: Optional[str] = None,
                  eos_token_id: Optional[int | list[int]] = None, rank: Optional[int] = None) -> None:
         super().__init__(sleep_level=1)
         urls = [urls] if isinstance(urls, str) else list(urls)
@@ -74,6 +85,11 @@ class VLLMServerEngine(LifecycleEngine):
         if weight_transfer not in ("gloo", "nccl"):
             raise ValueError(f"VLLMServerEngine: weight_transfer={weight_transfer!r} is invalid; accepted: 'gloo', "
                              "'nccl'")
+        if lora not in LORA_MODES:
+            raise ValueError(f"VLLMServerEngine: lora={lora!r} is invalid; accepted: {', '.join(LORA_MODES)}")
+        if adapter_dir is not None and lora != "adapter":
+            raise ValueError(f"VLLMServerEngine: adapter_dir={adapter_dir!r} would be ignored: lora={lora!r}; accepted: "
+                             "adapter_dir with lora='adapter'")
         for name, value in (("timeout_s", timeout_s), ("setup_timeout_s", setup_timeout_s)):
             if not value > 0:
                 raise ValueError(f"VLLMServerEngine: {name}={value!r} is invalid; accepted: a number of seconds > 0")
@@ -84,6 +100,9 @@ class VLLMServerEngine(LifecycleEngine):
         self.weight_transfer = weight_transfer
         self.trainer_address = trainer_address
         self.rank = rank
+        self.lora = lora
+        self.adapter_dir = adapter_dir
+        self.adapter: Optional[str] = None  # the adapter generation names (lora="adapter", after a push)
         self._session = _requests().Session()
         if self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
@@ -123,7 +142,12 @@ class VLLMServerEngine(LifecycleEngine):
         if response.status_code >= 400:
             raise ServerError(f"vLLM server {url}: {method} {path} answered {response.status_code}: "
                               f"{response.text[:500]}")
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:  # some routes answer plain text (/v1/load_lora_adapter: "Success: ...")
+            return response.text
 
     def _check_servers(self) -> None:
         for url in self.urls:
@@ -160,7 +184,7 @@ class VLLMServerEngine(LifecycleEngine):
     def _complete(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
         greedy = params.temperature == 0
         body: dict[str, Any] = {
-            "model": self.model_names[self.urls.index(url)], "prompt": prompt, "n": 1 if greedy else params.n,
+            "model": self.adapter or self.model_names[self.urls.index(url)], "prompt": prompt, "n": 1 if greedy else params.n,
             "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "max_tokens": params.max_new_tokens, "logprobs": 0, "return_token_ids": True,
             "return_tokens_as_token_ids": True, "ignore_eos": not params.stop_at_eos, "skip_special_tokens": False}
@@ -254,6 +278,32 @@ class VLLMServerEngine(LifecycleEngine):
         else:
             self._sender = _NCCLSender(self, clients, self.worker_counts, self.trainer_address)
         return self._sender
+
+    def load_adapter(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Adapter-only sync: ``state`` (the gathered LoRA parameters of ``model``, a peft model) saved by rank 0
+        and loaded on every server as ``lightrft-v<version>``; generation then uses it. Every rank calls it."""
+        from lightrft_lightning.lora import save_adapter
+
+        self._check_weights_awake("load_adapter")
+        self.version = self._tagged if self._tagged is not None else self.version + 1
+        self._tagged = None
+        name, previous = f"lightrft-v{self.version}", self.adapter
+        if self._rank() == 0:
+            if self.adapter_dir is None:
+                self.adapter_dir = tempfile.mkdtemp(prefix="lightrft-adapters-")
+            path = os.path.abspath(os.path.join(self.adapter_dir, name))
+            if previous == name:  # the same version again: replaced, not added
+                self._each(lambda url: self._call("POST", url, "/v1/unload_lora_adapter", json={"lora_name": name}))
+            save_adapter(model, state, path)
+            self._each(lambda url: self._call("POST", url, "/v1/load_lora_adapter",
+                                              json={"lora_name": name, "lora_path": path}))
+            self._each(lambda url: self._call("POST", url, "/update_weight_version",
+                                              json={"new_version": str(self.version)}))
+            if previous is not None and previous != name:
+                self._each(lambda url: self._call("POST", url, "/v1/unload_lora_adapter", json={"lora_name": previous}))
+                shutil.rmtree(os.path.join(self.adapter_dir, previous), ignore_errors=True)
+        self.adapter = name
+        self.finish_weight_update()
 
     def close(self) -> None:
         """Release the threads, connections and weight-transfer group (the servers keep running)."""

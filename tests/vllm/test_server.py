@@ -51,6 +51,43 @@ def test_push_from_an_actor_makes_greedy_equal_with_buckets_that_split_layers(se
         {"is_paused": False}
 
 
+def test_adapter_only_sync_generates_with_the_trained_adapter(server):
+    """``lora="adapter"``: only the LoRA parameters travel (a peft directory the server loads), and the server's
+    greedy completions equal the merged actor's; a second push replaces the adapter; versions are the steps."""
+    import copy
+
+    from lightrft_lightning.lora import LoRASettings, apply_lora, lora_layers
+
+    base = tiny_causal_lm(seed=6, **TINY)
+    push_weights(base, VLLMServerEngine([server.url], api_key=KEY), 1 << 20)  # the base the adapter applies to
+    actor = apply_lora(base, LoRASettings(r=8, alpha=16), "test")
+    engine = VLLMServerEngine([server.url], api_key=KEY, lora="adapter")
+    greedy_params = SamplingParams(temperature=0.0, max_new_tokens=8, stop_at_eos=False)
+
+    def merged_greedy():
+        merged = copy.deepcopy(actor).eval()
+        for _, layer in lora_layers(merged):
+            layer.merge()
+        return greedy(merged, PROMPTS, 8)
+
+    seen = []
+    for step in (3, 4):
+        with torch.no_grad():
+            for name, p in actor.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(step))
+        engine.tag_weight_version(step)
+        moved = push_weights(actor, engine, 1 << 20)
+        assert moved == sum(4 * p.numel() for n, p in actor.named_parameters() if "lora_" in n)  # the adapter only
+        out = [c.token_ids for c in engine.generate(PROMPTS, greedy_params)]
+        assert out == merged_greedy() and engine.weight_versions() == [str(step)]
+        seen.append(out)
+    assert seen[0] != seen[1] and engine.adapter == "lightrft-v4"
+    models = requests.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert [m["id"] for m in models["data"] if m["id"].startswith("lightrft-")] == ["lightrft-v4"]  # v3 unloaded
+    engine.close()
+
+
 def test_sampling_returns_ids_logprobs_and_finish_reasons_per_prompt(server):
     engine = VLLMServerEngine([server.url], api_key=KEY)
     out = engine.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=7))

@@ -30,13 +30,18 @@ def weight_version(url: str) -> str:
                         timeout=10).json()["weight_version"]
 
 
-def test_grpo_from_the_example_yaml_on_two_fsdp_ranks_with_one_server(tiny_servers, tmp_path):
+@pytest.mark.parametrize("lora", [None, "adapter"])
+def test_grpo_from_the_example_yaml_on_two_fsdp_ranks_with_one_server(lora, tiny_servers, tmp_path):
+    """Full weights; and a LoRA actor with adapter-only sync (a learning rate that moves the adapter far enough
+    for a server generating without it to show in the engine/learner log-prob gap)."""
     model, servers = tiny_servers
     url = servers[0].url
+    extra = ["--model.init_args.lora={r: 8, alpha: 16}", "--model.init_args.actor_learning_rate=0.05"] if lora else []
     args = [sys.executable, "-m", "lightrft_lightning.cli", "fit", "--config", "examples/grpo_smollm2_vllm_server.yaml",
             f"--model.init_args.model={model}", "--model.init_args.apply_chat_template=false",
             "--model.init_args.max_new_tokens=8", "--trainer.max_steps=2", "--data.batch_size=2",
-            f"--trainer.callbacks.init_args.engine_kwargs={{urls: [{url}], api_key: {SERVER_KEY}, timeout_s: 120}}",
+            f"--trainer.callbacks.init_args.engine_kwargs={{urls: [{url}], api_key: {SERVER_KEY}, timeout_s: 120"
+            + (f", lora: {lora}}}" if lora else "}"), *extra,
             f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_checkpointing=false"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=400, env=script_env(), cwd=ROOT)
@@ -44,13 +49,18 @@ def test_grpo_from_the_example_yaml_on_two_fsdp_ranks_with_one_server(tiny_serve
     run_dir = next((tmp_path / "grpo_smollm2_vllm_server").iterdir())
     with open(run_dir / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("reward")]
-    print(f"FIGURE GRPO FSDP2 2 ranks, 1 server: engine/learner |logp diff| "
+    print(f"FIGURE GRPO FSDP2 2 ranks, 1 server, lora={lora}: engine/learner |logp diff| "
           f"{[float(r['mismatch/logp_abs_diff']) for r in rows]}, push s {[float(r['rollout/sync_s']) for r in rows]}")
     assert [int(r["step"]) for r in rows] == [0, 1]
     from transformers import AutoModelForCausalLM
 
-    tiny_bytes = sum(4 * p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())  # tied: once
-    assert [float(r["rollout/sync_bytes"]) for r in rows] == [tiny_bytes, tiny_bytes]  # fp32, the whole model
+    tiny = AutoModelForCausalLM.from_pretrained(model)
+    if lora:  # the adapter only: r x (in + out) per adapted projection, 7 per layer
+        sent = 4 * 8 * sum(m.in_features + m.out_features for n, m in tiny.named_modules() if n.endswith(
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    else:
+        sent = sum(4 * p.numel() for p in tiny.parameters())  # tied: embed_tokens once
+    assert [float(r["rollout/sync_bytes"]) for r in rows] == [sent, sent]  # fp32
     # the server's log-probs are the learner's own (fp32 both): the pushed weights are the actor's
     assert all(float(r["mismatch/logp_abs_diff"]) < 1e-4 and math.isfinite(float(r["loss/policy"])) for r in rows)
     assert weight_version(url) == "1"  # the last push carried the learner's step (1)
