@@ -43,8 +43,9 @@ class RolloutEngineCallback(Callback):
             strategy's ``StrategyConfig`` says: ``engine_type="hf"`` (also without a LightRFT strategy): an
             :class:`HFEngine` from ``pl_module.<actor_attr>``'s config; ``"vllm"`` / ``"sglang"``: a
             :class:`VLLMEngine` / :class:`SGLangEngine` of the actor's Hugging Face directory with
-            ``engine_tp_size`` and ``engine_mem_util``. With an engine given, those fields must keep their
-            defaults. The built engine generates in the dtype the actor computes in (bf16 under a bf16
+            ``engine_tp_size`` and ``engine_mem_util``; ``"vllm_server"``: a :class:`VLLMServerEngine` over the
+            servers ``engine_kwargs={"urls": [...]}`` names (``lightrft-lightning serve``). With an engine
+            given, those fields must keep their defaults. The built engine generates in the dtype the actor computes in (bf16 under a bf16
             precision, else the actor's).
         sleep_level: 1 (weights kept in CPU memory) or 2 (weights dropped, pushed before each rollout);
             ``None``: ``StrategyConfig.engine_sleep_level``, else a given engine's own level, else the
@@ -101,6 +102,9 @@ class RolloutEngineCallback(Callback):
         if engines is not None and self.engine in engines:
             engines.remove(self.engine)
         if self._owns_engine:
+            close = getattr(self.engine, "close", None)
+            if callable(close):  # a server engine's threads and connections
+                close()
             self.engine = None  # a new fit builds a fresh engine (and frees this one's memory)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -121,6 +125,7 @@ class RolloutEngineCallback(Callback):
         try:
             if version != self._pushed_version or not getattr(engine, "weights_valid", True):
                 start = time.perf_counter()
+                engine.tag_weight_version(pl_module.trainer.global_step)  # the learner's step
                 nbytes = push_weights(self._actor(pl_module), engine, config.bucket_bytes, dtype=engine.dtype)
                 self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
                 self.stats["pushes"] += 1
@@ -184,10 +189,12 @@ class RolloutEngineCallback(Callback):
 
 
 def _device_budget(engine: RolloutEngine, config: EngineConfig) -> Optional[float]:
-    """The memory fraction a waking engine maps again (vLLM/SGLang; the HF engine lives in PyTorch's memory)."""
+    """The memory fraction a waking engine maps again (vLLM/SGLang; the HF engine lives in PyTorch's memory,
+    a server's engine on devices of its own)."""
     from lightrft_lightning.engines.hf import HFEngine
+    from lightrft_lightning.engines.server import VLLMServerEngine
 
-    return None if isinstance(engine, HFEngine) else config.mem_util
+    return None if isinstance(engine, (HFEngine, VLLMServerEngine)) else config.mem_util
 
 
 def hf_model(module: nn.Module) -> nn.Module:

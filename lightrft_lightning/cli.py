@@ -20,8 +20,9 @@ from lightrft_lightning.data import PromptDataModule
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining argv and
 # returning the exit status; and what each does, for --help
-COMMANDS = {"convert": "lightrft_lightning.convert:main"}
-COMMAND_HELP = {"convert": "convert checkpoints and models (dcp-to-hf, deepspeed-to-hf, hf-to-dcp, gguf-to-hf)"}
+COMMANDS = {"convert": "lightrft_lightning.convert:main", "serve": "lightrft_lightning.serve:main"}
+COMMAND_HELP = {"convert": "convert checkpoints and models (dcp-to-hf, deepspeed-to-hf, hf-to-dcp, gguf-to-hf)",
+                "serve": "start a vLLM server for VLLMServerEngine (dev mode, weight transfer, 127.0.0.1)"}
 
 
 class LightRFTCLI(LightningCLI):

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-ENGINE_TYPES = ("vllm", "sglang", "hf")
+ENGINE_TYPES = ("vllm", "sglang", "hf", "vllm_server")
 GRAD_ACCUM_DTYPES = (None, "fp32", "bf16", "fp16")
 ADVANTAGE_ESTIMATORS = ("gae", "group_norm", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline",
                         "reinforce++", "reinforce++_baseline", "cpgd")
@@ -101,8 +101,9 @@ class StrategyConfig(RewardShaping):
     fsdp_cpu_offload: bool = False
     shard_size: Optional[int] = None
 
-    # the engine RolloutEngineCallback builds when it is given none ("hf": the built-in HFEngine);
-    # tp size and memory fraction are vLLM's / SGLang's
+    # the engine RolloutEngineCallback builds when it is given none ("hf": the built-in HFEngine;
+    # "vllm_server": vLLM servers, their URLs in engine_kwargs); tp size and memory fraction are the
+    # colocated vLLM's / SGLang's
     engine_type: str = "hf"
     engine_tp_size: int = 1
     engine_mem_util: float = 0.5

@@ -92,6 +92,9 @@ class RolloutEngine(ABC):
     def finish_weight_update(self) -> None:
         """Called after the last bucket (engines reset their prefix cache here)."""
 
+    def tag_weight_version(self, version: int) -> None:
+        """The learner's step the next update carries as its weight version (engines that report one)."""
+
     @property
     def dtype(self) -> Optional[torch.dtype]:
         """The dtype the engine keeps its weights in (``None``: unknown)."""

@@ -55,6 +55,10 @@ class EngineConfig:
         check_bucket_bytes(self.bucket_bytes)
         if self.sleep_level is not None:
             check_sleep_level(self.sleep_level)
+        if self.engine_type == "vllm_server" and not self.kwargs.get("urls"):
+            raise ValueError("engine_type='vllm_server' needs the servers' URLs: engine_kwargs={'urls': "
+                             "['http://127.0.0.1:8000', ...]} (RolloutEngineCallback(engine_kwargs=...)); accepted: "
+                             "one or more base URLs of `lightrft-lightning serve` servers")
         if self.kwargs and self.engine_type == "hf":
             raise ValueError(f"engine_kwargs={self.kwargs!r} would be ignored: they are for engine_type 'vllm'/'sglang'; "
                              "accepted: {} with engine_type='hf'")
@@ -86,6 +90,10 @@ def engine_config(config: Optional[StrategyConfig], precision: str, *, engine_ty
     ``engine_sleep_level``, or that ``enable_engine_sleep=False`` would ignore, is refused."""
     config = config if config is not None else StrategyConfig()
     engine_type = engine_type or config.engine_type
+    if engine_type == "vllm_server" and (sleep_level or config.engine_sleep_level) is not None:
+        raise ValueError(f"sleep_level={sleep_level or config.engine_sleep_level!r} would be ignored: "
+                         "engine_type='vllm_server' runs on the servers' own devices, the trainer's memory holds "
+                         "nothing to free; accepted: sleep_level=None and StrategyConfig.engine_sleep_level=None")
     level = sleep_level or config.engine_sleep_level or fallback_sleep_level or default_sleep_level(engine_type)
     if sleep_level is not None:
         check_sleep_level(sleep_level)
@@ -107,7 +115,7 @@ def default_sleep_level(engine_type: str) -> int:
     copy them to host memory at each sleep and back at each wake, only for the push to overwrite them;
     vLLM's docs name level 2 for RLHF weight updates); 1 for the built-in HF engine, which in one process
     generates from the actor's own tensors (level 2 would make it hold a copy)."""
-    return 1 if engine_type == "hf" else 2
+    return 1 if engine_type in ("hf", "vllm_server") else 2  # a server's sleep is a no-op: nothing to drop
 
 
 def _default(name: str) -> Any:
@@ -138,6 +146,8 @@ def build_engine(config: EngineConfig, actor: Optional[nn.Module], *, model_path
     else a ``ValueError`` names the setting and the value that fits."""
     if config.engine_type == "hf":
         return _hf_engine(config, actor, device, share_weights)
+    if config.engine_type == "vllm_server":
+        return _server_engine(config)
     try:
         importlib.import_module(config.engine_type)
     except ImportError as err:
@@ -189,3 +199,15 @@ def _hf_engine(config: EngineConfig, actor: Optional[nn.Module], device: Any, sh
         # a LoRA actor's engine holds the merged weights instead
         return HFEngine(actor, share_weights=True, **kwargs)
     return HFEngine.from_config(hf_config, dtype=dtype, **kwargs)
+
+
+def _server_engine(config: EngineConfig) -> RolloutEngine:
+    from lightrft_lightning.engines.server import VLLMServerEngine
+
+    if (config.tp_size, config.mem_util) != (_default("engine_tp_size"), _default("engine_mem_util")):
+        raise ValueError(f"StrategyConfig.engine_tp_size={config.tp_size!r} / engine_mem_util={config.mem_util!r} would "
+                         "be ignored: a vLLM server's parallelism and memory are set where it starts "
+                         "(lightrft-lightning serve); accepted: their defaults with engine_type='vllm_server'")
+    kwargs = {"eos_token_id": config.eos_token_id, **config.kwargs}
+    kwargs.setdefault("dtype", config.dtype)
+    return VLLMServerEngine(**kwargs)

@@ -141,8 +141,10 @@ def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Option
     the buckets, and so the gathers, must match across ranks; the engine casts to its own dtype.
     LoRA layers arrive merged: ``W + (B @ A) * alpha / r`` under the base weight's name. The engine
     takes the whole update as one stream (``load_weight_buckets``), each bucket gathered when reached."""
-    buckets = plan_buckets(model, bucket_bytes, dtype)
     scalings = lora_scalings(model, hf_name) or None
+    if scalings and getattr(engine, "lora", None) == "adapter":
+        return _push_adapter(model, engine, bucket_bytes)
+    buckets = plan_buckets(model, bucket_bytes, dtype)
     moved = 0
 
     def stream() -> Iterator[tuple[Bucket, bool]]:
@@ -160,3 +162,15 @@ def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Option
     if engine is not None:
         engine.finish_weight_update()
     return moved
+
+
+def _push_adapter(model: nn.Module, engine: Any, bucket_bytes: int) -> int:
+    """Adapter-only sync (an engine with ``lora="adapter"``): only the LoRA parameters, gathered (every rank),
+    handed to ``engine.load_adapter(model, state)`` as ``{name: tensor}``; returns their bytes."""
+    lora = [(name, param) for name, param in model.named_parameters() if "lora_" in name]
+    state: dict[str, torch.Tensor] = {}
+    with _gathered(lora, None, bucket_bytes) as tensors:
+        for name, tensor in tensors:
+            state[name] = tensor.detach().clone()
+    engine.load_adapter(model, state)
+    return sum(t.numel() * t.element_size() for t in state.values())

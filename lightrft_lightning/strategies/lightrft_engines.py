@@ -76,16 +76,17 @@ class LightRFTEngineMixin:
                 self._engine_dp_group = group
 
     def setup_inference_engine(self, args: Any = None, engine_type: Optional[str] = None, actor: Any = None,
-                               bucket_bytes: Optional[int] = None) -> Any:
+                               bucket_bytes: Optional[int] = None, engine_kwargs: Optional[dict] = None) -> Any:
         """Build this rank's rollout engine with :func:`~lightrft_lightning.engines.build.build_engine`
         (``engine_type`` default: the config's): "hf" is the built-in ``HFEngine`` from the actor's config,
         "vllm" / "sglang" load the Hugging Face directory of ``args.pretrain`` (else the actor's
         ``name_or_path``) with ``engine_tp_size`` and ``engine_mem_util``. The engine generates in the
         dtype the actor trains in (bf16 under ``bf16``). With an ``actor`` its weights are pushed (a
         collective under FSDP/ZeRO-3) in buckets of ``bucket_bytes`` (default 256 MiB), then the engine
-        sleeps if ``enable_engine_sleep``. Becomes :attr:`inference_engine`."""
+        sleeps if ``enable_engine_sleep``. ``engine_kwargs``: more engine arguments ("vllm_server": the
+        servers' ``urls``, ``api_key``...). Becomes :attr:`inference_engine`."""
         cfg = engine_config(self._args_config(args), self.training_precision(), engine_type=engine_type,
-                            bucket_bytes=bucket_bytes)
+                            bucket_bytes=bucket_bytes, engine_kwargs=engine_kwargs)
         module = self.unwrap_model(actor) if actor is not None else None
         engine = build_engine(cfg, module, model_path=getattr(args, "pretrain", None),
                               device=self._accelerator_device())
@@ -104,6 +105,7 @@ class LightRFTEngineMixin:
             raise RuntimeError("update_engine_weights: no inference engine; call setup_inference_engine first")
         self.engines_wake_up([engine], ["weights"])
         bucket_bytes = self._engine_config.bucket_bytes if self._engine_config is not None else DEFAULT_BUCKET_BYTES
+        engine.tag_weight_version(getattr(self, "optimizer_steps", 0))
         moved = push_weights(self.unwrap_model(actor), engine, bucket_bytes, dtype=engine.dtype)
         self._barrier()
         return moved
@@ -121,7 +123,7 @@ class LightRFTEngineMixin:
         """Wake rollout engines (default: the registered ones) before generation; ``tags``: a subset of
         ["weights", "kv_cache"] (None: both)."""
         config = self._engine_config
-        mem_util = config.mem_util if config is not None and config.engine_type != "hf" else None
+        mem_util = config.mem_util if config is not None and config.engine_type not in ("hf", "vllm_server") else None
         wake_engines(_engines(engines, self.engines), tags, mem_util=mem_util)
 
     def maybe_sleep_inference_engine(self) -> None:

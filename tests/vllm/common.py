@@ -64,3 +64,15 @@ def logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> to
 def max_logprob_diff(model: torch.nn.Module, prompts: list[list[int]], completions) -> float:
     return max((logprobs(model, prompts[c.prompt_index], c.token_ids) - torch.tensor(c.logprobs)).abs().max().item()
                for c in completions)
+
+
+def save_tiny_served(path: str, seed: int = 0) -> str:
+    """:func:`save_tiny` with a character tokenizer covering its 96 ids: a vLLM server's completions
+    endpoint needs a tokenizer to return token ids with log-probs (the ids travel as ids, never as text)."""
+    import string
+
+    from lightrft_lightning.tokenizer import char_tokenizer
+
+    save_tiny(path, seed)
+    char_tokenizer(string.printable[:TINY["vocab_size"] - 3]).save_pretrained(path)
+    return path
