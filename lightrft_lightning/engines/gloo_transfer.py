@@ -36,6 +36,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from lightrft_lightning.engines.vllm_weights import refresh_shared_weights
+
 BACKEND = "gloo"
 _ALIGN = 16
 
@@ -91,22 +93,6 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, token: str, tim
     options._devices = [device]
     return GlooGroup(dist.ProcessGroupGloo(dist.PrefixStore(f"lightrft/{token}", store), rank, world_size, options),
                      store)
-
-
-def refresh_shared_weights(model: torch.nn.Module) -> None:
-    """Re-run the weight processing of modules that share one weight (a tied ``lm_head``): the layerwise
-    reload processes only the modules it was sent tensors for, and a tied ``lm_head`` gets none (its weight
-    travels once, as ``embed_tokens``); on CPU that processing keeps a packed copy of the weight for the
-    logits GEMM, which would keep the old values (``VLLMEngine`` does the same in process)."""
-    shared: dict[int, list[Any]] = {}
-    for module in model.modules():
-        weight = module._parameters.get("weight")
-        if weight is not None and hasattr(module, "quant_method"):
-            shared.setdefault(id(weight), []).append(module)
-    for modules in shared.values():
-        if len(modules) > 1:
-            for module in modules:
-                module.quant_method.process_weights_after_loading(module)
 
 
 # ---------------------------------------------------------------------------------------------- worker side

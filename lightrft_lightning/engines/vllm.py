@@ -39,6 +39,7 @@ import torch
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from lightrft_lightning.engines.base import Completion, EngineStateError, LifecycleEngine, SamplingParams, require_package
+from lightrft_lightning.engines.vllm_weights import refresh_shared_weights
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -313,23 +314,12 @@ class VLLMEngine(LifecycleEngine):
         self.llm.reset_prefix_cache()  # cached prefixes hold activations of the old weights
 
     def _refresh_tied(self) -> None:
-        """Re-run the weight processing of modules that share a weight (a tied ``lm_head``). The reload
-        only processes modules it sent tensors to, and a tied ``lm_head`` receives none (pushed once, as
-        ``embed_tokens``): on CPU its processing keeps a packed copy of the weight for the logits GEMM,
-        which would keep the old values. On CUDA that processing is a no-op. Needs the engine in process
-        (``external_launcher``), where the model is reached directly, without an RPC."""
+        """:func:`~lightrft_lightning.engines.vllm_weights.refresh_shared_weights` on the engine's model.
+        Needs the engine in process (``external_launcher``), where the model is reached directly, without an RPC."""
         model = _local_model(self.llm)
         if model is None:
             return
-        shared: dict[int, list[Any]] = {}
-        for module in model.modules():
-            weight = module._parameters.get("weight")
-            if weight is not None and hasattr(module, "quant_method"):
-                shared.setdefault(id(weight), []).append(module)
-        for modules in shared.values():
-            if len(modules) > 1:
-                for module in modules:
-                    module.quant_method.process_weights_after_loading(module)
+        refresh_shared_weights(model)
 
     @property
     def dtype(self) -> Optional[torch.dtype]:

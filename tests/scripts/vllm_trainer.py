@@ -11,10 +11,11 @@ a training step. Rank 0 prints ``RESULT {json}``.
 import os
 import sys
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -35,9 +36,10 @@ def prompts_of(rank: int) -> list[list[int]]:
 
 
 class Rollouts(LightningModule):
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, steps: int = STEPS) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.steps = steps
         self.actor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.matched, self.diffs, self.sharded, self.rollouts = [], [], [], []
 
@@ -62,45 +64,55 @@ class Rollouts(LightningModule):
         return torch.optim.AdamW(self.actor.parameters(), lr=0.05)
 
     def train_dataloader(self):
-        return DataLoader(list(range(2 * STEPS)), batch_size=1)
+        return DataLoader(list(range(2 * self.steps)), batch_size=1)
 
 
-def main(backend: str, model_dir: str) -> None:
+def fit(backend: str, model: Rollouts, callback: RolloutEngineCallback, config: dict) -> tuple[Trainer, Any]:
+    """Fit ``model`` on 2 ranks of ``backend`` with ``callback``; returns the Trainer and the engine it built."""
     if backend == "fsdp":
         from lightrft_lightning.strategies.fsdp import LightRFTFSDP as Strategy
     else:
         from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed as Strategy
-    module, callback = Rollouts(model_dir), RolloutEngineCallback(bucket_bytes=20_000, sleep_level=1)
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=Strategy(dict(CONFIG)), max_steps=STEPS, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      callbacks=[callback])
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=Strategy(dict(config)), max_steps=model.steps,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=[callback])
     engines = []
 
-    class Keep(RolloutEngineCallback.__mro__[1]):  # a plain Callback: see which engine the callback built
+    class Keep(Callback):  # see which engine the callback built
         def on_train_start(self, trainer, pl_module):
             engines.append(callback.engine)
 
     trainer.callbacks.append(Keep())
-    trainer.fit(module)
-    engine = engines[0]
-    local = {"matched": module.matched, "max_diff": max(module.diffs), "sharded": all(module.sharded),
-             "changed": all(a != b for a, b in zip(module.rollouts, module.rollouts[1:])),
-             "pushes": callback.stats["pushes"], "engine": type(engine).__name__,
-             "dp": engine.llm.llm_engine.vllm_config.parallel_config.data_parallel_size,
-             "sleep_mode": engine.sleep_mode, "reloads": engine.reloads}
+    trainer.fit(model)
+    return trainer, engines[0]
+
+
+def gather_and_report(trainer: Trainer, model: Rollouts, callback: RolloutEngineCallback, **extra: Any) -> list[dict]:
+    """Each rank's matches, log-prob gap and pushes (with ``extra``), gathered; rank 0 reports the summary."""
+    local = {"matched": model.matched, "max_diff": max(model.diffs), "sharded": all(model.sharded),
+             "changed": all(a != b for a, b in zip(model.rollouts, model.rollouts[1:])),
+             "pushes": callback.stats["pushes"], **extra}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     if trainer.is_global_zero:
-        summary = {"ranks": gathered, "prompts_matched": sum(sum(r["matched"]) for r in gathered),
-                   "prompts_total": sum(len(r["matched"]) * len(prompts_of(0)) for r in gathered),
-                   "max_logprob_diff": max(r["max_diff"] for r in gathered)}
-        report(summary)
+        report({"ranks": gathered, "prompts_matched": sum(sum(r["matched"]) for r in gathered),
+                "prompts_total": sum(len(r["matched"]) * len(prompts_of(0)) for r in gathered),
+                "max_logprob_diff": max(r["max_diff"] for r in gathered)})
     else:
         report({})
     for r in gathered:
-        assert isinstance(engine, VLLMEngine) and r["dp"] == 2 and not r["sleep_mode"], r
-        assert r["matched"] == [len(prompts_of(0))] * STEPS and r["pushes"] == STEPS, r
+        assert r["matched"] == [len(prompts_of(0))] * model.steps and r["pushes"] == model.steps, r
         assert r["sharded"] and r["changed"] and r["max_diff"] < 1e-4, r
+    return gathered
+
+
+def main(backend: str, model_dir: str) -> None:
+    model, callback = Rollouts(model_dir), RolloutEngineCallback(bucket_bytes=20_000, sleep_level=1)
+    trainer, engine = fit(backend, model, callback, CONFIG)
+    for r in gather_and_report(trainer, model, callback, engine=type(engine).__name__,
+                               dp=engine.llm.llm_engine.vllm_config.parallel_config.data_parallel_size,
+                               sleep_mode=engine.sleep_mode, reloads=engine.reloads):
+        assert isinstance(engine, VLLMEngine) and r["dp"] == 2 and not r["sleep_mode"], r
 
 
 if __name__ == "__main__":
