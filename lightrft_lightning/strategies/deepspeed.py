@@ -43,7 +43,7 @@ from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.parallel.stepper import Stepper
-from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config, lightrft_load_args
+from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
 
 log = logging.getLogger(__name__)
 

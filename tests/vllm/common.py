@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -76,3 +77,21 @@ def save_tiny_served(path: str, seed: int = 0) -> str:
     save_tiny(path, seed)
     char_tokenizer(string.printable[:TINY["vocab_size"] - 3]).save_pretrained(path)
     return path
+
+
+def cli_fit_rows(config: str, tmp_path: Any, *args: str, timeout: float = 500) -> list[dict[str, str]]:
+    """``lightrft-lightning fit --config examples/<config>.yaml ARGS`` (2 ranks, Lightning's launcher) into
+    ``tmp_path``; the CSV logger's rows that hold a reward."""
+    import csv
+    import subprocess
+
+    from tests.launch import ROOT, script_env
+
+    command = [sys.executable, "-m", "lightrft_lightning.cli", "fit", "--config", f"examples/{config}.yaml", *args,
+               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_checkpointing=false"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=script_env(), cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    run_dir = next((tmp_path / config).iterdir())
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("reward")]

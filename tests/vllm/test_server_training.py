@@ -11,17 +11,15 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import subprocess
-import sys
 
 import pytest
 import requests
 
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.engines.server import ServerError, VLLMServerEngine
-from tests.launch import ROOT, script_env, script_result, torchrun
+from tests.launch import script_result, torchrun
+from tests.vllm.common import cli_fit_rows
 from tests.vllm.conftest import SERVER_KEY
 
 
@@ -37,18 +35,12 @@ def test_grpo_from_the_example_yaml_on_two_fsdp_ranks_with_one_server(lora, tiny
     model, servers = tiny_servers
     url = servers[0].url
     extra = ["--model.init_args.lora={r: 8, alpha: 16}", "--model.init_args.actor_learning_rate=0.05"] if lora else []
-    args = [sys.executable, "-m", "lightrft_lightning.cli", "fit", "--config", "examples/grpo_smollm2_vllm_server.yaml",
-            f"--model.init_args.model={model}", "--model.init_args.apply_chat_template=false",
-            "--model.init_args.max_new_tokens=8", "--trainer.max_steps=2", "--data.batch_size=2",
-            f"--trainer.callbacks.init_args.engine_kwargs={{urls: [{url}], api_key: {SERVER_KEY}, timeout_s: 120"
-            + (f", lora: {lora}}}" if lora else "}"), *extra,
-            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_checkpointing=false"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=400, env=script_env(), cwd=ROOT)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    run_dir = next((tmp_path / "grpo_smollm2_vllm_server").iterdir())
-    with open(run_dir / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("reward")]
+    rows = cli_fit_rows(
+        "grpo_smollm2_vllm_server", tmp_path, f"--model.init_args.model={model}",
+        "--model.init_args.apply_chat_template=false", "--model.init_args.max_new_tokens=8", "--trainer.max_steps=2",
+        "--data.batch_size=2",
+        f"--trainer.callbacks.init_args.engine_kwargs={{urls: [{url}], api_key: {SERVER_KEY}, timeout_s: 120"
+        + (f", lora: {lora}}}" if lora else "}"), *extra, timeout=400)
     print(f"FIGURE GRPO FSDP2 2 ranks, 1 server, lora={lora}: engine/learner |logp diff| "
           f"{[float(r['mismatch/logp_abs_diff']) for r in rows]}, push s {[float(r['rollout/sync_s']) for r in rows]}")
     assert [int(r["step"]) for r in rows] == [0, 1]

@@ -5,7 +5,6 @@ launcher."""
 
 from __future__ import annotations
 
-import csv
 import math
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import pytest
 
 from tests.launch import ROOT, SCRIPTS, script_env, script_result, torchrun
-from tests.vllm.common import save_tiny
+from tests.vllm.common import cli_fit_rows, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +58,8 @@ def test_lora_grpo_steps_on_the_real_model_with_vllm():
 
 
 def test_cpu_example_yaml_on_two_fsdp_ranks(tmp_path):
-    args = [sys.executable, "-m", "lightrft_lightning.cli", "fit", "--config", "examples/grpo_smollm2_vllm_cpu.yaml",
-            "--trainer.max_steps=1", "--data.batch_size=1", "--model.init_args.max_new_tokens=8",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_checkpointing=false"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=500, env=script_env(), cwd=ROOT)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    run_dir = next((tmp_path / "grpo_smollm2_vllm_cpu").iterdir())
-    with open(run_dir / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("reward")]
+    rows = cli_fit_rows("grpo_smollm2_vllm_cpu", tmp_path, "--trainer.max_steps=1", "--data.batch_size=1",
+                        "--model.init_args.max_new_tokens=8")
     assert [int(r["step"]) for r in rows] == [0]
     assert 0.0 <= float(rows[0]["reward"]) <= 1.0 and math.isfinite(float(rows[0]["loss/policy"]))
     assert float(rows[0]["rollout/sync_bytes"]) > 500e6  # the full fp32 model (538 MB) reached the engine
