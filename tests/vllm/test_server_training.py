@@ -5,20 +5,23 @@
   server, through LightningCLI, the engine built by the callback from ``engine_type: vllm_server``;
 * ``LightRFTDeepSpeed`` ZeRO-3 with two servers (prompts spread over both, each push broadcast once to both):
   every step the servers' greedy completions equal the sharded actor's own decode;
-* a server that dies: an error naming its URL (this kills the second server: it runs last).
+* a server that dies mid-run: an error naming its URL, and the last checkpoint whole (this kills the second
+  server: it runs last).
 
 ``/weight_info`` reports the learner's step of the last push."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import requests
+import torch
 
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.engines.server import ServerError, VLLMServerEngine
-from tests.launch import script_result, torchrun
+from tests.launch import ROOT, script_result, torchrun
 from tests.vllm.common import cli_fit_rows
 from tests.vllm.conftest import SERVER_KEY
 
@@ -70,11 +73,38 @@ def test_two_zero3_ranks_train_with_rollouts_on_two_servers(tiny_servers):
     assert all(r["pushes"] == 2 and r["versions"] == ["1", "1"] for r in result["ranks"])
 
 
-def test_a_server_that_dies_is_a_clear_error_naming_its_url(tiny_servers):
-    server = tiny_servers[1][1]
-    engine = VLLMServerEngine([server.url], api_key=SERVER_KEY, timeout_s=30)
-    assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))[0].token_ids) == 4
-    server.kill()
-    with pytest.raises(ServerError, match=f"vLLM server {server.url}: POST /v1/completions failed: cannot connect"):
-        engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))
-    engine.close()
+def test_a_server_that_dies_mid_run_is_an_error_naming_its_url_and_the_last_checkpoint_loads(tiny_servers, tmp_path):
+    """GRPO under a Trainer with a DCP checkpoint every step; the server dies after step 1: the next rollout
+    raises an error naming its URL, and the step-1 checkpoint (written after the kill) is whole and holds
+    the weights the actor ended with. Kills the second server: this test runs last."""
+    import lightning.pytorch as pl
+
+    from lightrft_lightning import LightRFTFake
+    from lightrft_lightning.algorithms import GRPO
+    from lightrft_lightning.callbacks import DCPCheckpoint, RolloutEngineCallback
+    from lightrft_lightning.checkpoint import dcp
+    from lightrft_lightning.data import PromptDataModule
+
+    model, servers = tiny_servers
+    server = servers[1]
+
+    class KillAfterFirstStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 1:
+                server.kill()
+
+    module = GRPO(model=model, apply_chat_template=False, rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0},
+                  n_samples_per_prompt=2, max_new_tokens=4, micro_train_batch_size=2, actor_learning_rate=0.05)
+    engine = RolloutEngineCallback(engine_kwargs={"urls": [server.url], "api_key": SERVER_KEY, "timeout_s": 30})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"engine_type": "vllm_server"}),
+                         max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[engine, DCPCheckpoint(tmp_path, every_n_train_steps=1), KillAfterFirstStep()])
+    data = PromptDataModule(path=str(ROOT / "examples/data/arithmetic_train.jsonl"), batch_size=1)
+    # the next step's weight push (or rollout) is the first request to fail
+    with pytest.raises(ServerError, match=f"vLLM server {re.escape(server.url)}: POST /[a-z_/0-9]+ failed: cannot connect"):
+        trainer.fit(module, data)
+    path = dcp.resolve(str(tmp_path))
+    assert path.endswith("global_step1")
+    saved = dcp.read_state_dict(path)  # verified against the CRCs saved with it
+    actor = module.actor.state_dict()
+    assert all(torch.equal(saved[f"actor.{k}"], v) for k, v in actor.items())
