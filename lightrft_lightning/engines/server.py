@@ -221,8 +221,14 @@ class VLLMServerEngine(LifecycleEngine):
         """One update to every server: paused, the buckets broadcast once (rank 0; the other ranks only
         walk the stream, whose gathers are collectives), finished with the next weight version, resumed."""
         self._check_weights_awake("load_weight_buckets")
+        self._send(buckets, self._next_version())
+
+    def _next_version(self) -> int:
         self.version = self._tagged if self._tagged is not None else self.version + 1
         self._tagged = None
+        return self.version
+
+    def _send(self, buckets: Iterable[tuple[list[tuple[str, torch.Tensor]], bool]], version: int) -> None:
         if self._rank() != 0:
             for _ in buckets:
                 pass
@@ -230,7 +236,7 @@ class VLLMServerEngine(LifecycleEngine):
         sender = self._weight_sender()
         self._each(lambda url: self._call("POST", url, "/pause", params={"mode": "wait"}))
         try:
-            self.last_push_bytes = sender.send_buckets((b for b, _ in buckets), str(self.version))
+            self.last_push_bytes = sender.send_buckets((b for b, _ in buckets), str(version))
         finally:
             self._each(lambda url: self._call("POST", url, "/resume"))
 
@@ -279,15 +285,20 @@ class VLLMServerEngine(LifecycleEngine):
             self._sender = _NCCLSender(self, clients, self.worker_counts, self.trainer_address)
         return self._sender
 
-    def load_adapter(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter(self, model: torch.nn.Module, state: dict[str, torch.Tensor],
+                     base: Optional[Iterable[tuple[list[tuple[str, torch.Tensor]], bool]]] = None) -> None:
         """Adapter-only sync: ``state`` (the gathered LoRA parameters of ``model``, a peft model) saved by rank 0
-        and loaded on every server as ``lightrft-v<version>``; generation then uses it. Every rank calls it."""
+        and loaded on every server as ``lightrft-v<version>``; generation then uses it. ``base``: the frozen
+        base weights as buckets, sent first under the same version (an engine's first sync). Every rank calls it."""
         from lightrft_lightning.lora import save_adapter
 
         self._check_weights_awake("load_adapter")
-        self.version = self._tagged if self._tagged is not None else self.version + 1
-        self._tagged = None
-        name, previous = f"lightrft-v{self.version}", self.adapter
+        version = self._next_version()
+        if base is not None:  # the first sync takes the servers over: another run's adapters (same names) go
+            self._send(base, version)
+            if self._rank() == 0:
+                self._each(self._unload_our_adapters)
+        name, previous = f"lightrft-v{version}", self.adapter
         if self._rank() == 0:
             if self.adapter_dir is None:
                 self.adapter_dir = tempfile.mkdtemp(prefix="lightrft-adapters-")
@@ -304,6 +315,11 @@ class VLLMServerEngine(LifecycleEngine):
                 shutil.rmtree(os.path.join(self.adapter_dir, previous), ignore_errors=True)
         self.adapter = name
         self.finish_weight_update()
+
+    def _unload_our_adapters(self, url: str) -> None:
+        for model in (self._call("GET", url, "/v1/models") or {}).get("data", []):
+            if model["id"].startswith("lightrft-v"):
+                self._call("POST", url, "/v1/unload_lora_adapter", json={"lora_name": model["id"]})
 
     def close(self) -> None:
         """Release the threads, connections and weight-transfer group (the servers keep running)."""

@@ -143,34 +143,45 @@ def push_weights(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Option
     takes the whole update as one stream (``load_weight_buckets``), each bucket gathered when reached."""
     scalings = lora_scalings(model, hf_name) or None
     if scalings and getattr(engine, "lora", None) == "adapter":
-        return _push_adapter(model, engine, bucket_bytes)
-    buckets = plan_buckets(model, bucket_bytes, dtype)
-    moved = 0
-
-    def stream() -> Iterator[tuple[Bucket, bool]]:
-        nonlocal moved
-        for index, bucket in enumerate(buckets):
-            with _gathered(bucket, dtype, bucket_bytes, scalings) as tensors:
-                moved += sum(t.numel() * t.element_size() for _, t in tensors)
-                yield tensors, index == len(buckets) - 1
-
-    source = stream()
+        return _push_adapter(model, engine, bucket_bytes, dtype, scalings)
+    moved = [0]
+    source = _stream(model, bucket_bytes, dtype, scalings, moved)
     if engine is not None:
         engine.load_weight_buckets(source)
     for _ in source:  # the gathers are collectives: every rank walks every bucket, with or without an engine
         pass
     if engine is not None:
         engine.finish_weight_update()
-    return moved
+    return moved[0]
 
 
-def _push_adapter(model: nn.Module, engine: Any, bucket_bytes: int) -> int:
+def _stream(model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype], scalings: Optional[dict[str, float]],
+            moved: list[int]) -> Iterator[tuple[Bucket, bool]]:
+    """``(bucket, last)`` pairs, each bucket gathered (and its LoRA layers merged) when reached; adds the bytes
+    yielded to ``moved[0]``."""
+    buckets = plan_buckets(model, bucket_bytes, dtype)
+    for index, bucket in enumerate(buckets):
+        with _gathered(bucket, dtype, bucket_bytes, scalings) as tensors:
+            moved[0] += sum(t.numel() * t.element_size() for _, t in tensors)
+            yield tensors, index == len(buckets) - 1
+
+
+def _push_adapter(model: nn.Module, engine: Any, bucket_bytes: int, dtype: Optional[torch.dtype],
+                  scalings: dict[str, float]) -> int:
     """Adapter-only sync (an engine with ``lora="adapter"``): only the LoRA parameters, gathered (every rank),
-    handed to ``engine.load_adapter(model, state)`` as ``{name: tensor}``; returns their bytes."""
+    handed to ``engine.load_adapter(model, state, base)`` as ``{name: tensor}``; returns the bytes moved. An
+    engine's first sync also streams the frozen base weights (``base``: the LoRA layers merged with scaling
+    0), since its servers may hold another run's weights; after that, the adapter alone."""
     lora = [(name, param) for name, param in model.named_parameters() if "lora_" in name]
     state: dict[str, torch.Tensor] = {}
     with _gathered(lora, None, bucket_bytes) as tensors:
         for name, tensor in tensors:
             state[name] = tensor.detach().clone()
-    engine.load_adapter(model, state)
-    return sum(t.numel() * t.element_size() for t in state.values())
+    moved = [sum(t.numel() * t.element_size() for t in state.values())]
+    base = None
+    if engine.adapter is None:
+        base = _stream(model, bucket_bytes, dtype, dict.fromkeys(scalings, 0.0), moved)
+    engine.load_adapter(model, state, base)
+    for _ in base or ():  # every rank walks every bucket (collectives)
+        pass
+    return moved[0]

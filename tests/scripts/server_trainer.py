@@ -6,7 +6,10 @@ different prompt set per rank, spread over the servers) compared token for token
 own greedy decode, and the engine's log-probs with the actor's; then a training step. Rank 0 prints
 ``RESULT {json}``.
 
-    PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/server_trainer.py {fsdp|deepspeed} MODEL_DIR URL[,URL]
+    PYTHONPATH=. torchrun --nproc_per_node=2 tests/scripts/server_trainer.py {fsdp|deepspeed} MODEL_DIR URL[,URL] \
+        [{full|merged|adapter}]
+
+``merged`` / ``adapter``: a LoRA actor, its merged weights or its adapter alone sent to the servers.
 """
 
 import os
@@ -25,10 +28,11 @@ CONFIG = dict(bf16=False, train_batch_size=2, micro_train_batch_size=1, max_norm
 STEPS = 2
 
 
-def main(backend: str, model_dir: str, urls: list[str]) -> None:
-    model = Rollouts(model_dir, steps=STEPS)
+def main(backend: str, model_dir: str, urls: list[str], weights: str = "full") -> None:
+    model = Rollouts(model_dir, steps=STEPS, lora=weights != "full")
+    lora = {} if weights == "full" else {"lora": weights}
     callback = RolloutEngineCallback(bucket_bytes=20_000,
-                                     engine_kwargs={"urls": urls, "api_key": "test-key", "timeout_s": 120})
+                                     engine_kwargs={"urls": urls, "api_key": "test-key", "timeout_s": 120, **lora})
     trainer, engine = fit(backend, model, callback, CONFIG)
     for r in gather_and_report(trainer, model, callback, engine=type(engine).__name__,
                                versions=engine.weight_versions(), urls=engine.urls):
@@ -39,5 +43,5 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     set_env()
     torch.set_num_threads(1)
-    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))
+    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","), *sys.argv[4:])
     os._exit(0)  # vLLM's exit hooks tear down process groups report() already destroyed

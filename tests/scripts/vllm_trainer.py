@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from lightrft_lightning.callbacks import RolloutEngineCallback, find_rollout_callback
 from lightrft_lightning.engines import SamplingParams, VLLMEngine
+from lightrft_lightning.lora import LoRASettings, apply_lora
 from tests.launch import report
 from tests.vllm.common import greedy, max_logprob_diff, set_env
 
@@ -36,11 +37,13 @@ def prompts_of(rank: int) -> list[list[int]]:
 
 
 class Rollouts(LightningModule):
-    def __init__(self, model_dir: str, steps: int = STEPS) -> None:
+    def __init__(self, model_dir: str, steps: int = STEPS, lora: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.steps = steps
         self.actor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if lora:  # rank 8 on every projection; lr 0.05 moves the adapter enough to change greedy decodes
+            apply_lora(self.actor, LoRASettings.parse({"r": 8, "alpha": 16}, "Rollouts"), "Rollouts")
         self.matched, self.diffs, self.sharded, self.rollouts = [], [], [], []
 
     def training_step(self, batch, batch_idx):
@@ -61,7 +64,7 @@ class Rollouts(LightningModule):
         strategy.optimizer_step(opt, self.actor, None, name="actor")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.actor.parameters(), lr=0.05)
+        return torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=0.05)
 
     def train_dataloader(self):
         return DataLoader(list(range(2 * self.steps)), batch_size=1)

@@ -53,13 +53,15 @@ def test_push_from_an_actor_makes_greedy_equal_with_buckets_that_split_layers(se
 
 def test_adapter_only_sync_generates_with_the_trained_adapter(server):
     """``lora="adapter"``: only the LoRA parameters travel (a peft directory the server loads), and the server's
-    greedy completions equal the merged actor's; a second push replaces the adapter; versions are the steps."""
+    greedy completions equal the merged actor's; a second push replaces the adapter; versions are the steps. The
+    server starts with another model's weights: the engine's first sync sends the frozen base too."""
     import copy
 
     from lightrft_lightning.lora import LoRASettings, apply_lora, lora_layers
 
+    push_weights(tiny_causal_lm(seed=7, **TINY), VLLMServerEngine([server.url], api_key=KEY), 1 << 20)  # not the base
     base = tiny_causal_lm(seed=6, **TINY)
-    push_weights(base, VLLMServerEngine([server.url], api_key=KEY), 1 << 20)  # the base the adapter applies to
+    base_bytes = sum(4 * p.numel() for p in base.parameters())
     actor = apply_lora(base, LoRASettings(r=8, alpha=16), "test")
     engine = VLLMServerEngine([server.url], api_key=KEY, lora="adapter")
     greedy_params = SamplingParams(temperature=0.0, max_new_tokens=8, stop_at_eos=False)
@@ -78,7 +80,8 @@ def test_adapter_only_sync_generates_with_the_trained_adapter(server):
                     p.normal_(0, 0.3, generator=torch.Generator().manual_seed(step))
         engine.tag_weight_version(step)
         moved = push_weights(actor, engine, 1 << 20)
-        assert moved == sum(4 * p.numel() for n, p in actor.named_parameters() if "lora_" in n)  # the adapter only
+        adapter = sum(4 * p.numel() for n, p in actor.named_parameters() if "lora_" in n)
+        assert moved == adapter + (base_bytes if step == 3 else 0)  # then the adapter only
         out = [c.token_ids for c in engine.generate(PROMPTS, greedy_params)]
         assert out == merged_greedy() and engine.weight_versions() == [str(step)]
         seen.append(out)

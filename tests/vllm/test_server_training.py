@@ -3,8 +3,9 @@
 
 * GRPO from the example YAML (``examples/grpo_smollm2_vllm_server.yaml``: ``LightRFTFSDP``, FSDP2) with one
   server, through LightningCLI, the engine built by the callback from ``engine_type: vllm_server``;
-* ``LightRFTDeepSpeed`` ZeRO-3 with two servers (prompts spread over both, each push broadcast once to both):
-  every step the servers' greedy completions equal the sharded actor's own decode;
+* ``LightRFTDeepSpeed`` ZeRO-3 with two servers (prompts spread over both, each push broadcast once to both)
+  and with one (a LoRA actor, adapter only), FSDP2 with two (LoRA merged): every step the servers' greedy
+  completions equal the sharded actor's own decode;
 * a server that dies mid-run: an error naming its URL, and the last checkpoint whole (this kills the second
   server: it runs last).
 
@@ -50,27 +51,32 @@ def test_grpo_from_the_example_yaml_on_two_fsdp_ranks_with_one_server(lora, tiny
     from transformers import AutoModelForCausalLM
 
     tiny = AutoModelForCausalLM.from_pretrained(model)
-    if lora:  # the adapter only: r x (in + out) per adapted projection, 7 per layer
-        sent = 4 * 8 * sum(m.in_features + m.out_features for n, m in tiny.named_modules() if n.endswith(
+    full = sum(4 * p.numel() for p in tiny.parameters())  # fp32; tied: embed_tokens once
+    if lora:  # the adapter only: r x (in + out) per adapted projection, 7 per layer; the first sync adds the base
+        adapter = 4 * 8 * sum(m.in_features + m.out_features for n, m in tiny.named_modules() if n.endswith(
             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+        assert [float(r["rollout/sync_bytes"]) for r in rows] == [full + adapter, adapter]
     else:
-        sent = sum(4 * p.numel() for p in tiny.parameters())  # tied: embed_tokens once
-    assert [float(r["rollout/sync_bytes"]) for r in rows] == [sent, sent]  # fp32
+        assert [float(r["rollout/sync_bytes"]) for r in rows] == [full, full]
     # the server's log-probs are the learner's own (fp32 both): the pushed weights are the actor's
     assert all(float(r["mismatch/logp_abs_diff"]) < 1e-4 and math.isfinite(float(r["loss/policy"])) for r in rows)
     assert weight_version(url) == "1"  # the last push carried the learner's step (1)
 
 
-def test_two_zero3_ranks_train_with_rollouts_on_two_servers(tiny_servers):
+@pytest.mark.parametrize("backend,count,weights", [("deepspeed", 2, "full"), ("deepspeed", 1, "adapter"),
+                                                  ("fsdp", 2, "merged")])
+def test_two_ranks_train_with_rollouts_on_servers(backend, count, weights, tiny_servers):
+    """With the example test above: FSDP2 and ZeRO-3 each with one server and with two, a LoRA actor's adapter
+    alone (ZeRO-3) and merged (FSDP2); every step the servers' greedy completions equal the sharded actor's."""
     model, servers = tiny_servers
-    urls = [s.url for s in servers]
-    result = script_result(torchrun("server_trainer.py", 2, "deepspeed", model, ",".join(urls), timeout=400))
-    print(f"FIGURE ZeRO-3 2 ranks, 2 servers: greedy prompts matched {result['prompts_matched']}/"
-          f"{result['prompts_total']}, max logprob diff {result['max_logprob_diff']:.3g}")
+    urls = [s.url for s in servers[:count]]
+    result = script_result(torchrun("server_trainer.py", 2, backend, model, ",".join(urls), weights, timeout=400))
+    print(f"FIGURE {backend} 2 ranks, {count} server(s), {weights} weights: greedy prompts matched "
+          f"{result['prompts_matched']}/{result['prompts_total']}, max logprob diff {result['max_logprob_diff']:.3g}")
     assert result["prompts_matched"] == result["prompts_total"] == 12  # 2 ranks x 2 steps x 3 prompts
     assert result["max_logprob_diff"] < 1e-4
     # pushed before each of the 2 rollouts, tagged with the learner's step (0, 1)
-    assert all(r["pushes"] == 2 and r["versions"] == ["1", "1"] for r in result["ranks"])
+    assert all(r["pushes"] == 2 and r["versions"] == ["1"] * count for r in result["ranks"])
 
 
 def test_a_server_that_dies_mid_run_is_an_error_naming_its_url_and_the_last_checkpoint_loads(tiny_servers, tmp_path):
