@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,13 +19,14 @@ from lightrft_lightning.tokenizer import load_tokenizer
 
 def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None, on_meta: bool = False) -> nn.Module:
     """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else the local HF
-    directory :func:`model_dir` gives, in fp32: loaded, or with ``on_meta`` its parameters on the meta device,
-    to take the checkpoint's weights when the strategy materializes or shards it (:func:`causal_lm_on_meta`)."""
+    directory :func:`model_dir` gives, in fp32: loaded, or with ``on_meta`` and safetensors weights its parameters
+    on the meta device, to take the checkpoint's weights when the strategy materializes or shards it
+    (:func:`causal_lm_on_meta`; other weight files load whole, as before)."""
     if model == "tiny":
         from lightrft_lightning.tiny_models import tiny_causal_lm
 
         return tiny_causal_lm(**{"vocab_size": vocab_size, **(model_config or {})})
-    if on_meta:
+    if on_meta and any(Path(model).glob("*.safetensors")):
         return causal_lm_on_meta(model)
     from transformers import AutoModelForCausalLM
 

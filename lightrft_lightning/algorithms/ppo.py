@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.flat import flat_parts
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss, value_loss
-from lightrft_lightning.parallel.meta_init import PretrainedWeights, pretrained_weights, set_pretrained_weights
 from lightrft_lightning.algorithms.module import RLModule
+from lightrft_lightning.parallel.meta_init import PretrainedWeights, pretrained_weights, set_pretrained_weights
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 
 

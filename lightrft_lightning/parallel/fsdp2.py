@@ -83,6 +83,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPoli
     return fully_shard(model, **kwargs)
 
 
+def reads_pretrained_shards() -> bool:
+    """Whether this torch reads a rank's own rows of safetensors (DCP's ``HuggingFaceStorageReader``; older
+    versions materialize the whole model before sharding it)."""
+    return hasattr(dcp, "HuggingFaceStorageReader")
+
+
 def load_pretrained_shards(model: nn.Module, device: torch.device) -> None:
     """Give a sharded ``model`` whose parts marked with a checkpoint
     (:func:`~lightrft_lightning.parallel.meta_init.causal_lm_on_meta`) are on the meta device storage on

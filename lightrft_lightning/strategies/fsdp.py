@@ -271,7 +271,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         # is sharded: _setup_model loads each rank's rows of the checkpoint
         module = self.lightning_module
         if module is not None and has_meta(module):
-            materialize_meta(module, torch.device("cpu"), self.config.seed, leave_pretrained=True)
+            materialize_meta(module, torch.device("cpu"), self.config.seed,
+                             leave_pretrained=fsdp2.reads_pretrained_shards())
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """Shard each child of the ``LightningModule`` that has parameters (unless ``configure_model`` did),
