@@ -3,7 +3,10 @@ ranks (gloo), ``Trainer.fit`` stopped once the strategy has set the models up (F
 partitions). Prints per rank: RSS after imports, after building the module (actor and reference), the
 peak up to the end of the strategy's setup, what setup left, and that plus the rollout engine; in MB and in units of the model's fp32 bytes (4P).
 
-Usage: DS_ACCELERATOR=cpu python bench/bench_setup_memory.py [lightrft_fsdp lightrft_deepspeed_stage_3]
+``--bf16``: the same model saved in bf16 first (most published checkpoints are): loading it in fp32 makes a
+private fp32 copy where the whole model is loaded.
+
+Usage: DS_ACCELERATOR=cpu python bench/bench_setup_memory.py [--bf16] [lightrft_fsdp lightrft_deepspeed_stage_3]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from bench_fsdp import launch  # same folder: run as python bench/bench_setup_memory.py
 
 STRATEGIES = ("lightrft_fsdp", "lightrft_deepspeed_stage_3")
+NAME = "smollm2-135m-instruct"
 
 
 def rss() -> int:
@@ -34,7 +38,7 @@ def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(strategy: str) -> None:
+def worker(strategy: str, model: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -57,7 +61,7 @@ def worker(strategy: str) -> None:
             trainer.should_stop = True
 
     pl.seed_everything(0)
-    module = GRPO(model="smollm2-135m-instruct", kl_coef=0.05, max_new_tokens=4, n_samples_per_prompt=2,
+    module = GRPO(model=model, tokenizer="smollm2-135m-instruct", kl_coef=0.05, max_new_tokens=4, n_samples_per_prompt=2,
                   micro_train_batch_size=4)
     marks["built"], marks["anon_built"] = rss(), anon()
     marks["model_fp32"] = sum(p.numel() for p in module.actor.parameters()) * 4
@@ -73,11 +77,27 @@ def worker(strategy: str) -> None:
     dist.barrier()
 
 
-def main(strategies: tuple[str, ...]) -> None:
+def bf16_copy(name: str) -> str:
+    """The built-in model ``name`` saved in bf16 (with its tokenizer) in a temporary directory."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lightrft_lightning import pretrained
+
+    out = tempfile.mkdtemp(prefix="bench-setup-bf16-")
+    AutoModelForCausalLM.from_pretrained(pretrained.resolve(name), dtype=torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def main(strategies: tuple[str, ...], bf16: bool) -> None:
+    model = bf16_copy(NAME) if bf16 else NAME
+    print(f"checkpoint: {NAME} in {'bf16' if bf16 else 'fp32'}")
     print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak setup MB':>13} "
           f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak-imports)/4P':>17} {'anon built/setup MB':>19}")
     for strategy in strategies:
-        for rank, m in enumerate(launch(2, strategy, script=__file__)):
+        for rank, m in enumerate(launch(2, strategy, model, script=__file__)):
             print(f"{strategy:>28} {rank:>4} {m['imports'] / 2**20:>10.0f} {m['built'] / 2**20:>9.0f} "
                   f"{m['peak_setup'] / 2**20:>13.0f} {m['after_setup'] / 2**20:>14.0f} {m['with_engine'] / 2**20:>11.0f} "
                   f"{(m['peak_setup'] - m['imports']) / m['model_fp32']:>17.2f} "
@@ -85,7 +105,8 @@ def main(strategies: tuple[str, ...]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        worker(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
     else:
-        main(tuple(sys.argv[1:]) or STRATEGIES)
+        names = [a for a in sys.argv[1:] if a != "--bf16"]
+        main(tuple(names) or STRATEGIES, "--bf16" in sys.argv[1:])

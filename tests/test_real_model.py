@@ -11,6 +11,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightrft_lightning import LightRFTFake, pretrained
@@ -89,7 +90,7 @@ def test_grpo_step_on_the_real_model_with_chat_prompts(tmp_path):
     model = GRPO(model=NAME, apply_chat_template=True, rewards=rewards,
                  n_samples_per_prompt=4, max_new_tokens=6, micro_train_batch_size=8, actor_learning_rate=1e-5,
                  sample_every_n_steps=1)
-    before = model.actor.model.embed_tokens.weight.detach().clone()
+    before = load_file(f"{pretrained.resolve(NAME)}/model.safetensors")["model.embed_tokens.weight"]  # the actor is on meta
     data = PromptDataModule(prompts=arithmetic_problems(8, seed=3), batch_size=2)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="", version="")
     trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake(), max_steps=1, logger=logger, log_every_n_steps=1,

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lightrft_lightning.lora import LoRASettings, apply_lora
+from lightrft_lightning.parallel.meta_init import causal_lm_on_meta
 from lightrft_lightning.parallel.sharding import is_sharded
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 from lightrft_lightning.tokenizer import load_tokenizer
 
 
-def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None) -> nn.Module:
+def load_causal_lm(model: str, vocab_size: int, model_config: Optional[dict] = None, on_meta: bool = False) -> nn.Module:
     """``"tiny"``: a random-init tiny Qwen2 (``model_config`` overrides its size); else the local HF
-    directory :func:`model_dir` gives, in fp32."""
+    directory :func:`model_dir` gives, in fp32: loaded, or with ``on_meta`` and safetensors weights its parameters
+    on the meta device, to take the checkpoint's weights when the strategy materializes or shards it
+    (:func:`causal_lm_on_meta`; other weight files load whole, as before)."""
     if model == "tiny":
         from lightrft_lightning.tiny_models import tiny_causal_lm
 
         return tiny_causal_lm(**{"vocab_size": vocab_size, **(model_config or {})})
+    if on_meta and any(Path(model).glob("*.safetensors")):
+        return causal_lm_on_meta(model)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -57,6 +63,10 @@ class Policy:
             ``model``); PPO's critic trains adapters of its own copy of the backbone, and its value head.
         gradient_checkpointing: recompute the actor's (and PPO's critic's) layer activations in the
             backward pass: less activation memory for a second forward of each layer.
+
+    A pretrained actor without LoRA is built with its parameters on the meta device (``module.actor`` has
+    its structure and config, no weights): the strategy gives it the checkpoint's weights at set-up, and
+    FSDP2 shards it first, so that each rank reads only its own rows of the checkpoint.
     """
 
     model: str = "tiny"
@@ -80,10 +90,10 @@ class Policy:
         actor's own base the reference) and the parsed LoRA settings."""
         path = self.model if self.model == "tiny" else model_dir(self.model)
         tokenizer = load_tokenizer(self.tokenizer or ("char" if self.model == "tiny" else path), self.tokenizer_chars)
-        actor = load_causal_lm(path, len(tokenizer), self.model_config)
+        lora = LoRASettings.parse(self.lora, owner)
+        actor = load_causal_lm(path, len(tokenizer), self.model_config, on_meta=lora is None)
         actor.generation_config.pad_token_id = tokenizer.pad_token_id
         actor.generation_config.eos_token_id = tokenizer.eos_token_id
-        lora = LoRASettings.parse(self.lora, owner)
         if lora is not None:
             apply_lora(actor, lora, owner)
         # a LoRA actor's reference is its own base (adapters off)

@@ -14,6 +14,7 @@ from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.flat import flat_parts
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss, value_loss
 from lightrft_lightning.algorithms.module import RLModule
+from lightrft_lightning.parallel.meta_init import PretrainedWeights, pretrained_weights, set_pretrained_weights
 from lightrft_lightning.strategies.base import enable_gradient_checkpointing
 
 
@@ -92,7 +93,11 @@ class PPO(RLModule):
         parts["advantages"] = dataclasses.replace(parts["advantages"], gamma=gamma, lam=lam)
         super().__init__(**parts)
         self.critic_learning_rate = critic_learning_rate
-        self.critic = CriticModel(copy.deepcopy(self.actor.base_model), self.actor.config.hidden_size)
+        backbone = copy.deepcopy(self.actor.base_model)
+        source = pretrained_weights(self.actor)
+        if source is not None:  # a meta-device actor: the backbone's weights come from the same checkpoint
+            set_pretrained_weights(backbone, PretrainedWeights(source.path, f"{self.actor.base_model_prefix}."))
+        self.critic = CriticModel(backbone, self.actor.config.hidden_size)
         if self.policy.gradient_checkpointing:
             self.critic.gradient_checkpointing_enable()
 

@@ -4,12 +4,16 @@ policy, which modules are sharded one by one, and the sharding itself, applied b
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import itertools
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from lightrft_lightning.parallel.meta_init import pretrained_weights
 
 # Lightning precision string -> (param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy; gradients are
 # always reduced in fp32
@@ -77,3 +81,32 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPoli
         if module is not model and isinstance(module, blocks) and not isinstance(module, FSDPModule):
             fully_shard(module, **kwargs)
     return fully_shard(model, **kwargs)
+
+
+def reads_pretrained_shards() -> bool:
+    """Whether this torch reads a rank's own rows of safetensors (DCP's ``HuggingFaceStorageReader``; older
+    versions materialize the whole model before sharding it)."""
+    return hasattr(dcp, "HuggingFaceStorageReader")
+
+
+def load_pretrained_shards(model: nn.Module, device: torch.device) -> None:
+    """Give a sharded ``model`` whose parts marked with a checkpoint
+    (:func:`~lightrft_lightning.parallel.meta_init.causal_lm_on_meta`) are on the meta device storage on
+    ``device`` and the checkpoint's weights: each rank reads only the rows of its own shards from the
+    safetensors (DCP's ``HuggingFaceStorageReader``, no collective), so no rank ever holds the whole model.
+    What was already real (buffers such as rotary tables, PPO's value head) keeps its values."""
+    real = {name: t.detach().clone() for name, t in _states(model) if not t.is_meta}
+    model.to_empty(device=device)
+    states = dict(_states(model))
+    with torch.no_grad():
+        for name, tensor in real.items():
+            states[name].copy_(tensor)
+    for sub in model.modules():
+        source = pretrained_weights(sub)
+        if source is not None:  # tied weights appear once, under the name the checkpoint has (embed_tokens)
+            weights = {source.prefix + name: param for name, param in sub.named_parameters()}
+            dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(source.path), no_dist=True)
+
+
+def _states(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return itertools.chain(model.named_parameters(), model.named_buffers())

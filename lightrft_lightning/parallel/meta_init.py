@@ -78,14 +78,56 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.__init__ = original_init  # type: ignore[method-assign]
 
 
+_PRETRAINED = "_lightrft_pretrained"  # a module attribute: the checkpoint its meta parameters take their weights from
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Where a module built on the meta device takes its weights from: the Hugging Face directory ``path``,
+    whose safetensors name the module's parameter ``name`` ``prefix + name``."""
+
+    path: str
+    prefix: str = ""
+
+
+def set_pretrained_weights(module: nn.Module, source: PretrainedWeights) -> None:
+    """Mark ``module`` (parameters on the meta device) to take its weights from ``source`` when materialized."""
+    module.__dict__[_PRETRAINED] = source
+
+
+def pretrained_weights(module: nn.Module) -> Optional[PretrainedWeights]:
+    """The checkpoint ``module``'s meta parameters take their weights from (:func:`set_pretrained_weights`), or None."""
+    return module.__dict__.get(_PRETRAINED)
+
+
+def causal_lm_on_meta(path: str) -> nn.Module:
+    """The causal LM of the Hugging Face directory ``path``, in fp32, with its parameters on the meta device (no
+    memory; buffers such as rotary tables are real) and marked to take the checkpoint's weights when it is
+    materialized (:func:`materialize_meta`: the weights ``from_pretrained`` gives) or sharded (each rank reads
+    its own rows: :func:`~lightrft_lightning.parallel.fsdp2.load_pretrained_shards`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    try:  # as from_pretrained does
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    set_pretrained_weights(model, PretrainedWeights(path))
+    return model
+
+
 def has_meta(module: nn.Module) -> bool:
     """Whether ``module`` has a parameter on the meta device."""
     return any(p.is_meta for p in module.parameters())
 
 
-def materialize_meta(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialize_meta(model: nn.Module, device: torch.device, seed: int, leave_pretrained: bool = False) -> None:
     """Replace meta parameters with real ones on ``device`` (shared parameters stay shared), initialized
-    as a normal construction would have initialized them.
+    as a normal construction would have initialized them; a module marked with :func:`set_pretrained_weights`
+    (:func:`causal_lm_on_meta`) takes its checkpoint's weights instead, unless ``leave_pretrained`` leaves it
+    on the meta device (to be sharded first). Frozen modules marked with the same checkpoint share its
+    tensors with the first trainable one (as :func:`~lightrft_lightning.algorithms.models.frozen_view` does).
 
     A model built under :func:`parameters_on_meta` (``init_model_context(meta_init=True)``,
     ``trainer.init_module(empty_init=True)``) replays its construction: its modules in the order they
@@ -98,7 +140,7 @@ def materialize_meta(model: nn.Module, device: torch.device, seed: int) -> None:
     """
     if not has_meta(model):
         return
-    _materialize_replay(model, device, seed, {})
+    _materialize_replay(model, device, seed, {}, leave_pretrained)
 
 
 def _empty_params(module: nn.Module, device: torch.device, new: dict[int, nn.Parameter]) -> set[int]:
@@ -114,10 +156,12 @@ def _empty_params(module: nn.Module, device: torch.device, new: dict[int, nn.Par
     return made
 
 
-def _materialize_with_seed(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter]) -> None:
+def _materialize_with_seed(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter],
+                           left: set[int]) -> None:
     fresh: set[int] = set()
     for module in model.modules():
-        fresh |= _empty_params(module, device, new)
+        if id(module) not in left:
+            fresh |= _empty_params(module, device, new)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if hasattr(model, "_init_weights") and _is_hf_model(model):
@@ -168,18 +212,56 @@ def _rebuild_hf(module: nn.Module, state: _InitState, device: torch.device, new:
             sub._parameters[name] = new[id(param)]
 
 
-def _materialize_replay(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter]) -> None:
+def _take_pretrained(module: nn.Module, source: PretrainedWeights, device: torch.device, new: dict[int, nn.Parameter],
+                     checkpoints: dict[str, dict[str, torch.Tensor]], trained: set[int]) -> None:
+    """Give ``module``'s meta parameters the weights of ``source`` (loaded once per materialization: a
+    memory-mapped ``from_pretrained``); a trainable parameter never shares a tensor with another trainable one."""
+    from transformers import AutoModelForCausalLM
+
+    if source.path not in checkpoints:
+        loaded = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+        checkpoints[source.path] = dict(loaded.named_parameters(remove_duplicate=False))
+    weights = checkpoints[source.path]
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name, param in list(sub._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in new:
+                key = source.prefix + (f"{prefix}.{name}" if prefix else name)
+                weight = weights.get(key)
+                if weight is None or weight.shape != param.shape:
+                    raise ValueError(f"materialize: {source.path} has no weight {key!r} of shape {tuple(param.shape)} "
+                                     f"for {type(module).__name__}; accepted: a checkpoint of the model's own config")
+                tensor = weight.detach().to(device=device, dtype=param.dtype)
+                if param.requires_grad:
+                    if id(weight) in trained:
+                        tensor = tensor.clone()
+                    trained.add(id(weight))
+                new[id(param)] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            sub._parameters[name] = new[id(param)]
+
+
+def _materialize_replay(model: nn.Module, device: torch.device, seed: int, new: dict[int, nn.Parameter],
+                        leave_pretrained: bool = False) -> None:
     """Replay the construction of ``model``'s modules in the order they were built, on one RNG stream as
     a normal construction consumes it: each module continues the stream of the one built before it,
     unless the RNG changed between their constructions (a reseed, e.g. a factory's ``manual_seed``),
     in which case it starts from its own recorded state."""
-    modules = [m for m in model.modules() if getattr(m, _INIT_STATE, None) is not None]
+    left = {id(m) for p in model.modules() if leave_pretrained and pretrained_weights(p) is not None
+            for m in p.modules()}
+    modules = [m for m in model.modules() if getattr(m, _INIT_STATE, None) is not None and id(m) not in left]
     modules.sort(key=lambda m: getattr(m, _INIT_STATE).order)
     owners = {id(m): m for m in modules if _is_hf_model(m)}
+    checkpoints: dict[str, dict[str, torch.Tensor]] = {}
+    trained: set[int] = set()
     previous: Optional[torch.Tensor] = None
     with torch.random.fork_rng(devices=[]):
         for module in modules:
             if not has_meta(module):
+                continue
+            source = pretrained_weights(module)
+            if source is not None:
+                _take_pretrained(module, source, device, new, checkpoints, trained)
                 continue
             state = getattr(module, _INIT_STATE)
             if previous is None or not torch.equal(state.cpu_rng, previous):
@@ -199,5 +281,5 @@ def _materialize_replay(model: nn.Module, device: torch.device, seed: int, new: 
                         raise TypeError(f"materialize: {type(module).__name__} has meta parameters and no "
                                         "reset_parameters, so its initialization cannot be replayed; accepted: modules "
                                         "with reset_parameters, Hugging Face models, or building it without meta/empty init")
-    if has_meta(model):  # modules put on the meta device some other way (no record)
-        _materialize_with_seed(model, device, seed, new)
+    if any(p.is_meta for m in model.modules() if id(m) not in left for p in m.parameters(recurse=False)):
+        _materialize_with_seed(model, device, seed, new, left)  # modules put on the meta device some other way

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.parallel import fsdp2
+from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.lightning_api import unwrap_optimizer
@@ -265,11 +266,29 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         if self._sharded(self.model) and not self.config.fsdp_cpu_offload:
             super().model_to_device()
 
+    def _materialize_lightning_module(self) -> None:
+        # a pretrained actor built on the meta device (and its reference, PPO's critic) stays there until it
+        # is sharded: _setup_model loads each rank's rows of the checkpoint
+        module = self.lightning_module
+        if module is not None and has_meta(module):
+            materialize_meta(module, torch.device("cpu"), self.config.seed,
+                             leave_pretrained=fsdp2.reads_pretrained_shards())
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """Shard each child of the ``LightningModule`` that has parameters (unless ``configure_model`` did),
-        then move what sharding left (frozen children without parameters, buffers) to the device."""
-        if not self._sharded(model):
+        load the checkpoint's rows into the pretrained ones left on the meta device, then move what sharding
+        left (frozen children without parameters, buffers) to the device."""
+        sharded = self._sharded(model)
+        if not sharded:
             self._shard_lightning_module(model)
+        device = torch.device("cpu") if self.config.fsdp_cpu_offload else self.root_device
+        for child in model.children():
+            if has_meta(child):
+                if self._sharded(child):
+                    fsdp2.load_pretrained_shards(child, device)
+                else:
+                    self._materialize(child)
+        if not sharded:
             self.model_to_device()
         return model
 

@@ -1,0 +1,100 @@
+"""GRPO with a KL reference (or PPO, with its critic) on a pretrained tiny Qwen2 directory under a Trainer, 2 steps
+of greedy rollouts; reports each step's metrics and what each rank held at set-up.
+
+    torchrun --nproc_per_node=N pretrained_setup.py MODEL_DIR STRATEGY ALGO MODE
+
+``MODE`` "meta": the module as built (a pretrained actor is on the meta device until the strategy's set-up);
+"loaded": its weights loaded whole on every rank before the Trainer starts, the path every rank took before the
+actor was built on the meta device (the reference sharing the actor's tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+
+from lightrft_lightning.algorithms import GRPO, PPO
+from lightrft_lightning.data import PromptDataModule
+from lightrft_lightning.parallel.meta_init import materialize_meta
+from tests.launch import report
+
+CHARS = "0123456789+="
+
+
+def digit_reward(prompts, completions, metadata):
+    """Dense: greedy completions of different prompts score differently."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+class Held(pl.Callback):
+    """The actor's and the reference's parameters at each point of the set-up: all on the meta device when the
+    strategy's set-up begins (``setup`` hooks run before it), then the fraction of the model's elements this rank
+    holds, and whether the gathered weights are the checkpoint's."""
+
+    def __init__(self, checkpoint: dict[str, torch.Tensor]) -> None:
+        self.checkpoint = checkpoint
+        self.summary: dict = {"steps": []}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.summary["meta_before_setup"] = {name: all(p.is_meta for p in model.parameters())
+                                             for name, model in self._models(pl_module).items()}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        held, same = {}, {}
+        for name, model in self._models(pl_module).items():
+            params = list(model.parameters())
+            held[name] = sum(map(local_numel, params)) / sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions: the numbers check them
+                continue
+            prefix = "model." if name == "critic" else ""
+            full = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+            same[name] = all(torch.equal(full[k[len(prefix):]], v) for k, v in self.checkpoint.items()
+                             if k[len(prefix):] in full)
+        self.summary.update(held=held, weights_are_the_checkpoints=same)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.summary["steps"].append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    @staticmethod
+    def _models(pl_module) -> dict:
+        models = {"actor": pl_module.actor, "ref": getattr(pl_module, "ref", None),
+                  "critic": getattr(getattr(pl_module, "critic", None), "model", None)}
+        return {k: v for k, v in models.items() if v is not None}
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """The elements of ``param`` this rank holds: its FSDP2 shard, its ZeRO-3 partition, or all of it."""
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+
+
+def main() -> None:
+    path, strategy, algo, mode = sys.argv[1:5]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    pl.seed_everything(0, verbose=False)
+    common = dict(model=path, tokenizer="char", tokenizer_chars=CHARS, rewards={"tests.scripts.pretrained_setup:digit_reward": 1.0},
+                  max_new_tokens=4, temperature=1.0, micro_train_batch_size=8 // world, actor_learning_rate=1e-2)
+    module = (GRPO(kl_coef=0.1, n_samples_per_prompt=2, **common) if algo == "grpo"
+              else PPO(n_samples_per_prompt=2, critic_learning_rate=1e-2, **common))
+    if mode == "loaded":
+        materialize_meta(module, torch.device("cpu"), seed=0)
+    held = Held(load_file(f"{path}/model.safetensors"))
+    data = PromptDataModule(prompts=["1+2=", "3+4=", "5+6=", "7+8="] * 2, batch_size=4 // world, shuffle=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=2, logger=False,
+                         callbacks=[held], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, data)
+    report(held.summary)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    main()
