@@ -184,6 +184,11 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             return self.lightning_module.trainer.accumulate_grad_batches
         return super().accumulation_steps
 
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # the ranks of one sp group read the same prompts
+        return {"num_replicas": self.dp_world_size, "rank": self.dp_rank}
+
     def ds_config(self, train: bool = True) -> dict[str, Any]:
         """The DeepSpeed config of a training engine (``train``) or an inference engine."""
         return parallel_deepspeed.build_config(self.config, self.training_precision(), self.accumulation_steps,
@@ -234,10 +239,12 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             reset_seed()
             self.set_world_ranks()
             lightning_api.join_deepspeed_process_group(self)
+            self._setup_sequence_parallel(self.root_device.type)
             self._create_engine_groups()
             return
         seed_everything(self.config.seed, verbose=False)
         self._init_process_group(timeout)
+        self._setup_sequence_parallel("cuda" if torch.cuda.is_available() else "cpu")
         if self._engine_mp_group is None:
             self._create_engine_groups()
 

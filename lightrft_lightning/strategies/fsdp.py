@@ -106,6 +106,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
         super().setup_distributed(timeout)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())
+        self._setup_sequence_parallel(self.root_device.type)
         if self._engine_mp_group is None:
             self._create_engine_groups()
 
@@ -114,6 +115,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         self._default_process_group_backend()
         lightning_api.join_process_group(self)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())
+        self._setup_sequence_parallel(self.root_device.type)
         self._create_engine_groups()
         assert self.lightning_module is not None
         lightning_api.share_device_mesh(self.lightning_module, self.device_mesh)
@@ -184,7 +186,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # the ranks of one sp group read the same prompts
+        return {"num_replicas": self.dp_world_size, "rank": self.dp_rank}
 
     # ------------------------------------------------------------------ sharding
     @property

@@ -55,11 +55,6 @@ class LightRFTCompatMixin:
         """LightRFT's name of :attr:`accumulation_steps`."""
         return self.accumulation_steps
 
-    @property
-    def sp_data_processor(self) -> "SequenceParallelIdentity":
-        """LightRFT's sequence-parallel data processor; ``sp_size`` is always 1 here, so it is the identity."""
-        return SequenceParallelIdentity()
-
     def memory_stats(self) -> dict[str, float]:
         """This process's memory in GB: ``rss`` (resident set, from /proc) and on CUDA ``allocated``,
         ``reserved`` and ``driver_used``."""
@@ -391,13 +386,3 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     def set_epoch(self, epoch: int, consumed_samples: int = 0) -> None:
         super().set_epoch(epoch)
         self.consumed_indices = consumed_samples // self.num_replicas
-
-
-class SequenceParallelIdentity:
-    """LightRFT's ``SPDataProcessor`` at ``sp_size=1``: ``preprocess`` and ``postprocess`` return their input."""
-
-    def preprocess(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        return data
-
-    def postprocess(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        return data
