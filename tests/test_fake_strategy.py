@@ -230,5 +230,5 @@ def test_engine_calls_without_an_engine_are_no_ops():
     s.wakeup_inference_engine()
     assert s.engine_generate_local(None) == [] and s.gather_and_generate(None) == []
     assert s.update_engine_weights(model) == 0
-    with pytest.raises(NotImplementedError, match="multimodal"):
-        s.gather_and_generate(None, all_prompts=["p"], all_images=[["img"]])
+    with pytest.raises(ValueError, match="all_prompt_token_ids is required"):  # prompts are still checked
+        s.gather_and_generate(None, all_prompts=["p"])

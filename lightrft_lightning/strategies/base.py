@@ -128,12 +128,12 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     @property
     def world_size(self) -> int:
-        """The data-parallel world size: the Trainer's cluster environment under a Trainer, else the
-        process group's size (1 without one)."""
+        """All processes: the Trainer's cluster environment under a Trainer, else the process group's size (1
+        without one); ``dp_world_size`` is this // ``sp_size``."""
         env = getattr(self, "cluster_environment", None)
         if env is not None:
             return env.world_size()
-        return self.dp_world_size
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @world_size.setter
     def world_size(self, value: int) -> None:  # Lightning's SingleDeviceStrategy assigns 1
@@ -167,7 +167,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def get_rank(self) -> int:
         """This process's rank (0 without a process group)."""
-        return self.dp_rank
+        return self._process_rank()
 
     def set_seed(self, seed: int) -> None:
         """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""

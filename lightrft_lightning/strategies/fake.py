@@ -89,18 +89,18 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
 
     def engine_generate_local(self, sampling_params: Any, prompt_token_ids: Any = None,
                               multi_modal_inputs: Any = None) -> list:
-        """As on every strategy; without an engine, a text call gives ``[]``."""
-        if self.inference_engine is None and multi_modal_inputs is None:
+        """As on every strategy; without an engine, a call without prompts gives ``[]``."""
+        if self.inference_engine is None and prompt_token_ids is None and multi_modal_inputs is None:
             return []
         return super().engine_generate_local(sampling_params, prompt_token_ids, multi_modal_inputs)
 
     def gather_and_generate(self, sampling_params: Any, all_prompt_token_ids: Any = None, all_prompts: Any = None,
                             all_images: Any = None, sleep_engine: bool = True, images_num: Any = None,
                             all_videos: Any = None, videos_num: Any = None) -> list:
-        """As on every strategy; without an engine, a text call gives ``[]`` (a multimodal one is refused as on
-        every strategy)."""
-        multimodal = any(m is not None and any(x is not None for x in m) for m in (all_images, all_videos))
-        if self.inference_engine is None and not multimodal:
+        """As on every strategy; without an engine, a call without prompts gives ``[]`` (prompts are checked
+        and refused as on every strategy)."""
+        no_input = all(x is None for x in (all_prompt_token_ids, all_prompts, all_images, all_videos))
+        if self.inference_engine is None and no_input:
             return []
         return super().gather_and_generate(sampling_params, all_prompt_token_ids, all_prompts, all_images, sleep_engine,
                                            images_num, all_videos, videos_num)
