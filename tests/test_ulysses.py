@@ -68,3 +68,23 @@ def test_grpo_two_ranks_sp2_equals_one_process(strategy, one_process_grpo, tmp_p
         # key), and Adam turns its float noise into lr-sized steps: it matches to 1e-4, every other weight to 1e-5
         tol = 1e-4 if "k_proj.bias" in name else TOL
         assert result["weights"][name] == pytest.approx(values, rel=tol, abs=tol), name
+
+
+@pytest.mark.multiprocess
+def test_lightrft_style_script_sp2_equals_one_process(tmp_path):
+    """examples/lightrft_style/train_grpo.py with ``--fsdp --sp_size 2`` on 2 ranks (the actor's attention
+    through the Ulysses hook) against ``--strategy fake`` in one process: the same sampled rollouts (the sp group
+    reads the same prompts and samples as one process does), losses and saved weights."""
+    from safetensors.torch import load_file
+
+    import lightrft_port_example
+
+    args = lambda out: lightrft_port_example.tiny_args(out)  # noqa: E731
+    sp = script_result(torchrun(str(Path(ROOT, "examples/lightrft_style/train_grpo.py")), 2, *args(tmp_path / "sp"),
+                                "--fsdp", "--sp_size", "2", env={"PYTHONPATH": ROOT}, timeout=300))
+    one = lightrft_port_example.example().main([*args(tmp_path / "one"), "--strategy", "fake"])
+    assert sp["attention"] == "ulysses_sdpa" and one["attention"] == "sdpa"
+    assert sp["rewards"] == pytest.approx(one["rewards"], abs=TOL) and len(one["rewards"]) == 2
+    assert sp["losses"] == pytest.approx(one["losses"], abs=TOL)
+    a, b = load_file(tmp_path / "sp/model/model.safetensors"), load_file(tmp_path / "one/model/model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < TOL

@@ -51,6 +51,13 @@ class Actor(nn.Module):
             self.model = AutoModelForCausalLM.from_pretrained(pretrain, dtype=torch.float32)
 
     def forward(self, sequences: torch.Tensor, num_actions: int, attention_mask: torch.Tensor) -> torch.Tensor:
+        from lightrft_lightning.algorithms.log_probs import log_probs
+        from lightrft_lightning.parallel import ulysses
+
+        if ulysses.is_enabled(self.model):
+            # sp_size > 1: each rank of the sequence-parallel group forwards its share of every sequence's
+            # positions (as LightRFT's actor splits them with Ulysses); log_probs gathers the group's log-probs
+            return log_probs(self.model, sequences, attention_mask.long())[0][:, -num_actions:]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         # the logits of the positions that predict the actions only (the vocabulary is large)
         logits = self.model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
@@ -87,6 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--engine_type", default="hf", choices=["hf", "vllm", "sglang"])
     p.add_argument("--engine_tp_size", type=int, default=1)
+    p.add_argument("--sp_size", type=int, default=1, help="ranks per sequence (Ulysses sequence parallelism)")
     p.add_argument("--enable_engine_sleep", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--apply_chat_template", action=argparse.BooleanOptionalAction, default=True)
     # optimization
@@ -200,12 +208,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             initial_model = strategy.prepare_model(initial_model, is_training=False)
             strategy.offload_model(initial_model)
     strategy.report_memory("after models init")
-    # data: each rank gets rollout_batch_size // world_size prompts per step
+    # data: each data-parallel rank gets rollout_batch_size // (world_size // sp_size) prompts per step (the ranks
+    # of a sequence-parallel group read the same prompts)
     rows = arithmetic_problems(args.max_samples, seed=args.seed)
     chat = args.apply_chat_template and args.pretrain != "tiny"
     texts, ids = render_prompts(rows, tokenizer, apply_chat_template=chat)
     dataset = [{**row, "text": text, "ids": tid} for row, text, tid in zip(rows, texts, ids)]
-    prompts_dataloader = strategy.setup_dataloader(dataset, args.rollout_batch_size // strategy.world_size, True, True,
+    prompts_dataloader = strategy.setup_dataloader(dataset, args.rollout_batch_size * args.sp_size // strategy.world_size,
+                                                   True, True,
                                                    collate_fn=lambda batch: batch)
     num_update_steps_per_episodes = len(dataset) * args.n_samples_per_prompt // args.train_batch_size * args.max_epochs
     max_steps = math.ceil(args.num_episodes * num_update_steps_per_episodes)
@@ -249,7 +259,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return {"strategy": type(strategy).__name__, "world_size": strategy.world_size, "rewards": rewards,
             "losses": losses, "step_s": step_s, "setup_s": setup_s, "wall_s": wall, "ckpt": ckpt,
             "save_path": args.save_path, "consumed_samples": consumed_samples,
-            "accumulated_gradient": strategy.accumulated_gradient, "ds_train_cfg": ds_train_cfg is not None}
+            "accumulated_gradient": strategy.accumulated_gradient, "ds_train_cfg": ds_train_cfg is not None,
+            "attention": strategy.unwrap_model(actor).model.config._attn_implementation}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
