@@ -18,9 +18,10 @@ TOL = 1e-5
 
 def test_ulysses_forward_backward_equals_one_process():
     """Tiny Llama and Qwen2 (padding, a length the shards must pad, heads that do not split evenly, eager
-    attention): logits, loss, gradients, and ``log_probs`` (packed and not) with entropies and gradients."""
+    attention): logits, loss, gradients, and ``log_probs`` (packed and not) with entropies and gradients;
+    ``sp_data_processor``'s gather and split on the group."""
     result = script_result(torchrun("ulysses_equivalence.py", 2, timeout=300))
-    assert len(result) == 28, result
+    assert len(result) == 29, result
     for key, value in result.items():
         assert value <= TOL, (key, value)
 
@@ -88,3 +89,16 @@ def test_lightrft_style_script_sp2_equals_one_process(tmp_path):
     assert sp["losses"] == pytest.approx(one["losses"], abs=TOL)
     a, b = load_file(tmp_path / "sp/model/model.safetensors"), load_file(tmp_path / "one/model/model.safetensors")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
+
+
+@pytest.mark.parametrize("strategy", ["LightRFTFSDP", "LightRFTDeepSpeed"])
+def test_sp_size_that_does_not_divide_the_world_is_refused_before_joining(strategy, monkeypatch):
+    import lightrft_lightning
+    from lightrft_lightning.config import StrategyConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    s = getattr(lightrft_lightning, strategy)(config=StrategyConfig(sp_size=2))
+    with pytest.raises(ValueError, match="sp_size=2 is invalid for world_size=3; accepted: a positive divisor"):
+        s.setup_distributed()
+    with pytest.raises(ValueError, match="StrategyConfig.sp_size=0 is invalid"):
+        StrategyConfig(sp_size=0)

@@ -41,6 +41,7 @@ from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
+from lightrft_lightning.parallel import ulysses
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
@@ -236,12 +237,14 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """Seed every RNG and join the process group through ``deepspeed.init_distributed`` (gloo on
         CPU, ``cpu:gloo,cuda:nccl`` on CUDA). Under a Trainer, Lightning's cluster environment gives the ranks."""
         if self.cluster_environment is not None:  # called by Lightning's setup_environment
+            ulysses.check_sp_size(self.num_nodes * self.num_processes, self.config.sp_size)
             reset_seed()
             self.set_world_ranks()
             lightning_api.join_deepspeed_process_group(self)
             self._setup_sequence_parallel(self.root_device.type)
             self._create_engine_groups()
             return
+        ulysses.check_sp_size(int(os.environ.get("WORLD_SIZE", 1)), self.config.sp_size)
         seed_everything(self.config.seed, verbose=False)
         self._init_process_group(timeout)
         self._setup_sequence_parallel("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
-from lightrft_lightning.parallel import fsdp2
+from lightrft_lightning.parallel import fsdp2, ulysses
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
 from lightrft_lightning.lightning_api import unwrap_optimizer
@@ -104,6 +104,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         """Seed every RNG, join the process group (``cpu:gloo,cuda:nccl`` on CUDA, gloo on CPU) and build the mesh and the
         engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
+        ulysses.check_sp_size(int(os.environ.get("WORLD_SIZE", 1)), self.config.sp_size)
         super().setup_distributed(timeout)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())
         self._setup_sequence_parallel(self.root_device.type)
@@ -112,6 +113,7 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
+        ulysses.check_sp_size(self.num_nodes * self.num_processes, self.config.sp_size)
         self._default_process_group_backend()
         lightning_api.join_process_group(self)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())

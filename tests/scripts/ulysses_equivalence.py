@@ -115,6 +115,12 @@ def main() -> None:
     results.update(check("qwen2", tiny_causal_lm(seed=0)))
     results.update(check("llama_3_heads_1_kv", tiny_llama(heads=3, kv_heads=1)))
     results.update(check("llama_eager", tiny_llama(attn="eager")))
+    # LightRFT's sp_data_processor: preprocess gathers the group's items in rank order, postprocess keeps a share
+    sp = ulysses.SequenceParallelData(ulysses.get_group())
+    rank = dist.get_rank()
+    gathered = sp.preprocess([f"r{rank}a", f"r{rank}b"])
+    ok = gathered == ["r0a", "r0b", "r1a", "r1b"] and sp.postprocess(gathered) == [f"r{rank}a", f"r{rank}b"]
+    results["sp_data_processor/mismatch"] = 0.0 if ok else 1.0
     report(results)
 
 
