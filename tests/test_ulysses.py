@@ -33,11 +33,13 @@ def test_sp_data_processor_round_trip():
     assert one.preprocess([1, 2]) == [1, 2] and one.postprocess([1, 2]) == [1, 2]
 
 
-_SP_RUNS = {  # strategy: (example YAML, CLI arguments that set sp_size=2)
-    "fsdp2": ("examples/grpo_tiny_fsdp.yaml", ("--trainer.strategy=lightrft_lightning.strategies.fsdp.LightRFTFSDP",
-                                               '--trainer.strategy.init_args.config={"sp_size": 2}')),
-    "zero3": ("examples/grpo_tiny_deepspeed.yaml",
-              ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false, "sp_size": 2}',)),
+_FSDP_SP2 = ("--trainer.strategy=lightrft_lightning.strategies.fsdp.LightRFTFSDP",
+             '--trainer.strategy.init_args.config={"sp_size": 2}')
+_SP_RUNS = {  # name: (example YAML, ranks, CLI arguments that set sp_size=2)
+    "fsdp2-sp2": ("examples/grpo_tiny_fsdp.yaml", 2, _FSDP_SP2),
+    "zero3-sp2": ("examples/grpo_tiny_deepspeed.yaml", 2,
+                  ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false, "sp_size": 2}',)),
+    "fsdp2-dp2xsp2": ("examples/grpo_tiny_fsdp.yaml", 4, _FSDP_SP2),
 }
 
 
@@ -49,13 +51,13 @@ def one_process_grpo():
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", list(_SP_RUNS))
 def test_grpo_two_ranks_sp2_equals_one_process(strategy, one_process_grpo, tmp_path, monkeypatch):
-    """GRPO (examples/grpo_tiny_*.yaml, greedy rollouts) on 2 ranks holding half of every sequence (sp 2, dp 1):
-    the same loss, gradient norm, KL and final weights as one process on the whole sequences. The ranks of the
-    sp group read the same prompts (the sampler splits over dp), so the test also covers the data split."""
+    """GRPO (examples/grpo_tiny_*.yaml, greedy rollouts) on ranks holding half of every sequence (sp 2; dp 1 on
+    2 ranks, dp 2 on 4): the same loss, gradient norm, KL and final weights as one process on the whole
+    sequences. The ranks of an sp group read the same prompts (the sampler splits over dp)."""
     monkeypatch.chdir(ROOT)
-    config, extra = _SP_RUNS[strategy]
+    config, ranks, extra = _SP_RUNS[strategy]
     out = tmp_path / "steps.json"
-    torchrun("grpo_strategies.py", 2, config, str(out), str(grpo_strategies.STEPS), *extra,
+    torchrun("grpo_strategies.py", ranks, config, str(out), str(grpo_strategies.STEPS), *extra,
              env={"PYTHONPATH": ROOT, "SP_SIZE": "2"}, timeout=300)
     result = json.loads(out.read_text())
     one = one_process_grpo
