@@ -75,7 +75,10 @@ def _sequence_parallel_log_probs(model: nn.Module, input_ids: Tensor, attention_
         ids, positions, mask = packed.input_ids, packed.position_ids, packed.attention_mask
         rows, predictors, targets, out = packed.group, packed.position, packed.target, (packed.row, packed.column)
     else:
-        ids, mask = input_ids, ulysses.causal_mask(attention_mask)
+        # right padding: a plain causal mask (no position before a row's end sees its padding), which the
+        # attention hook hands to SDPA's causal kernels
+        valid = torch.ones_like(attention_mask) if ulysses.is_right_padded(attention_mask) else attention_mask
+        ids, mask = input_ids, ulysses.causal_mask(valid)
         positions = torch.arange(length, device=ids.device).expand(n, -1)
         rows = torch.arange(n, device=ids.device).repeat_interleave(length - 1)
         predictors = torch.arange(length - 1, device=ids.device).repeat(n)

@@ -20,6 +20,7 @@ gradients, averaged over dp: the gradient of the whole sequences, as in one proc
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -190,23 +191,44 @@ def causal_mask(attention_mask: Tensor) -> Tensor:
     """``[B, 1, L, L]`` bool (True: may attend) from a ``[B, L]`` padding mask: causal, valid keys only,
     and every position sees itself (so that a padding row is never empty)."""
     length = attention_mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask = _tril(length, attention_mask.device)[None] & attention_mask.bool()[:, None, :]
     return (mask | torch.eye(length, dtype=torch.bool, device=mask.device))[:, None]
 
 
 def shard_inputs(input_ids: Tensor, position_ids: Tensor, mask: Tensor,
                  shard: SequenceShard) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's ``input_ids`` and ``position_ids`` (``[B, end - start]``) and the whole ``[B, 1, P, P]``
-    bool mask, all padded to ``shard.padded`` positions (a padding position sees only itself)."""
+    bool mask, all padded to ``shard.padded`` positions (a padding position sees every position up to itself,
+    and no other position sees it: a causal mask stays causal)."""
     pad = shard.padded - shard.length
     if pad:
         input_ids = torch.nn.functional.pad(input_ids, (0, pad))
         position_ids = torch.nn.functional.pad(position_ids, (0, pad))
         mask = torch.nn.functional.pad(mask, (0, pad, 0, pad))
-        idx = torch.arange(shard.length, shard.padded, device=mask.device)
-        mask[:, :, idx, idx] = True
+        mask[:, :, shard.length:] = _tril(shard.padded, mask.device)[shard.length:]
     return input_ids[:, shard.start:shard.end], position_ids[:, shard.start:shard.end], mask
+
+
+def _tril(length: int, device: Any) -> Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+_CAUSAL_SEEN: list[Any] = [None, False]  # (a weak reference to the last mask checked, whether it is plain causal)
+
+
+def _is_plain_causal(mask: Tensor) -> bool:
+    """Whether a ``[B, 1, P, P]`` bool mask is the plain causal one (remembered for the last mask object seen:
+    every layer of a forward gets the same one)."""
+    ref, causal = _CAUSAL_SEEN
+    if ref is None or ref() is not mask:
+        causal = mask.dtype == torch.bool and bool(torch.equal(mask, _tril(mask.shape[-1], mask.device).expand_as(mask)))
+        _CAUSAL_SEEN[:] = [weakref.ref(mask), causal]
+    return causal
+
+
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row of a ``[B, L]`` padding mask is its tokens then padding (no left padding, no holes)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def gather_sequence(x: Tensor, shard: SequenceShard, dim: int = 1, group: Optional[dist.ProcessGroup] = None) -> Tensor:
@@ -252,7 +274,10 @@ def _ulysses_attention(base: str) -> Callable:
         key = sequence_to_heads(key, group, kv_splits)
         value = sequence_to_heads(value, group, kv_splits)
         mask = attention_mask
-        if base == "eager" and mask.dtype == torch.bool:
+        if base == "sdpa" and _is_plain_causal(mask):
+            # no explicit mask: SDPA's causal kernels (flash on CPU too) instead of a [S, S] score matrix per head
+            mask = None
+        elif base == "eager" and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(query.dtype).min)
         out, _ = inner(module, query, key, value, mask, **kwargs)
