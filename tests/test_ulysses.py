@@ -35,36 +35,40 @@ def test_sp_data_processor_round_trip():
 
 _FSDP_SP2 = ("--trainer.strategy=lightrft_lightning.strategies.fsdp.LightRFTFSDP",
              '--trainer.strategy.init_args.config={"sp_size": 2}')
-_SP_RUNS = {  # name: (example YAML, ranks, CLI arguments that set sp_size=2)
-    "fsdp2-sp2": ("examples/grpo_tiny_fsdp.yaml", 2, _FSDP_SP2),
-    "zero3-sp2": ("examples/grpo_tiny_deepspeed.yaml", 2,
-                  ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false, "sp_size": 2}',)),
-    "fsdp2-dp2xsp2": ("examples/grpo_tiny_fsdp.yaml", 4, _FSDP_SP2),
+_GAE = ("--model.init_args.advantage_estimator=gae",)
+_SP_RUNS = {  # name: (YAML, ranks, CLI arguments that set sp_size=2, the one-process YAML and arguments)
+    "grpo-fsdp2-sp2": ("examples/grpo_tiny_fsdp.yaml", 2, _FSDP_SP2, "examples/grpo_tiny_fake.yaml", ()),
+    "grpo-zero3-sp2": ("examples/grpo_tiny_deepspeed.yaml", 2,
+                       ('--trainer.strategy.init_args.config={"zero_stage": 3, "bf16": false, "sp_size": 2}',),
+                       "examples/grpo_tiny_fake.yaml", ()),
+    "grpo-fsdp2-dp2xsp2": ("examples/grpo_tiny_fsdp.yaml", 4, _FSDP_SP2, "examples/grpo_tiny_fake.yaml", ()),
+    "ppo-fsdp2-sp2": ("examples/ppo_tiny_fake.yaml", 2, _FSDP_SP2 + _GAE, "examples/ppo_tiny_fake.yaml", _GAE),
 }
-
-
-@pytest.fixture(scope="module")
-def one_process_grpo():
-    return grpo_strategies.run("examples/grpo_tiny_fake.yaml")
+_ONE_PROCESS: dict[tuple, "grpo_strategies.Recorder"] = {}
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", list(_SP_RUNS))
-def test_grpo_two_ranks_sp2_equals_one_process(strategy, one_process_grpo, tmp_path, monkeypatch):
-    """GRPO (examples/grpo_tiny_*.yaml, greedy rollouts) on ranks holding half of every sequence (sp 2; dp 1 on
-    2 ranks, dp 2 on 4): the same loss, gradient norm, KL and final weights as one process on the whole
-    sequences. The ranks of an sp group read the same prompts (the sampler splits over dp)."""
+@pytest.mark.parametrize("run", list(_SP_RUNS))
+def test_two_ranks_sp2_equal_one_process(run, tmp_path, monkeypatch):
+    """GRPO and PPO (example YAMLs, greedy rollouts) on ranks holding half of every sequence (sp 2; dp 1 on 2
+    ranks, dp 2 on 4): the same losses, gradient norms, KL and final actor weights as one process on the whole
+    sequences. The ranks of an sp group read the same prompts (the sampler splits over dp). PPO's critic runs
+    whole sequences (its attention passes through the hook) and its value loss matches too."""
     monkeypatch.chdir(ROOT)
-    config, ranks, extra = _SP_RUNS[strategy]
+    config, ranks, extra, ref_config, ref_extra = _SP_RUNS[run]
     out = tmp_path / "steps.json"
     torchrun("grpo_strategies.py", ranks, config, str(out), str(grpo_strategies.STEPS), *extra,
              env={"PYTHONPATH": ROOT, "SP_SIZE": "2"}, timeout=300)
     result = json.loads(out.read_text())
-    one = one_process_grpo
+    key = (ref_config, ref_extra)
+    if key not in _ONE_PROCESS:
+        _ONE_PROCESS[key] = grpo_strategies.run(ref_config, extra=ref_extra)
+    one = _ONE_PROCESS[key]
     assert len(result["steps"]) == len(one.steps) == grpo_strategies.STEPS
+    metrics = ("loss/policy", "actor/grad_norm", "kl", "reward", "loss/value", "critic/grad_norm")
     for got, ref in zip(result["steps"], one.steps):
-        for key in ("loss/policy", "actor/grad_norm", "kl", "reward"):
-            assert got[key] == pytest.approx(ref[key], rel=TOL, abs=TOL), key
+        for name in (m for m in metrics if m in ref):
+            assert got[name] == pytest.approx(ref[name], rel=TOL, abs=TOL), name
     assert one.steps[0]["actor/grad_norm"] > 0 and set(result["weights"]) == set(one.weights)
     for name, values in one.weights.items():
         # a key projection's bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by every
