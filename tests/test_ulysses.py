@@ -79,22 +79,36 @@ def test_two_ranks_sp2_equal_one_process(run, tmp_path, monkeypatch):
 
 @pytest.mark.multiprocess
 def test_lightrft_style_script_sp2_equals_one_process(tmp_path):
-    """examples/lightrft_style/train_grpo.py with ``--fsdp --sp_size 2`` on 2 ranks (the actor's attention
-    through the Ulysses hook) against ``--strategy fake`` in one process: the same sampled rollouts (the sp group
-    reads the same prompts and samples as one process does), losses and saved weights."""
+    """examples/lightrft_style/train_grpo.py with ``--fsdp --sp_size 2`` on 2 ranks against ``--strategy fake``
+    in one process. As in LightRFT, each rank gets its own prompts (``setup_dataloader`` splits over every
+    rank) and ``sp_data_processor.preprocess`` gathers the sp group's samples; the actor's attention goes
+    through the Ulysses hook on left-padded prompts. Greedy rollouts, one sample per prompt and batch-normalized
+    advantages (REINFORCE++), so the samples do not depend on which rank drew them: the same rewards, losses and
+    saved weights."""
     from safetensors.torch import load_file
 
     import lightrft_port_example
 
-    args = lambda out: lightrft_port_example.tiny_args(out)  # noqa: E731
+    def args(out):
+        return [*lightrft_port_example.tiny_args(out), "--reward_fn", "tests.scripts.lightrft_port_example:prompt_reward",
+                "--temperature", "0", "--n_samples_per_prompt", "1",
+                "--advantage_estimator", "reinforce++", "--train_batch_size", "4", "--micro_train_batch_size", "2"]
+
     sp = script_result(torchrun(str(Path(ROOT, "examples/lightrft_style/train_grpo.py")), 2, *args(tmp_path / "sp"),
                                 "--fsdp", "--sp_size", "2", env={"PYTHONPATH": ROOT}, timeout=300))
     one = lightrft_port_example.example().main([*args(tmp_path / "one"), "--strategy", "fake"])
     assert sp["attention"] == "ulysses_sdpa" and one["attention"] == "sdpa"
     assert sp["rewards"] == pytest.approx(one["rewards"], abs=TOL) and len(one["rewards"]) == 2
-    assert sp["losses"] == pytest.approx(one["losses"], abs=TOL)
+    assert sp["losses"] == pytest.approx(one["losses"], abs=TOL) and one["rewards"][0] != one["rewards"][1]
     a, b = load_file(tmp_path / "sp/model/model.safetensors"), load_file(tmp_path / "one/model/model.safetensors")
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
+    assert a.keys() == b.keys()
+    for k in a:  # the key projection: see test_two_ranks_sp2_equal_one_process (here, at lr 1e-2, its weight too)
+        assert float((a[k] - b[k]).abs().max()) < (1e-4 if "k_proj" in k else TOL), k
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+    from lightrft_lightning.tokenizer import load_tokenizer
+
+    initial = tiny_causal_lm(seed=1, vocab_size=len(load_tokenizer("char"))).state_dict()
+    assert max(float((b[k] - initial[k]).abs().max()) for k in b) > 1e-3  # the steps trained
 
 
 @pytest.mark.parametrize("strategy", ["LightRFTFSDP", "LightRFTDeepSpeed"])

@@ -128,6 +128,9 @@ def make_experience(strategy, actor, initial_model, tokenizer, rows, prompt_ids,
                 "max_tokens": args.generate_max_len}  # vLLM's names, as LightRFT passes them
     outputs = strategy.gather_and_generate(sampling, all_prompt_token_ids=prompt_ids, all_prompts=None,
                                            all_images=None, sleep_engine=True)
+    # sp_size > 1: the ranks of a sequence-parallel group train on their samples together (LightRFT's
+    # experience maker); the identity otherwise
+    outputs, rows = strategy.sp_data_processor.preprocess(outputs), strategy.sp_data_processor.preprocess(rows)
     completions = tokenizer.batch_decode([o.output_token_ids for o in outputs], skip_special_tokens=True)
     n = args.n_samples_per_prompt
     texts = [r["prompt"] for r in rows for _ in range(n)]
@@ -208,14 +211,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             initial_model = strategy.prepare_model(initial_model, is_training=False)
             strategy.offload_model(initial_model)
     strategy.report_memory("after models init")
-    # data: each data-parallel rank gets rollout_batch_size // (world_size // sp_size) prompts per step (the ranks
-    # of a sequence-parallel group read the same prompts)
+    # data: each rank gets rollout_batch_size // world_size prompts per step (with sp_size > 1, make_experience
+    # gathers an sp group's samples: sp_data_processor.preprocess)
     rows = arithmetic_problems(args.max_samples, seed=args.seed)
     chat = args.apply_chat_template and args.pretrain != "tiny"
     texts, ids = render_prompts(rows, tokenizer, apply_chat_template=chat)
     dataset = [{**row, "text": text, "ids": tid} for row, text, tid in zip(rows, texts, ids)]
-    prompts_dataloader = strategy.setup_dataloader(dataset, args.rollout_batch_size * args.sp_size // strategy.world_size,
-                                                   True, True,
+    prompts_dataloader = strategy.setup_dataloader(dataset, args.rollout_batch_size // strategy.world_size, True, True,
                                                    collate_fn=lambda batch: batch)
     num_update_steps_per_episodes = len(dataset) * args.n_samples_per_prompt // args.train_batch_size * args.max_epochs
     max_steps = math.ceil(args.num_episodes * num_update_steps_per_episodes)

@@ -163,13 +163,14 @@ class LightRFTCompatMixin:
                          collate_fn: Optional[Callable] = None, drop_last: bool = True, sampler: Any = None,
                          consumed_samples: int = 0) -> torch.utils.data.DataLoader:
         """A ``DataLoader`` over ``replay_buffer`` (any dataset) whose sampler gives each rank its part
-        (shuffled with the config's seed) and skips the ``consumed_samples`` already seen over all ranks,
+        (every process, as LightRFT's: with ``sp_size > 1`` its trainers gather an sp group's parts with
+        ``sp_data_processor.preprocess``; shuffled with the config's seed) and skips the ``consumed_samples`` already seen over all ranks,
         so a resumed run continues where it stopped (``sampler.set_epoch(epoch)`` starts the next epoch
         from its beginning). ``sampler`` replaces that sampler."""
         if consumed_samples < 0:
             raise ValueError(f"setup_dataloader: consumed_samples={consumed_samples!r}; accepted: an integer >= 0")
         if sampler is None:
-            sampler = ResumableDistributedSampler(replay_buffer, num_replicas=self.dp_world_size, rank=self.dp_rank,
+            sampler = ResumableDistributedSampler(replay_buffer, num_replicas=self.world_size, rank=self.get_rank(),
                                                   shuffle=shuffle, seed=self.config.seed, drop_last=drop_last,
                                                   consumed_samples=consumed_samples)
         elif consumed_samples:
