@@ -93,7 +93,7 @@ class StrategyConfig(RewardShaping):
     zpg: int = 1
     overlap_comm: bool = False
 
-    # LightRFT's sequence parallelism (Ulysses); not implemented here: only 1 is accepted
+    # LightRFT's sequence parallelism (Ulysses): ranks per sequence, on LightRFTFSDP and LightRFTDeepSpeed
     sp_size: int = 1
 
     # FSDP2
@@ -248,8 +248,8 @@ class StrategyConfig(RewardShaping):
             bad("advantage_estimator", ", ".join(ADVANTAGE_ESTIMATORS))
         if self.kl_estimator not in KL_ESTIMATORS:
             bad("kl_estimator", ", ".join(KL_ESTIMATORS))
-        if self.sp_size != 1:
-            bad("sp_size", "1 (sequence parallelism is not implemented in lightrft-lightning)")
+        if isinstance(self.sp_size, bool) or not isinstance(self.sp_size, int) or self.sp_size < 1:
+            bad("sp_size", "an integer >= 1 that divides the world size (ranks per sequence)")
         if self.overlong_buffer_len < 1:
             bad("overlong_buffer_len", "an integer >= 1")
         if self.reward_running_norm_minus_mean and not self.reward_running_norm:

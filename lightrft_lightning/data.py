@@ -469,7 +469,12 @@ class PromptDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        # data-parallel ranks: the strategy's (the ranks of a sequence-parallel group read the same prompts)
+        split = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        if split:
+            world, rank = split["num_replicas"], split["rank"]
+        else:
+            world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         self.sampler = ResumableSampler(self.dataset, self.batch_size, world, rank, self.shuffle, self.seed)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)

@@ -218,3 +218,17 @@ def test_user_strategy_extends_the_factory():
         from lightrft_lightning import factory
 
         factory._BUILDERS.pop("mine", None)
+
+
+def test_engine_calls_without_an_engine_are_no_ops():
+    """LightRFT's FakeStrategy documents them so (its test_inference_engine_methods / test_update_engine_weights):
+    trainer code runs on the fake without building an engine."""
+    s = LightRFTFake()
+    model = torch.nn.Linear(2, 2)
+    assert s.setup_inference_engine(None) is None and s.inference_engine is None
+    s.maybe_sleep_inference_engine()
+    s.wakeup_inference_engine()
+    assert s.engine_generate_local(None) == [] and s.gather_and_generate(None) == []
+    assert s.update_engine_weights(model) == 0
+    with pytest.raises(ValueError, match="all_prompt_token_ids is required"):  # prompts are still checked
+        s.gather_and_generate(None, all_prompts=["p"])

@@ -42,8 +42,10 @@ def test_fake_strategy_lightrft_constructor_and_attributes():
     assert s.inference_engine is None and s.engine_mp_group is None and s.engine_dp_group is None
     items = [object(), object()]
     assert s.sp_data_processor.preprocess(items) is items and s.sp_data_processor.postprocess(items) is items
-    with pytest.raises(ValueError, match="sp_size=2 is invalid; accepted: 1"):
+    with pytest.raises(ValueError, match="sp_size=2 is refused; accepted: 1. The fake strategy is one process"):
         FakeStrategy(args=argparse.Namespace(sp_size=2))
+    with pytest.raises(ValueError, match="StrategyConfig.sp_size=0 is invalid"):
+        FakeStrategy(args=argparse.Namespace(sp_size=0))
     # the constructor values win over args (one source of truth: strategy.max_norm is config.max_norm)
     args = argparse.Namespace(seed=1, max_norm=0.0, train_batch_size=16, micro_train_batch_size=4, my_flag="x")
     s = FakeStrategy(seed=3, max_norm=0.5, args=args)

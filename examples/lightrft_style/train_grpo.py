@@ -51,6 +51,13 @@ class Actor(nn.Module):
             self.model = AutoModelForCausalLM.from_pretrained(pretrain, dtype=torch.float32)
 
     def forward(self, sequences: torch.Tensor, num_actions: int, attention_mask: torch.Tensor) -> torch.Tensor:
+        from lightrft_lightning.algorithms.log_probs import log_probs
+        from lightrft_lightning.parallel import ulysses
+
+        if ulysses.is_enabled(self.model):
+            # sp_size > 1: each rank of the sequence-parallel group forwards its share of every sequence's
+            # positions (as LightRFT's actor splits them with Ulysses); log_probs gathers the group's log-probs
+            return log_probs(self.model, sequences, attention_mask.long())[0][:, -num_actions:]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         # the logits of the positions that predict the actions only (the vocabulary is large)
         logits = self.model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
@@ -87,6 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--engine_type", default="hf", choices=["hf", "vllm", "sglang"])
     p.add_argument("--engine_tp_size", type=int, default=1)
+    p.add_argument("--sp_size", type=int, default=1, help="ranks per sequence (Ulysses sequence parallelism)")
     p.add_argument("--enable_engine_sleep", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--apply_chat_template", action=argparse.BooleanOptionalAction, default=True)
     # optimization
@@ -120,6 +128,9 @@ def make_experience(strategy, actor, initial_model, tokenizer, rows, prompt_ids,
                 "max_tokens": args.generate_max_len}  # vLLM's names, as LightRFT passes them
     outputs = strategy.gather_and_generate(sampling, all_prompt_token_ids=prompt_ids, all_prompts=None,
                                            all_images=None, sleep_engine=True)
+    # sp_size > 1: the ranks of a sequence-parallel group train on their samples together (LightRFT's
+    # experience maker); the identity otherwise
+    outputs, rows = strategy.sp_data_processor.preprocess(outputs), strategy.sp_data_processor.preprocess(rows)
     completions = tokenizer.batch_decode([o.output_token_ids for o in outputs], skip_special_tokens=True)
     n = args.n_samples_per_prompt
     texts = [r["prompt"] for r in rows for _ in range(n)]
@@ -200,7 +211,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             initial_model = strategy.prepare_model(initial_model, is_training=False)
             strategy.offload_model(initial_model)
     strategy.report_memory("after models init")
-    # data: each rank gets rollout_batch_size // world_size prompts per step
+    # data: each rank gets rollout_batch_size // world_size prompts per step (with sp_size > 1, make_experience
+    # gathers an sp group's samples: sp_data_processor.preprocess)
     rows = arithmetic_problems(args.max_samples, seed=args.seed)
     chat = args.apply_chat_template and args.pretrain != "tiny"
     texts, ids = render_prompts(rows, tokenizer, apply_chat_template=chat)
@@ -249,7 +261,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return {"strategy": type(strategy).__name__, "world_size": strategy.world_size, "rewards": rewards,
             "losses": losses, "step_s": step_s, "setup_s": setup_s, "wall_s": wall, "ckpt": ckpt,
             "save_path": args.save_path, "consumed_samples": consumed_samples,
-            "accumulated_gradient": strategy.accumulated_gradient, "ds_train_cfg": ds_train_cfg is not None}
+            "accumulated_gradient": strategy.accumulated_gradient, "ds_train_cfg": ds_train_cfg is not None,
+            "attention": strategy.unwrap_model(actor).model.config._attn_implementation}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightrft_lightning.algorithms.packing import SharedPromptBatch, pack_shared_prompts
+from lightrft_lightning.parallel import ulysses
 
 
 def log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0,
@@ -28,6 +29,10 @@ def log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, tempe
         shape = (input_ids.shape[0], input_ids.shape[1] - 1)
         logp = logp.new_zeros(shape).index_put((rows,), logp)
         return logp, ent.new_zeros(shape).index_put((rows,), ent) if ent is not None else None
+    hf = inner if inner is not None else _causal_lm(model)
+    if hf is not None and ulysses.is_enabled(hf):
+        return _sequence_parallel_log_probs(model, input_ids, attention_mask, temperature, entropy, action_mask,
+                                            hf.config)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) == "sdpa":
         packed = pack_shared_prompts(input_ids, action_mask, config)
@@ -56,6 +61,41 @@ def _packed_log_probs(model: nn.Module, packed: SharedPromptBatch, shape: torch.
     logp = logp.new_zeros(shape[0], shape[1] - 1).index_put(index, logp)
     ent = ent.new_zeros(shape[0], shape[1] - 1).index_put(index, ent) if ent is not None else None
     return logp, ent
+
+
+def _sequence_parallel_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float,
+                                 entropy: bool, action_mask: Optional[Tensor], config: object) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`log_probs` with each sequence split over the sequence-parallel group (Ulysses; see
+    :mod:`~lightrft_lightning.parallel.ulysses`): the forward (packed as in one process when that saves
+    compute) runs on this rank's positions, each rank computes the log-probs its positions predict, and a
+    sum over the group gives every rank all of them."""
+    n, length = input_ids.shape
+    packed = pack_shared_prompts(input_ids, action_mask, config) if action_mask is not None else None
+    if packed is not None:
+        ids, positions, mask = packed.input_ids, packed.position_ids, packed.attention_mask
+        rows, predictors, targets, out = packed.group, packed.position, packed.target, (packed.row, packed.column)
+    else:
+        # right padding: a plain causal mask (no position before a row's end sees its padding), which the
+        # attention hook hands to SDPA's causal kernels
+        valid = torch.ones_like(attention_mask) if ulysses.is_right_padded(attention_mask) else attention_mask
+        ids, mask = input_ids, ulysses.causal_mask(valid)
+        positions = torch.arange(length, device=ids.device).expand(n, -1)
+        rows = torch.arange(n, device=ids.device).repeat_interleave(length - 1)
+        predictors = torch.arange(length - 1, device=ids.device).repeat(n)
+        targets = input_ids[:, 1:].reshape(-1)
+        out = (rows, predictors)
+    shard = ulysses.shard_of(ids.shape[1])
+    local_ids, local_positions, mask = ulysses.shard_inputs(ids, positions, mask, shard)
+    logits = model(input_ids=local_ids, position_ids=local_positions, attention_mask=mask, use_cache=False).logits
+    mine = ((predictors >= shard.start) & (predictors < shard.end)).nonzero(as_tuple=True)
+    logp, ent = _token_log_probs(logits[rows[mine], predictors[mine] - shard.start], targets[mine], temperature, entropy)
+    k = len(predictors)
+    logp = ulysses.sum_over_group(logp.new_zeros(k).index_put(mine, logp))
+    full = logp.new_zeros(n, length - 1).index_put(out, logp)
+    if ent is None:
+        return full, None
+    ent = ulysses.sum_over_group(ent.new_zeros(k).index_put(mine, ent))
+    return full, ent.new_zeros(n, length - 1).index_put(out, ent)
 
 
 CHUNK_ROWS = 256  # positions per chunk: one [rows, vocab] fp32 temporary at a time

@@ -39,18 +39,20 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from lightning.fabric.utilities.seed import seed_everything
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.config import StrategyConfig, precision_name
 from lightrft_lightning.lightning_api import unwrap_optimizer
+from lightrft_lightning.parallel import ulysses
 from lightrft_lightning.parallel.meta_init import parameters_on_meta
 from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
     LightRFTCompatMixin,
     ResumableDistributedSampler,
-    SequenceParallelIdentity,
+    _is_hf_model,
     is_actor,
     is_engine,
     lightrft_scheduler,
@@ -112,6 +114,9 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         self._train_states: dict[int, Stepper] = {}
         self._frozen_requires_grad: dict[int, dict[str, bool]] = {}
         self.engines: list[Any] = []
+        self.sp_mesh_device: Optional[DeviceMesh] = None
+        self._sp_group: Optional[dist.ProcessGroup] = None
+        self._dp_group: Optional[dist.ProcessGroup] = None
         self._init_lightrft_compat()
         self._init_lightrft_engines()
 
@@ -123,12 +128,12 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     @property
     def world_size(self) -> int:
-        """The data-parallel world size: the Trainer's cluster environment under a Trainer, else the
-        process group's size (1 without one)."""
+        """All processes: the Trainer's cluster environment under a Trainer, else the process group's size (1
+        without one); ``dp_world_size`` is this // ``sp_size``."""
         env = getattr(self, "cluster_environment", None)
         if env is not None:
             return env.world_size()
-        return self.dp_world_size
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @world_size.setter
     def world_size(self, value: int) -> None:  # Lightning's SingleDeviceStrategy assigns 1
@@ -162,7 +167,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     def get_rank(self) -> int:
         """This process's rank (0 without a process group)."""
-        return self.dp_rank
+        return self._process_rank()
 
     def set_seed(self, seed: int) -> None:
         """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""
@@ -176,13 +181,53 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    # ------------------------------------------------------------------ sequence parallelism
+    def _setup_sequence_parallel(self, device_type: str) -> None:
+        """With ``sp_size > 1``: the ``("dp", "sp")`` mesh (``sp_mesh_device``, LightRFT's name), its groups, and
+        the process's sequence-parallel group for the attention hook (see :mod:`~lightrft_lightning.parallel.ulysses`)."""
+        sp = self.config.sp_size
+        if sp == 1 or self.sp_mesh_device is not None:
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        ulysses.check_sp_size(world, sp)
+        self.sp_mesh_device = ulysses.build_mesh(device_type, world, sp)
+        self._sp_group = self.sp_mesh_device["sp"].get_group()
+        self._dp_group = self.sp_mesh_device["dp"].get_group()
+        ulysses.set_group(self._sp_group)
+
+    def _enable_sequence_parallel(self, module: Any) -> None:
+        """Route the attention of every Hugging Face model in ``module`` through the Ulysses hook (a forward that
+        is not sequence-sharded passes through it unchanged)."""
+        if self.config.sp_size == 1 or not isinstance(module, nn.Module):
+            return
+        for m in module.modules():
+            if _is_hf_model(m):
+                ulysses.enable(m)
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence (``StrategyConfig.sp_size``)."""
+        return self.config.sp_size
+
+    @property
+    def sp_data_processor(self) -> ulysses.SequenceParallelData:
+        """LightRFT's ``SPDataProcessor``: ``preprocess`` gathers the sp group's items, ``postprocess`` keeps this
+        rank's share; the identity with ``sp_size`` 1."""
+        return ulysses.SequenceParallelData(self._sp_group)
+
+    def _process_rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     @property
     def dp_world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        """Data-parallel ranks: all processes // ``sp_size``."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return world // self.config.sp_size if self._sp_group is not None else world
 
     @property
     def dp_rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        """This process's data-parallel rank (the ranks of one sp group share it)."""
+        return self._process_rank() // self.config.sp_size if self._sp_group is not None else self._process_rank()
 
     @property
     def accumulation_steps(self) -> int:
@@ -220,6 +265,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
                                 f"{type(model).__name__}; accepted: an nn.Module")
             inner = self._materialize(self._inner(model))
             self._enable_gradient_checkpointing([inner])
+            self._enable_sequence_parallel(inner)
             prepared, optimizer = self._prepare_model(inner, optimizer, train=True)
             self._train_states[id(prepared)] = Stepper(unwrap_optimizer(optimizer), scheduler, model=prepared)
             return (self._rewrap(model, prepared), optimizer, scheduler)
@@ -227,6 +273,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             raise TypeError(f"prepare: cannot prepare a {type(item).__name__}; accepted: an nn.Module, a (model, "
                             "optimizer, scheduler) tuple, a list of modules, or None")
         inner = self._materialize(self._inner(item))
+        self._enable_sequence_parallel(inner)
         self._frozen_requires_grad[id(inner)] = {n: p.requires_grad for n, p in inner.named_parameters()}
         prepared, _ = self._prepare_model(inner, None, train=False)
         prepared.eval().requires_grad_(False)
@@ -318,6 +365,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
         self.training_precision()  # refuses a config that disagrees with the Trainer
         self._materialize_lightning_module()
         self._enable_gradient_checkpointing(self._trainable_children(self.lightning_module))
+        self._enable_sequence_parallel(self.lightning_module)
         self._lightning_setup(trainer)
 
     def _lightning_setup(self, trainer: Any) -> None:
@@ -715,7 +763,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
 
     # ------------------------------------------------------------------ collectives and logging
     def is_rank_0(self) -> bool:
-        return self.dp_rank == 0
+        return self._process_rank() == 0
 
     def print(self, *msg: Any, **kwargs: Any) -> None:
         """``print`` on rank 0 only."""
@@ -723,7 +771,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             builtins.print(*msg, **kwargs)
 
     def _barrier(self) -> None:
-        if self.dp_world_size > 1:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
     def all_reduce(self, data: Any, op: ReduceOp = "mean") -> Any:
@@ -741,7 +789,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             return data
         tensor = data.clone() if is_tensor else torch.tensor(data, dtype=torch.float64)
         out = tensor.to(process_group.collective_device(tensor.device))
-        dist.all_reduce(out, op=_REDUCE_OPS[op])
+        dist.all_reduce(out, op=_REDUCE_OPS[op], group=self._dp_group)  # the ranks of an sp group hold the same data
         if op == "mean":
             out = out / self.dp_world_size
         return out.to(tensor.device) if is_tensor else out.item()
@@ -763,7 +811,7 @@ class StrategyBase(LightRFTCompatMixin, LightRFTEngineMixin):
             return tensor
         device = process_group.collective_device(tensor.device)
         parts = [torch.empty_like(tensor, device=device) for _ in range(self.dp_world_size)]
-        dist.all_gather(parts, tensor.to(device))
+        dist.all_gather(parts, tensor.to(device), group=self._dp_group)
         return torch.cat(parts).to(tensor.device)
 
 

@@ -41,6 +41,7 @@ from lightrft_lightning import checkpoint, lightning_api, process_group
 from lightrft_lightning.lightning_api import unwrap_optimizer
 from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
+from lightrft_lightning.parallel import ulysses
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
@@ -184,6 +185,11 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             return self.lightning_module.trainer.accumulate_grad_batches
         return super().accumulation_steps
 
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # the ranks of one sp group read the same prompts
+        return {"num_replicas": self.dp_world_size, "rank": self.dp_rank}
+
     def ds_config(self, train: bool = True) -> dict[str, Any]:
         """The DeepSpeed config of a training engine (``train``) or an inference engine."""
         return parallel_deepspeed.build_config(self.config, self.training_precision(), self.accumulation_steps,
@@ -231,13 +237,17 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         """Seed every RNG and join the process group through ``deepspeed.init_distributed`` (gloo on
         CPU, ``cpu:gloo,cuda:nccl`` on CUDA). Under a Trainer, Lightning's cluster environment gives the ranks."""
         if self.cluster_environment is not None:  # called by Lightning's setup_environment
+            ulysses.check_sp_size(self.num_nodes * self.num_processes, self.config.sp_size)
             reset_seed()
             self.set_world_ranks()
             lightning_api.join_deepspeed_process_group(self)
+            self._setup_sequence_parallel(self.root_device.type)
             self._create_engine_groups()
             return
+        ulysses.check_sp_size(int(os.environ.get("WORLD_SIZE", 1)), self.config.sp_size)
         seed_everything(self.config.seed, verbose=False)
         self._init_process_group(timeout)
+        self._setup_sequence_parallel("cuda" if torch.cuda.is_available() else "cpu")
         if self._engine_mp_group is None:
             self._create_engine_groups()
 

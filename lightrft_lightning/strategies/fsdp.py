@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightrft_lightning import checkpoint, lightning_api, process_group
-from lightrft_lightning.parallel import fsdp2
+from lightrft_lightning.parallel import fsdp2, ulysses
 from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.lora import frozen_base_keys
@@ -105,16 +105,20 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
         """Seed every RNG, join the process group (``cpu:gloo,cuda:nccl`` on CUDA, gloo on CPU) and build the mesh and the
         engine groups."""
         self._check_shard_size(int(os.environ.get("WORLD_SIZE", 1)))
+        ulysses.check_sp_size(int(os.environ.get("WORLD_SIZE", 1)), self.config.sp_size)
         super().setup_distributed(timeout)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())
+        self._setup_sequence_parallel(self.root_device.type)
         if self._engine_mp_group is None:
             self._create_engine_groups()
 
     def setup_environment(self) -> None:
         self._check_shard_size(self.num_nodes * self.num_processes)
+        ulysses.check_sp_size(self.num_nodes * self.num_processes, self.config.sp_size)
         self._default_process_group_backend()
         lightning_api.join_process_group(self)
         lightning_api.set_strategy_device_mesh(self, self._build_mesh())
+        self._setup_sequence_parallel(self.root_device.type)
         self._create_engine_groups()
         assert self.lightning_module is not None
         lightning_api.share_device_mesh(self.lightning_module, self.device_mesh)
@@ -185,7 +189,8 @@ class LightRFTFSDP(StrategyBase, ModelParallelStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        # the ranks of one sp group read the same prompts
+        return {"num_replicas": self.dp_world_size, "rank": self.dp_rank}
 
     # ------------------------------------------------------------------ sharding
     @property

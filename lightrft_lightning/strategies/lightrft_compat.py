@@ -55,11 +55,6 @@ class LightRFTCompatMixin:
         """LightRFT's name of :attr:`accumulation_steps`."""
         return self.accumulation_steps
 
-    @property
-    def sp_data_processor(self) -> "SequenceParallelIdentity":
-        """LightRFT's sequence-parallel data processor; ``sp_size`` is always 1 here, so it is the identity."""
-        return SequenceParallelIdentity()
-
     def memory_stats(self) -> dict[str, float]:
         """This process's memory in GB: ``rss`` (resident set, from /proc) and on CUDA ``allocated``,
         ``reserved`` and ``driver_used``."""
@@ -168,13 +163,14 @@ class LightRFTCompatMixin:
                          collate_fn: Optional[Callable] = None, drop_last: bool = True, sampler: Any = None,
                          consumed_samples: int = 0) -> torch.utils.data.DataLoader:
         """A ``DataLoader`` over ``replay_buffer`` (any dataset) whose sampler gives each rank its part
-        (shuffled with the config's seed) and skips the ``consumed_samples`` already seen over all ranks,
+        (every process, as LightRFT's: with ``sp_size > 1`` its trainers gather an sp group's parts with
+        ``sp_data_processor.preprocess``; shuffled with the config's seed) and skips the ``consumed_samples`` already seen over all ranks,
         so a resumed run continues where it stopped (``sampler.set_epoch(epoch)`` starts the next epoch
         from its beginning). ``sampler`` replaces that sampler."""
         if consumed_samples < 0:
             raise ValueError(f"setup_dataloader: consumed_samples={consumed_samples!r}; accepted: an integer >= 0")
         if sampler is None:
-            sampler = ResumableDistributedSampler(replay_buffer, num_replicas=self.dp_world_size, rank=self.dp_rank,
+            sampler = ResumableDistributedSampler(replay_buffer, num_replicas=self.world_size, rank=self.get_rank(),
                                                   shuffle=shuffle, seed=self.config.seed, drop_last=drop_last,
                                                   consumed_samples=consumed_samples)
         elif consumed_samples:
@@ -391,13 +387,3 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     def set_epoch(self, epoch: int, consumed_samples: int = 0) -> None:
         super().set_epoch(epoch)
         self.consumed_indices = consumed_samples // self.num_replicas
-
-
-class SequenceParallelIdentity:
-    """LightRFT's ``SPDataProcessor`` at ``sp_size=1``: ``preprocess`` and ``postprocess`` return their input."""
-
-    def preprocess(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        return data
-
-    def postprocess(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        return data

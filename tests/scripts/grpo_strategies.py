@@ -40,6 +40,12 @@ class Recorder(Callback):
         self.steps: list[dict[str, float]] = []
         self.dtypes: dict[str, str] = {}
         self.adapters: list[str] = []
+        self.weights: dict[str, list[float]] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # the actor's whole weights after the last step (every rank joins the gather; a few values per tensor)
+        full = trainer.strategy.full_state_dict(pl_module.actor)
+        self.weights = {k: v.float().flatten()[:8].tolist() + [float(v.float().sum())] for k, v in full.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from lightrft_lightning.callbacks import RolloutEngineCallback
@@ -75,11 +81,14 @@ class StaleEngine(Callback):
         callback.generate = stale
 
 
-def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] = (), shift: float = 0.0) -> Recorder:
+def run(config: str, world: int = 1, steps: int = STEPS, extra: tuple[str, ...] = (), shift: float = 0.0,
+        sp: int = 1) -> Recorder:
+    """``sp``: ranks per sequence (``StrategyConfig.sp_size``, given in ``extra``): the ranks of an sp group
+    read the same prompts."""
     m = "--model.init_args."
     args = ["--config", config, f"--trainer.devices={world}", f"--trainer.max_steps={steps}", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
-            f"--data.batch_size={PROMPTS_PER_STEP // world}", "--data.val_path=null", "--data.shuffle=false",
+            f"--data.batch_size={PROMPTS_PER_STEP * sp // world}", "--data.val_path=null", "--data.shuffle=false",
             f"{m}temperature=0", f"{m}n_samples_per_prompt=2", f"{m}micro_train_batch_size=4", f"{m}epochs=2",
             f"{m}advantage_estimator=reinforce++", f"{m}kl_coef=0.05", f"{m}kl_estimator=k2",
             f"{m}actor_learning_rate=0.01", f'{m}rewards={{"grpo_strategies:digit_reward": 1.0}}', *extra]
@@ -96,7 +105,9 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     recorder = run(sys.argv[1], int(os.environ.get("WORLD_SIZE", "1")), steps=int(sys.argv[3]) if len(sys.argv) > 3 else STEPS,
-                   extra=tuple(sys.argv[4:]), shift=float(os.environ.get("SHIFT_ENGINE_LOGPROBS", "0")))
+                   extra=tuple(sys.argv[4:]), shift=float(os.environ.get("SHIFT_ENGINE_LOGPROBS", "0")),
+                   sp=int(os.environ.get("SP_SIZE", "1")))
     if int(os.environ.get("RANK", "0")) == 0:
         with open(sys.argv[2], "w") as f:
-            json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes, "adapters": recorder.adapters}, f)
+            json.dump({"steps": recorder.steps, "dtypes": recorder.dtypes, "adapters": recorder.adapters,
+                       "weights": recorder.weights}, f)

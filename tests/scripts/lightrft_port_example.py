@@ -42,3 +42,9 @@ if __name__ == "__main__":
 def digit_reward(prompts, completions, metadata):
     """A reward the random tiny model's samples differ on (the share of digits), so advantages are not 0."""
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def prompt_reward(prompts, completions, metadata):
+    """A reward that differs between prompts (a random model's greedy samples score alike under digit_reward),
+    so that batch-normalized advantages are not 0."""
+    return [(len(p) + sum(map(ord, p))) % 5 / 4 for p in prompts]
