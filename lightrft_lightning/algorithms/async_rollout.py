@@ -13,7 +13,7 @@ engine makes the learner wait rather than exceed it; a slow learner leaves the e
 pipeline is full.
 
 Weights in flight: the producer generates one batch at a time and holds a lock while it does; the push
-takes that lock, so an update falls between two batches (on rank 0's servers also vLLM's
+takes that lock before the next batch starts, so an update falls between two batches (on rank 0's servers also vLLM's
 ``/pause?mode=wait``): every completion comes from one weight version, recorded exactly per sample
 (``Experience.versions``). Partial rollouts (vLLM's ``mode=keep``, a completion continued on new weights)
 are not offered: vLLM's completion API reports no weight version per token, so the versions recorded
@@ -30,13 +30,14 @@ first, so every prompt is trained once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -68,7 +69,9 @@ class _Producer:
 
     def __init__(self, engine: RolloutEngine, params: SamplingParams) -> None:
         self.engine, self.params = engine, params
-        self.lock = threading.Lock()  # held while one batch generates; a weight push takes it
+        self._lock = threading.Lock()  # held while one batch generates, and by a weight push
+        self._may_start = threading.Event()  # cleared while a push waits: it goes before the next batch
+        self._may_start.set()
         self.idle_s = 0.0  # since the last take_idle
         self._todo: queue.Queue[_Batch] = queue.Queue()
         self._done: queue.Queue[_Batch] = queue.Queue()
@@ -86,7 +89,8 @@ class _Producer:
                 batch = self._todo.get(timeout=0.05)
             except queue.Empty:
                 continue
-            with self.lock:
+            self._may_start.wait()
+            with self._lock:
                 start = time.perf_counter()
                 self.idle_s += start - idle_from
                 batch.version = int(self.engine.version)
@@ -99,6 +103,16 @@ class _Producer:
             self._done.put(batch)
             if batch.error is not None:
                 return
+
+    @contextlib.contextmanager
+    def between_batches(self) -> Iterator[None]:
+        """Run the block (a weight push) once the batch generating now is done, before the next starts."""
+        self._may_start.clear()
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._may_start.set()
 
     def take_idle(self) -> float:
         idle, self.idle_s = self.idle_s, 0.0
@@ -184,14 +198,16 @@ class AsyncRollout(Rollout):
         start = time.perf_counter()
         if self._producer is None:
             self._start(module, callback)
-        with self._producer.lock:  # between two batches
+        with self._producer.between_batches():
             callback.sync_weights(module)
-        self._hand_over(rows)
+        restored, self._restored = self._restored or [], None  # a resumed run's pipeline, on the new weights
+        for batch_rows in [*restored, rows]:
+            self._hand_over(batch_rows)
         self._fill(module)
-        ready = time.perf_counter()
         batch = self._producer.result(self.wait_timeout_s)
         self._pipeline.pop(0)
-        waited = time.perf_counter() - ready
+        sync_s = callback.stats.get("sync_s", 0.0)
+        waited = time.perf_counter() - start - sync_s  # for the batch in flight (before the push) and for its own
         exp, metrics = self.score(module, batch.rows, batch.prompts, batch.prompt_ids, batch.completions,
                                   batch.generate_s)
         exp.versions = torch.full((len(exp),), batch.version, dtype=torch.long, device=exp.rewards.device)
@@ -203,7 +219,7 @@ class AsyncRollout(Rollout):
         metrics.update({"staleness/mean": float(stale), "staleness/steps_max": float(stale),
                         **{f"staleness/frac_{s}": float(s == stale) for s in range(self.max_off_policy_steps + 1)},
                         "async/learner_wait_s": waited, "async/engine_idle_s": self._producer.take_idle(),
-                        "async/step_overhead_s": ready - start, "rollout/sync_s": callback.stats.get("sync_s", 0.0)})
+                        "rollout/sync_s": sync_s})
         return exp, metrics
 
     # ------------------------------------------------------------------ the pipeline
@@ -218,9 +234,6 @@ class AsyncRollout(Rollout):
         self._sampler(module)
         engine.wake_up()  # bookkeeping only: a server's memory is not the trainer's
         self._producer = _Producer(engine, self.sampling_params())
-        restored, self._restored = self._restored or [], None
-        for rows in restored:
-            self._hand_over(rows)
 
     def _hand_over(self, rows: list[dict[str, Any]]) -> None:
         prompts, prompt_ids = self.render(rows)
