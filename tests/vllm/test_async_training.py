@@ -140,3 +140,21 @@ def test_an_engine_error_surfaces_in_the_trainer_and_stops_the_producer(tiny_ser
     with pytest.raises(RuntimeError, match="producer failed: the server went away"):
         fit(module(model, 1), engine, 4, tmp_path)
     assert not producers()
+
+
+def test_one_step_off_grpo_on_two_fsdp_ranks_from_the_example_yaml(tiny_servers, tmp_path):
+    """The producer on both ranks, the push a collective of the sharded actor (rank 0 sends)."""
+    from tests.vllm.common import cli_fit_rows
+
+    model, servers = tiny_servers
+    rows = cli_fit_rows(
+        "grpo_smollm2_vllm_server", tmp_path, f"--model.init_args.model={model}",
+        "--model.init_args.apply_chat_template=false", "--model.init_args.max_new_tokens=4", "--trainer.max_steps=3",
+        "--data.batch_size=2", "--model.init_args.max_off_policy_steps=1",
+        f"--trainer.callbacks.init_args.engine_kwargs={{urls: [{servers[0].url}], api_key: {KEY}, timeout_s: 120}}",
+        timeout=400)
+    print(f"FIGURE async k=1 FSDP2 2 ranks: staleness {[r['staleness/steps_max'] for r in rows]}, "
+          f"TIS-truncated tokens {[r['mismatch/tokens_truncated'] for r in rows]}")
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert [float(r["staleness/steps_max"]) for r in rows] == [0.0, 1.0, 1.0]
+    assert all(float(r["staleness/frac_0"]) + float(r["staleness/frac_1"]) == 1.0 for r in rows)
