@@ -29,6 +29,7 @@ from lightrft_lightning.engines.server import VLLMServerEngine  # noqa: E402
 from lightrft_lightning.pretrained import resolve  # noqa: E402
 from tests.vllm.common import set_env  # noqa: E402
 from tests.vllm.servers import served  # noqa: E402
+from bench_server import Times  # noqa: E402  (same folder: run as python bench/bench_async.py)
 
 BUCKET = 64 << 20
 OFF_POLICY = (0, 1, 2, 4)
@@ -44,15 +45,6 @@ def grpo(engine: VLLMServerEngine, steps: int, off_policy: int, lr: float = 1e-5
     from lightrft_lightning.callbacks import RolloutEngineCallback
     from lightrft_lightning.data import PromptDataModule
     from lightrft_lightning.tasks import arithmetic_problems
-
-    class Times(pl.Callback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.metrics: list[dict[str, float]] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
-            self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     pl.seed_everything(0, verbose=False)
     model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,

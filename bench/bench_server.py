@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 
+import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,25 +61,27 @@ def memcpy_rate(nbytes: int) -> float:
 PHASES = ("rollout/sync_s", "rollout/generate_s", "time/score", "time/train")
 
 
+class Times(pl.Callback):
+    """Each training step's end time and logged metrics."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
 def grpo(engine, steps: int) -> dict[str, float]:
     """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``) with ``engine`` for rollouts:
     steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
-    import lightning.pytorch as pl
 
     from lightrft_lightning import LightRFTFake
     from lightrft_lightning.algorithms import GRPO
     from lightrft_lightning.callbacks import RolloutEngineCallback
     from lightrft_lightning.data import PromptDataModule
     from lightrft_lightning.tasks import arithmetic_problems
-
-    class Times(pl.Callback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.metrics: list[dict[str, float]] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
-            self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     pl.seed_everything(0, verbose=False)
     model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
