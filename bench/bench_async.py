@@ -19,7 +19,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -29,7 +28,7 @@ from lightrft_lightning.engines.server import VLLMServerEngine  # noqa: E402
 from lightrft_lightning.pretrained import resolve  # noqa: E402
 from tests.vllm.common import set_env  # noqa: E402
 from tests.vllm.servers import served  # noqa: E402
-from bench_server import Times  # noqa: E402  (same folder: run as python bench/bench_async.py)
+from bench_server import grpo_times  # noqa: E402  (same folder: run as python bench/bench_async.py)
 
 BUCKET = 64 << 20
 OFF_POLICY = (0, 1, 2, 4)
@@ -38,26 +37,7 @@ OFF_POLICY = (0, 1, 2, 4)
 def grpo(engine: VLLMServerEngine, steps: int, off_policy: int, lr: float = 1e-5) -> dict[str, float | list]:
     """``steps`` GRPO steps (one process, ``LightRFTFake``): steps/s after the first (warm-up) step, each
     phase's mean seconds over the same steps, and the reward of every step."""
-    import lightning.pytorch as pl
-
-    from lightrft_lightning import LightRFTFake
-    from lightrft_lightning.algorithms import GRPO
-    from lightrft_lightning.callbacks import RolloutEngineCallback
-    from lightrft_lightning.data import PromptDataModule
-    from lightrft_lightning.tasks import arithmetic_problems
-
-    pl.seed_everything(0, verbose=False)
-    model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
-                 rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0}, n_samples_per_prompt=4,
-                 max_new_tokens=32, temperature=1.0, micro_train_batch_size=4, actor_learning_rate=lr,
-                 max_off_policy_steps=off_policy)
-    data = PromptDataModule(prompts=arithmetic_problems(256, seed=3), batch_size=2, shuffle=False)
-    times = Times()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"seed": 0}), max_steps=steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False,
-                         callbacks=[RolloutEngineCallback(engine=engine, bucket_bytes=BUCKET), times])
-    trainer.fit(model, data)
+    times = grpo_times(engine, steps, prompts=256, actor_learning_rate=lr, max_off_policy_steps=off_policy)
     timed = times.metrics[1:]
     mean = lambda key: sum(m.get(key, 0.0) for m in timed) / len(timed)  # noqa: E731
     wall = (times.ends[-1] - times.ends[0]) / len(timed)

@@ -73,10 +73,9 @@ class Times(pl.Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def grpo(engine, steps: int) -> dict[str, float]:
-    """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``) with ``engine`` for rollouts:
-    steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
-
+def grpo_times(engine, steps: int, prompts: int = 64, **grpo_args) -> Times:
+    """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``, arithmetic task) with ``engine``
+    for rollouts; ``grpo_args`` override GRPO's arguments. Returns each step's end time and metrics."""
     from lightrft_lightning import LightRFTFake
     from lightrft_lightning.algorithms import GRPO
     from lightrft_lightning.callbacks import RolloutEngineCallback
@@ -84,16 +83,23 @@ def grpo(engine, steps: int) -> dict[str, float]:
     from lightrft_lightning.tasks import arithmetic_problems
 
     pl.seed_everything(0, verbose=False)
-    model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
-                 rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0}, n_samples_per_prompt=4,
-                 max_new_tokens=32, temperature=1.0, micro_train_batch_size=4, actor_learning_rate=1e-5)
-    data = PromptDataModule(prompts=arithmetic_problems(64, seed=3), batch_size=2, shuffle=False)
+    model = GRPO(**{"model": "smollm2-135m-instruct", "apply_chat_template": True,
+                    "rewards": {"lightrft_lightning.tasks:arithmetic_reward": 1.0}, "n_samples_per_prompt": 4,
+                    "max_new_tokens": 32, "temperature": 1.0, "micro_train_batch_size": 4,
+                    "actor_learning_rate": 1e-5, **grpo_args})
+    data = PromptDataModule(prompts=arithmetic_problems(prompts, seed=3), batch_size=2, shuffle=False)
     times = Times()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"seed": 0}), max_steps=steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False,
                          callbacks=[RolloutEngineCallback(engine=engine, bucket_bytes=BUCKET), times])
     trainer.fit(model, data)
+    return times
+
+
+def grpo(engine, steps: int) -> dict[str, float]:
+    """:func:`grpo_times`: steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
+    times = grpo_times(engine, steps)
     timed = times.metrics[1:]
     return {"steps/s": (len(times.ends) - 1) / (times.ends[-1] - times.ends[0]),
             **{k: sum(m.get(k, 0.0) for m in timed) / len(timed) for k in PHASES}}
