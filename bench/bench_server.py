@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 
+import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,37 +61,45 @@ def memcpy_rate(nbytes: int) -> float:
 PHASES = ("rollout/sync_s", "rollout/generate_s", "time/score", "time/train")
 
 
-def grpo(engine, steps: int) -> dict[str, float]:
-    """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``) with ``engine`` for rollouts:
-    steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
-    import lightning.pytorch as pl
+class Times(pl.Callback):
+    """Each training step's end time and logged metrics."""
 
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def grpo_times(engine, steps: int, prompts: int = 64, **grpo_args) -> Times:
+    """``steps`` GRPO steps on the real model (one process, ``LightRFTFake``, arithmetic task) with ``engine``
+    for rollouts; ``grpo_args`` override GRPO's arguments. Returns each step's end time and metrics."""
     from lightrft_lightning import LightRFTFake
     from lightrft_lightning.algorithms import GRPO
     from lightrft_lightning.callbacks import RolloutEngineCallback
     from lightrft_lightning.data import PromptDataModule
     from lightrft_lightning.tasks import arithmetic_problems
 
-    class Times(pl.Callback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.metrics: list[dict[str, float]] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
-            self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
     pl.seed_everything(0, verbose=False)
-    model = GRPO(model="smollm2-135m-instruct", apply_chat_template=True,
-                 rewards={"lightrft_lightning.tasks:arithmetic_reward": 1.0}, n_samples_per_prompt=4,
-                 max_new_tokens=32, temperature=1.0, micro_train_batch_size=4, actor_learning_rate=1e-5)
-    data = PromptDataModule(prompts=arithmetic_problems(64, seed=3), batch_size=2, shuffle=False)
+    model = GRPO(**{"model": "smollm2-135m-instruct", "apply_chat_template": True,
+                    "rewards": {"lightrft_lightning.tasks:arithmetic_reward": 1.0}, "n_samples_per_prompt": 4,
+                    "max_new_tokens": 32, "temperature": 1.0, "micro_train_batch_size": 4,
+                    "actor_learning_rate": 1e-5, **grpo_args})
+    data = PromptDataModule(prompts=arithmetic_problems(prompts, seed=3), batch_size=2, shuffle=False)
     times = Times()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=LightRFTFake({"seed": 0}), max_steps=steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False,
                          callbacks=[RolloutEngineCallback(engine=engine, bucket_bytes=BUCKET), times])
     trainer.fit(model, data)
+    return times
+
+
+def grpo(engine, steps: int) -> dict[str, float]:
+    """:func:`grpo_times`: steps/s after the first (warm-up) step and each phase's mean seconds over the same steps."""
+    times = grpo_times(engine, steps)
     timed = times.metrics[1:]
     return {"steps/s": (len(times.ends) - 1) / (times.ends[-1] - times.ends[0]),
             **{k: sum(m.get(k, 0.0) for m in timed) / len(timed) for k in PHASES}}

@@ -121,18 +121,8 @@ class RolloutEngineCallback(Callback):
         start = time.perf_counter()
         wake_engines([engine], ["weights"], mem_util=_device_budget(engine, config))
         wake_s = time.perf_counter() - start
-        version = self._actor_version(pl_module.trainer)
         try:
-            if version != self._pushed_version or not getattr(engine, "weights_valid", True):
-                start = time.perf_counter()
-                engine.tag_weight_version(pl_module.trainer.global_step)  # the learner's step
-                nbytes = push_weights(self._actor(pl_module), engine, config.bucket_bytes, dtype=engine.dtype)
-                self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
-                self.stats["pushes"] += 1
-                self.stats["bytes_pushed"] += nbytes
-                self._pushed_version = version
-            else:
-                self.stats.update(sync_s=0.0, sync_bytes=0.0)
+            self._push_if_changed(pl_module)
             self._timed("wake_s", wake_engines, [engine], ["kv_cache"])
             self.stats["wake_s"] += wake_s
             completions = self._timed("generate_s", engine.generate, prompt_token_ids, params)
@@ -140,6 +130,28 @@ class RolloutEngineCallback(Callback):
             self._timed("sleep_s", sleep_engines, [engine], config.sleep_level)
         self._log(pl_module)
         return completions
+
+    def sync_weights(self, pl_module: LightningModule) -> None:
+        """Push the actor's weights to an engine on devices of its own (a server) if an optimizer stepped
+        since the last push, without generating: the asynchronous rollout's push, in the main thread (a
+        sharded actor's push is a collective), while its producer thread generates between pushes."""
+        if self.engine is None or self.engine_config is None:
+            raise RuntimeError("RolloutEngineCallback.sync_weights: no engine yet; call it inside Trainer.fit")
+        self._push_if_changed(pl_module)
+
+    def _push_if_changed(self, pl_module: LightningModule) -> None:
+        engine, config = self.engine, self.engine_config
+        version = self._actor_version(pl_module.trainer)
+        if version != self._pushed_version or not getattr(engine, "weights_valid", True):
+            start = time.perf_counter()
+            engine.tag_weight_version(pl_module.trainer.global_step)  # the learner's step
+            nbytes = push_weights(self._actor(pl_module), engine, config.bucket_bytes, dtype=engine.dtype)
+            self.stats.update(sync_s=time.perf_counter() - start, sync_bytes=float(nbytes))
+            self.stats["pushes"] += 1
+            self.stats["bytes_pushed"] += nbytes
+            self._pushed_version = version
+        else:
+            self.stats.update(sync_s=0.0, sync_bytes=0.0)
 
     # ------------------------------------------------------------------ helpers
     def _actor(self, pl_module: LightningModule) -> nn.Module:

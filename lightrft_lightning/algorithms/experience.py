@@ -14,7 +14,8 @@ class Experience:
     """One rollout: ``[N, L]`` sequences (prompt + response, right-padded) and ``[N, L-1]`` per-token
     tensors aligned with the tokens they predict (``action_mask`` marks response tokens); ``rewards``
     are the ``[N]`` sequence rewards. ``rollout_logp``: the log-probs the engine that sampled the
-    responses gave them (mu; 0 outside ``action_mask``), ``old_logp`` the learner's (pi_old)."""
+    responses gave them (mu; 0 outside ``action_mask``), ``old_logp`` the learner's (pi_old); ``versions``
+    the ``[N]`` weight versions (learner steps) that generated each sample (asynchronous rollouts)."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -26,6 +27,7 @@ class Experience:
     returns: Optional[Tensor] = None
     rewards: Optional[Tensor] = None
     rollout_logp: Optional[Tensor] = None
+    versions: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

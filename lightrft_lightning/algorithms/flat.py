@@ -10,6 +10,7 @@ from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
 from lightrft_lightning.algorithms.models import Policy
 from lightrft_lightning.algorithms.module import DEFAULT_MIN_LR_RATIO, Training
 from lightrft_lightning.algorithms.refill import DEFAULT_MAX_NUM_GEN_BATCHES, RefillRollout
+from lightrft_lightning.algorithms.async_rollout import AsyncRollout
 from lightrft_lightning.algorithms.rollout import Rollout
 
 DYNAMIC_SAMPLING_MODES = ("mask", "refill")
@@ -62,6 +63,7 @@ def flat_parts(
     dynamic_sampling_mode: str = "mask",
     max_num_gen_batches: int = DEFAULT_MAX_NUM_GEN_BATCHES,
     batch_multiplier: float = 1.0,
+    max_off_policy_steps: int = 0,
     lora: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The keyword arguments of :class:`~lightrft_lightning.algorithms.RLModule` from flat ones: each flat
@@ -129,6 +131,9 @@ def flat_parts(
             (:class:`~lightrft_lightning.algorithms.refill.RefillRollout`).
         max_num_gen_batches: "refill": generations per step at most.
         batch_multiplier: "refill": the first generation's prompts as a multiple of the step's.
+        max_off_policy_steps: >= 1: asynchronous rollouts on a server engine, at most this many weight versions
+            behind (:class:`~lightrft_lightning.algorithms.async_rollout.AsyncRollout`; truncated importance
+            sampling on unless a correction is set); 0: synchronous.
         lora: {r, alpha, dropout, target_modules}: train LoRA adapters of the actor.
     """
     owner = getattr(loss, "func", loss).__name__.removesuffix("Loss")
@@ -152,6 +157,12 @@ def flat_parts(
                              f"dynamic_sampling=True with dynamic_sampling_mode='refill', or both left at their "
                              f"defaults ({DEFAULT_MAX_NUM_GEN_BATCHES}, 1.0)")
         rollout = Rollout(**rollout_args)
+    if max_off_policy_steps != 0:
+        if dynamic_sampling_mode == "refill":
+            raise ValueError(f"{owner}.max_off_policy_steps={max_off_policy_steps!r} with dynamic_sampling_mode='refill': "
+                             "an asynchronous rollout does not refill; accepted: max_off_policy_steps=0, or "
+                             "dynamic_sampling_mode='mask'")
+        rollout = AsyncRollout(max_off_policy_steps=max_off_policy_steps, **rollout_args)
     return {
         "policy": Policy(model=model, tokenizer=tokenizer, tokenizer_chars=tokenizer_chars, model_config=model_config,
                          lora=lora, gradient_checkpointing=gradient_checkpointing),

@@ -6,6 +6,7 @@ object, and owns what Lightning drives: optimizers and learning-rate schedules, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import defaultdict
@@ -30,6 +31,7 @@ from lightrft_lightning.lora import adapters_disabled, frozen_base_keys
 from lightrft_lightning.parallel.sharding import forward_is_collective
 from lightrft_lightning.strategies.base import StrategyBase
 
+log = logging.getLogger(__name__)
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
 LR_SCHEDULERS = ("constant", "cosine")
 DEFAULT_MIN_LR_RATIO = 0.1
@@ -190,6 +192,11 @@ class RLModule(pl.LightningModule):
             raise ValueError(f"{owner}.val_temperature={val_temperature!r} is only used with val_samples >= 1 (sampled "
                              "validation); accepted: val_samples >= 1, or the default 1.0")
         self.policy.check(owner)
+        if self.rollout.off_policy and not self.loss.corrects_rollout:  # stale samples: importance weights by default
+            self.loss.rollout_is = "token"
+            log.info("%s: an off-policy rollout (%s) and no correction set: rollout_is='token' (truncated importance "
+                     "sampling, cap rollout_is_threshold=%g)", owner, type(self.rollout).__name__,
+                     self.loss.rollout_is_threshold)
         self.automatic_optimization = False
         self.tokenizer, self.actor, self.ref, self.lora = self.policy.build(self.loss.has_reference, owner)
         self.rollout.bind(self.tokenizer)
@@ -231,13 +238,15 @@ class RLModule(pl.LightningModule):
             own_storage(self.ref, self.actor)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Add a rollout-engine callback (an in-process HF engine) unless the Trainer has one."""
+        """Add a rollout-engine callback (an in-process HF engine) unless the Trainer has one, and the
+        rollout's own callbacks."""
         from lightrft_lightning.callbacks import RolloutEngineCallback
 
+        own = self.rollout.callbacks()
         if any(isinstance(cb, RolloutEngineCallback) for cb in self.trainer.callbacks):
-            return []
+            return own
         return [RolloutEngineCallback(pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id)]
+                                      eos_token_id=self.tokenizer.eos_token_id), *own]
 
     def setup(self, stage: str) -> None:
         strategy, owner = self.trainer.strategy, type(self).__name__

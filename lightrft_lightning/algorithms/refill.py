@@ -153,15 +153,16 @@ class RefillRollout(Rollout):
         return [sampler.dataset[i] for i in sampler.draw(count)] if count > 0 else []
 
 
-def training_sampler(trainer: pl.Trainer) -> ResumableSampler:
-    """The :class:`~lightrft_lightning.data.ResumableSampler` of the Trainer's training DataLoader."""
+def training_sampler(trainer: pl.Trainer, user: str = "a refilling rollout (dynamic_sampling_mode='refill') draws "
+                     "more prompts", alternative: str = "dynamic_sampling_mode='mask'") -> ResumableSampler:
+    """The :class:`~lightrft_lightning.data.ResumableSampler` of the Trainer's training DataLoader (``user``
+    and ``alternative`` word the error without one)."""
     loader = trainer.train_dataloader
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, ResumableSampler):
         sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
     if not isinstance(sampler, ResumableSampler):
-        raise ValueError(f"a refilling rollout (dynamic_sampling_mode='refill') draws more prompts from the training "
-                         f"DataLoader's sampler, and this one has {type(sampler).__name__}; accepted: a DataLoader "
-                         "with a lightrft_lightning.data.ResumableSampler (PromptDataModule's), or "
-                         "dynamic_sampling_mode='mask'")
+        raise ValueError(f"{user} from the training DataLoader's sampler, and this one has {type(sampler).__name__}; "
+                         "accepted: a DataLoader with a lightrft_lightning.data.ResumableSampler (PromptDataModule's), "
+                         f"or {alternative}")
     return sampler

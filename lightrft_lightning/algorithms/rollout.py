@@ -87,10 +87,17 @@ class Rollout:
         them: an :class:`Experience` with ``rewards`` (on the module's device), and rollout metrics."""
         from lightrft_lightning.callbacks import find_rollout_callback
 
-        n = self.n_samples_per_prompt
         prompts, prompt_ids = self.render(rows)
         t0 = time.perf_counter()
         completions = find_rollout_callback(module.trainer).generate(module, prompt_ids, self.sampling_params())
+        return self.score(module, rows, prompts, prompt_ids, completions, time.perf_counter() - t0)
+
+    def score(self, module: pl.LightningModule, rows: list[dict[str, Any]], prompts: list[str],
+              prompt_ids: list[list[int]], completions: list[Completion],
+              generate_s: float) -> tuple[Experience, dict[str, float]]:
+        """Pack and score ``completions`` of ``rows`` (rendered as ``prompts`` / ``prompt_ids``): the
+        :class:`Experience` with ``rewards`` on the module's device, and rollout metrics."""
+        n = self.n_samples_per_prompt
         t1 = time.perf_counter()
         if len(completions) != len(prompts) * n:
             raise RuntimeError(f"the rollout engine returned {len(completions)} completions for {len(prompts)} "
@@ -102,11 +109,20 @@ class Rollout:
         sample_prompts = [prompts[c.prompt_index] for c in completions]
         scores = self.reward_fn.scores(sample_prompts, texts, meta)
         rewards = self.reward_fn.combine(scores)
-        metrics = {"time/generate": t1 - t0, "time/score": time.perf_counter() - t1,
+        metrics = {"time/generate": generate_s, "time/score": time.perf_counter() - t1,
                    **self._metrics(scores, rewards, completions)}
         self._write_samples(module.trainer, sample_prompts, texts, rewards)
         exp.rewards = rewards.to(module.device)
         return exp, metrics
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether the samples may come from weights older than the ones trained (asynchronous)."""
+        return False
+
+    def callbacks(self) -> list[pl.Callback]:
+        """Callbacks the rollout needs in the Trainer (the learner adds them)."""
+        return []
 
     def _pack(self, prompt_ids: list[list[int]], completions: list[Completion]) -> tuple[Tensor, Tensor, Tensor]:
         """Right-padded prompt+response ids, attention mask and the ``[N, L-1]`` response mask."""

@@ -54,6 +54,10 @@ class RolloutEngine(ABC):
     ``wake_up(["kv_cache"])`` -> ``generate(...)`` -> ``sleep(level)``.
     """
 
+    #: whether the engine generates on devices of its own (a server), so that generation can overlap
+    #: training (asynchronous rollouts); colocated engines share the trainer's devices
+    separate_devices: bool = False
+
     @abstractmethod
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Sample ``params.n`` completions for each prompt, grouped by prompt (prompt 0's n first)."""

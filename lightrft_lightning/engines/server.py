@@ -72,6 +72,8 @@ class VLLMServerEngine(LifecycleEngine):
             rank 0 sends the weights.
     """
 
+    separate_devices = True
+
     def __init__(self, urls: Sequence[str] | str, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  setup_timeout_s: float = 10.0, dtype: Optional[str | torch.dtype] = None,
                  weight_transfer: str = "gloo", trainer_address: str = "127.0.0.1", lora: str = "merged",
