@@ -3,6 +3,8 @@ advantages (estimator and shaping), a loss object per algorithm, and the learner
 
 from lightrft_lightning.algorithms.advantages import (Advantages, compute_advantages, gae, group_norm, kl_penalty, rloo,
                                                      whiten)
+from lightrft_lightning.algorithms.environments import Environment, Step
+from lightrft_lightning.algorithms.episodes import MultiTurnRollout
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.grpo import GRPO, GRPOLoss
 from lightrft_lightning.algorithms.losses import aggregate, kl_loss, policy_loss, value_loss
@@ -14,7 +16,7 @@ from lightrft_lightning.algorithms.refill import RefillRollout
 from lightrft_lightning.algorithms.rollout import Rollout
 
 __all__ = [
-    "GRPO", "PPO", "RLModule", "CriticModel", "GRPOLoss", "PPOLoss", "Policy", "Rollout", "RefillRollout", "Advantages", "Training",
+    "GRPO", "PPO", "RLModule", "CriticModel", "GRPOLoss", "PPOLoss", "Policy", "Rollout", "RefillRollout", "MultiTurnRollout", "Environment", "Step", "Advantages", "Training",
     "Experience", "compute_advantages", "gae", "group_norm", "rloo", "whiten", "kl_penalty", "aggregate", "policy_loss",
     "value_loss", "kl_loss", "CombinedReward", "RewardModel", "exact_match", "load_function",
 ]
