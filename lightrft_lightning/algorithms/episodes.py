@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -233,9 +233,8 @@ class MultiTurnRollout(Rollout):
                         ep.add(suffix, False)
                         following.append(i)
             active = following
-            one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                 max_new_tokens=params.max_new_tokens, seed=params.seed)
-            completions = self._generate(generate, [episodes[i].token_ids for i in active], one, active, episodes)
+            completions = self._generate(generate, [episodes[i].token_ids for i in active], replace(params, n=1), active,
+                                         episodes)
         return texts, episodes
 
     def _generate(self, generate: Generate, prompts: list[list[int]], params: SamplingParams, owners: list[int],
@@ -249,8 +248,7 @@ class MultiTurnRollout(Rollout):
         out: list[Optional[Completion]] = [None] * (len(prompts) * params.n)
         for cap in sorted(set(caps), reverse=True):
             index = [k for k, c in enumerate(caps) if c == cap]
-            call = SamplingParams(**{**params.__dict__, "max_new_tokens": cap})
-            for c in generate([prompts[k] for k in index], call):
+            for c in generate([prompts[k] for k in index], replace(params, max_new_tokens=cap)):
                 k = index[c.prompt_index]
                 slot = next(s for s in range(k * params.n, (k + 1) * params.n) if out[s] is None)
                 out[slot] = Completion(k, c.token_ids, c.logprobs, c.finish_reason)
