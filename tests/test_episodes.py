@@ -214,3 +214,24 @@ def test_bad_settings_name_the_field():
         MultiTurnRollout(environment="nope:X").check("r")
     with pytest.raises(ValueError, match="does not make an Environment"):
         MultiTurnRollout(environment=dict).check("r")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_two_ranks_equal_one_process_on_multi_turn_grpo(strategy, tmp_path):
+    """tests/scripts/multiturn_grpo.py: greedy feedback episodes, 2 steps, on 2 ranks against one process."""
+    import json
+    import sys
+
+    from tests.launch import SCRIPTS, torchrun
+
+    sys.path.insert(0, str(SCRIPTS))
+    import multiturn_grpo
+
+    out = tmp_path / "steps.json"
+    torchrun("multiturn_grpo.py", 2, strategy, str(out), env={"PYTHONPATH": str(SCRIPTS.parents[1])}, timeout=300)
+    ranks, one = json.loads(out.read_text()), multiturn_grpo.run("fake")
+    assert len(ranks) == len(one) == 2 and all(s["episode/turns"] == 3 and s["loss/policy"] != 0 for s in one)
+    for got, ref in zip(ranks, one):  # step 2's loss is under the weights step 1 made
+        for key in ("loss/policy", "reward", "reward_std", "response_length", "episode/turns"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
