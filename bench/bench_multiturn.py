@@ -25,10 +25,8 @@ from lightrft_lightning.algorithms.environments import Environment, Step
 from lightrft_lightning.algorithms.episodes import MultiTurnRollout
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.tiny_models import tiny_causal_lm
-from lightrft_lightning.tokenizer import char_tokenizer
+from lightrft_lightning.tokenizer import CHAR_CHAT_TEMPLATE, char_tokenizer
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + '<eos>' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'a:' }}{% endif %}")
 # vLLM's CPU kernels need head_dim 64 (tests/vllm/common.py)
 CONFIG = dict(vocab_size=96, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
               num_hidden_layers=2, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -78,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     tok = char_tokenizer()
-    tok.chat_template = TEMPLATE
+    tok.chat_template = CHAR_CHAT_TEMPLATE
     rows = [{"prompt": f"what is {i} + {i + 1}?"} for i in range(args.prompts)]
     with tempfile.TemporaryDirectory() as model_dir:
         tiny_causal_lm(seed=0, **CONFIG).save_pretrained(model_dir)

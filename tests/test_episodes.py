@@ -235,3 +235,20 @@ def test_two_ranks_equal_one_process_on_multi_turn_grpo(strategy, tmp_path):
     for got, ref in zip(ranks, one):  # step 2's loss is under the weights step 1 made
         for key in ("loss/policy", "reward", "reward_std", "response_length", "episode/turns"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+
+
+def test_builtin_tasks_calculator_and_retry():
+    from lightrft_lightning.agent_tasks import CalculatorArithmetic, RetryArithmetic, calculator
+    from lightrft_lightning.algorithms.tools import ToolCall, call_tool
+
+    assert (calculator("23 * (4 + 5)"), calculator("7 / 2"), calculator("-3 + 1")) == ("207", "3.5", "-2")
+    text, failed = call_tool({"calculator": calculator}, ToolCall("calculator", {"expression": "__import__('os')"}), 1.0)
+    assert failed and "unsupported expression" in text
+    row = {"prompt": "What is 3 + 4?", "answer": "7"}
+    env = RetryArithmetic()
+    assert "What is 3 + 4?" in env.reset(row)[0]["content"]
+    wrong, right = env.step("It is 8."), env.step("The answer is 7.")
+    assert (wrong.done, wrong.reward, right.done, right.reward) == (False, 0.0, True, 1.0) and wrong.observation
+    calc = CalculatorArithmetic()
+    calc.reset(row)
+    assert calc.tools == [calculator] and calc.step("\\boxed{7}").reward == 1.0 and calc.step("6").reward == 0.0

@@ -23,11 +23,9 @@ from lightrft_lightning.algorithms.environments import Environment, Step
 from lightrft_lightning.algorithms.episodes import MultiTurnRollout
 from lightrft_lightning.data import PromptDataModule
 from lightrft_lightning.tasks import counting_prompts
+from lightrft_lightning.tokenizer import CHAR_CHAT_TEMPLATE
 
 PROMPTS_PER_STEP = 4  # over all ranks
-# the built-in char tokenizer has no chat template: one character per role, <eos> ends a turn
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + '<eos>' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'a:' }}{% endif %}")
 
 
 class Feedback(Environment):
@@ -45,7 +43,7 @@ class Feedback(Environment):
 
 class CharChatRollout(MultiTurnRollout):
     def bind(self, tokenizer) -> None:
-        tokenizer.chat_template = TEMPLATE
+        tokenizer.chat_template = CHAR_CHAT_TEMPLATE
         super().bind(tokenizer)
 
 
