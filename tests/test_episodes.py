@@ -252,3 +252,13 @@ def test_builtin_tasks_calculator_and_retry():
     calc = CalculatorArithmetic()
     calc.reset(row)
     assert calc.tools == [calculator] and calc.step("\\boxed{7}").reward == 1.0 and calc.step("6").reward == 0.0
+
+
+def test_validation_without_reward_functions_is_a_clear_error():
+    module = RLModule(GRPOLoss(), Policy(tokenizer_chars="0123456789", model_config={"hidden_size": 32}),
+                      MultiTurnRollout(max_turns=1, n_samples_per_prompt=2))
+    trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake({"bf16": False}), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    data = PromptDataModule(prompts=counting_prompts(4), val_prompts=counting_prompts(4), batch_size=2)
+    with pytest.raises(ValueError, match="MultiTurnRollout has none; accepted: rollout rewards="):
+        trainer.validate(module, data)
