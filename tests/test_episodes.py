@@ -262,3 +262,24 @@ def test_validation_without_reward_functions_is_a_clear_error():
     data = PromptDataModule(prompts=counting_prompts(4), val_prompts=counting_prompts(4), batch_size=2)
     with pytest.raises(ValueError, match="MultiTurnRollout has none; accepted: rollout rewards="):
         trainer.validate(module, data)
+
+
+def test_return_estimators_skip_the_environments_tokens():
+    """A multi-turn mask (model tokens, environment tokens, model tokens): returns and GAE on the model
+    tokens equal those of the same tokens side by side (the environment's tokens are no time steps)."""
+    from lightrft_lightning.algorithms.advantages import gae, returns_to_go, token_rewards
+
+    gapped = torch.tensor([[0, 1, 1, 0, 0, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    packed = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    values = torch.arange(10, dtype=torch.float32)[None] / 10
+    at = gapped[0].bool()
+    on_packed = packed[0].bool()
+    packed_values = torch.zeros_like(values)
+    packed_values[0, on_packed] = values[0, at]
+    for gamma in (1.0, 0.9):
+        got = returns_to_go(token_rewards(torch.tensor([2.0]), gapped), gapped, gamma)
+        ref = returns_to_go(token_rewards(torch.tensor([2.0]), packed), packed, gamma)
+        assert torch.allclose(got[0, at], ref[0, on_packed]) and got[0, 1] != 0
+        adv, ret = gae(token_rewards(torch.tensor([2.0]), gapped), values, gapped, gamma, 0.95)
+        adv_ref, ret_ref = gae(token_rewards(torch.tensor([2.0]), packed), packed_values, packed, gamma, 0.95)
+        assert torch.allclose(adv[0, at], adv_ref[0, on_packed]) and torch.allclose(ret[0, at], ret_ref[0, on_packed])
