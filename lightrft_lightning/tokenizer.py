@@ -11,6 +11,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARS = string.digits + string.ascii_lowercase + " +-*=:?.,"
+#: a chat template for :func:`char_tokenizer` over ``DEFAULT_CHARS`` (tests and benches of multi-turn
+#: episodes): one character per role, ``<eos>`` ends a turn
+CHAR_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + '<eos>' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ 'a:' }}{% endif %}")
 
 
 def char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:

@@ -104,11 +104,12 @@ def token_rewards(rewards: Tensor, mask: Tensor, kl: Optional[Tensor] = None, kl
 
 
 def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """``G_t = r_t + gamma * G_{t+1}`` over response tokens."""
+    """``G_t = r_t + gamma * G_{t+1}`` over response tokens; ``t + 1`` is the next token of the mask,
+    so a multi-turn episode's earlier turns get the later rewards across the environment's tokens."""
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running * mask[:, t]
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         out[:, t] = running
     return out * mask
 
@@ -118,10 +119,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     values, rewards = values * mask, rewards * mask
     adv = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+    next_value = torch.zeros_like(running)
+    for t in reversed(range(rewards.shape[1])):  # the steps are the mask's tokens (a multi-turn gap is skipped)
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
+        running = torch.where(on, delta + gamma * lam * running, running)
+        next_value = torch.where(on, values[:, t], next_value)
         adv[:, t] = running
     return adv * mask, (adv + values) * mask
 

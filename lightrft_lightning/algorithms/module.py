@@ -508,6 +508,10 @@ class RLModule(pl.LightningModule):
         prompts, prompt_ids = self.rollout.render(rows)
         meta = [row_metadata(row) for row in rows]
         reward_fn = self.rollout.reward_fn
+        if reward_fn is None:
+            raise ValueError(f"{type(self).__name__}: validation scores single-turn completions with the rollout's "
+                             f"reward functions and {type(self.rollout).__name__} has none; accepted: rollout "
+                             "rewards={...}, or no validation data (held-out episodes: MultiTurnRollout.run_episodes)")
         first = reward_fn.names[0]
         greedy = self._actor_generate(prompt_ids, num=1, do_sample=False)
         scores = reward_fn.scores(prompts, greedy, meta)
