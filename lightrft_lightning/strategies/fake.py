@@ -76,12 +76,12 @@ class LightRFTFake(StrategyBase, SingleDeviceStrategy):
     # LightRFT's FakeStrategy: engine calls without an engine are no-ops, so trainer code runs on the fake
     # without building one
     def setup_inference_engine(self, args: Any = None, engine_type: Optional[str] = None, actor: Any = None,
-                               bucket_bytes: Optional[int] = None) -> Any:
+                               bucket_bytes: Optional[int] = None, engine_kwargs: Optional[dict] = None) -> Any:
         """As on every strategy; ``setup_inference_engine(None)`` (no args, engine type or actor) builds
         nothing and returns None, as LightRFT's FakeStrategy does."""
         if args is None and engine_type is None and actor is None:
             return None
-        return super().setup_inference_engine(args, engine_type, actor, bucket_bytes)
+        return super().setup_inference_engine(args, engine_type, actor, bucket_bytes, engine_kwargs)
 
     def update_engine_weights(self, actor: Any) -> int:
         """As on every strategy; without an engine nothing is pushed (returns 0)."""
