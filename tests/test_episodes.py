@@ -283,3 +283,49 @@ def test_return_estimators_skip_the_environments_tokens():
         adv, ret = gae(token_rewards(torch.tensor([2.0]), gapped), values, gapped, gamma, 0.95)
         adv_ref, ret_ref = gae(token_rewards(torch.tensor([2.0]), packed), packed_values, packed, gamma, 0.95)
         assert torch.allclose(adv[0, at], adv_ref[0, on_packed]) and torch.allclose(ret[0, at], ret_ref[0, on_packed])
+
+
+def test_multi_turn_grpo_with_lora_and_the_correction_resumes_exactly(tmp_path):
+    """Sampled feedback episodes with LoRA adapters and TIS (the engine's log-probs): 4 straight steps against
+    2 steps, a DCP checkpoint and 2 resumed ones (another seed: everything comes from the checkpoint); the
+    logged metrics and every weight are equal, and the correction saw the engine's log-probs."""
+    import sys
+
+    from tests.launch import SCRIPTS
+
+    sys.path.insert(0, str(SCRIPTS))
+    from multiturn_grpo import CharChatRollout, Feedback
+
+    from lightrft_lightning.callbacks import DCPCheckpoint
+
+    def run(steps, dirpath, seed=0):
+        pl.seed_everything(seed, verbose=False)
+        rollout = CharChatRollout(Feedback, n_samples_per_prompt=2, temperature=1.0, max_new_tokens=4, max_turns=3,
+                                  max_total_tokens=64)
+        module = RLModule(GRPOLoss(rollout_is="token"),
+                          Policy(model_config={"hidden_size": 64, "intermediate_size": 128}, lora={"r": 4}), rollout,
+                          training=Training(micro_train_batch_size=4, actor_learning_rate=1e-2))
+        steps_seen: list[dict[str, float]] = []
+
+        class Keep(pl.Callback):
+            def on_train_batch_end(self, trainer, *args) -> None:
+                steps_seen.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                                   if not k.startswith(("time/", "perf/")) and not k.endswith("_s")})
+
+        callback = DCPCheckpoint(dirpath, every_n_train_steps=2)
+        trainer = pl.Trainer(accelerator="cpu", strategy=LightRFTFake({"bf16": False}), max_steps=steps, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, callbacks=[Keep(), callback])
+        trainer.fit(module, PromptDataModule(prompts=counting_prompts(32, seed=3), batch_size=2, seed=1))
+        return module, steps_seen, callback
+
+    straight, metrics, _ = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed, tail, callback = run(4, tmp_path / "b", seed=7)
+    assert callback.resumed_from == "global_step2"
+    assert all(s["episode/turns"] > 1 and "mismatch/logp_abs_diff" in s for s in metrics), metrics[0].keys()
+    assert tail == metrics[2:] and all(s["loss/policy"] != 0 for s in metrics)
+    names = [n for n, p in straight.actor.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)
+    for (name, a), b in zip(straight.actor.named_parameters(), resumed.actor.parameters()):
+        assert torch.equal(a, b), name

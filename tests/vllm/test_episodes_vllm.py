@@ -44,3 +44,33 @@ def test_greedy_episodes_are_identical_on_hf_and_vllm(model_dir):
     gap = max(abs(a - b) for x, y in zip(on_hf, on_vllm) for a, b in zip(x.logprobs, y.logprobs))
     assert gap < 1e-3, gap
     assert sum(map(sum, (ep.loss_mask for ep in on_vllm))) > 0
+
+
+def test_greedy_episodes_on_a_server_are_the_hf_engines(tiny_servers):
+    """The same loop against a real vLLM server (VLLMServerEngine, token ids over HTTP) after a push of the
+    actor: episodes equal the HF engine's token for token, over two servers."""
+    import string
+
+    from lightrft_lightning.engines.server import VLLMServerEngine
+    from lightrft_lightning.engines.weight_sync import push_weights
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+    from tests.vllm.common import TINY
+    from tests.vllm.conftest import SERVER_KEY
+
+    _, servers = tiny_servers
+    tok = char_tokenizer(string.printable[:TINY["vocab_size"] - 3])  # the served model's tokenizer
+    tok.chat_template = CHAR_CHAT_TEMPLATE
+    rollout = MultiTurnRollout(Feedback, max_turns=4, max_new_tokens=6, max_total_tokens=200)
+    rollout.bind(tok)
+    rows = [{"prompt": "3+4=?"}, {"prompt": "what is 12"}, {"prompt": "9"}]
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    actor = tiny_causal_lm(seed=11, **TINY).eval()
+    server = VLLMServerEngine([s.url for s in servers], api_key=SERVER_KEY, timeout_s=120, eos_token_id=1)
+    push_weights(actor, server, 1 << 20)
+    _, on_hf = rollout.run_episodes(HFEngine(actor, pad_token_id=0, eos_token_id=1).generate, rows, greedy)
+    _, on_server = rollout.run_episodes(server.generate, rows, greedy)
+    assert [ep.token_ids for ep in on_hf] == [ep.token_ids for ep in on_server]
+    assert [ep.loss_mask for ep in on_hf] == [ep.loss_mask for ep in on_server]
+    assert all(ep.turns == 3 for ep in on_server) and [ep.rewards for ep in on_hf] == [ep.rewards for ep in on_server]
+    gap = max(abs(a - b) for x, y in zip(on_hf, on_server) for a, b in zip(x.logprobs, y.logprobs))
+    assert gap < 1e-3, gap
