@@ -64,7 +64,7 @@ def test_greedy_episodes_on_a_server_are_the_hf_engines(tiny_servers):
     rollout.bind(tok)
     rows = [{"prompt": "3+4=?"}, {"prompt": "what is 12"}, {"prompt": "9"}]
     greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
-    actor = tiny_causal_lm(seed=11, **TINY).eval()
+    actor = tiny_causal_lm(seed=0, **TINY).eval()  # the served checkpoint's weights: the servers stay as other tests find them
     server = VLLMServerEngine([s.url for s in servers], api_key=SERVER_KEY, timeout_s=120, eos_token_id=1)
     push_weights(actor, server, 1 << 20)
     _, on_hf = rollout.run_episodes(HFEngine(actor, pad_token_id=0, eos_token_id=1).generate, rows, greedy)
