@@ -8,6 +8,8 @@ It runs vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server
 * the weight-transfer backend: vLLM's ``nccl`` where CUDA is, our ``gloo`` elsewhere (``--weight-transfer``).
 * the dtype, the KV-cache memory and the context length; ``--logprobs-mode processed_logprobs`` (log-probs of
   the distribution a token was sampled from, as :class:`~lightrft_lightning.engines.vllm.VLLMEngine` requires).
+* ``--enable-scale-out``: vLLM's token-in-token-out ``/inference/v1/generate``, which reports the weight version
+  of each generated token (requests that span a weight update: ``AsyncRollout(in_flight="keep")``).
 * ``--host 127.0.0.1`` by default. Listening beyond loopback needs an API key (``--api-key`` or
   ``$VLLM_API_KEY``); vLLM's own ``--api-key`` guards only ``/v1``..., so :class:`RequireAPIKey` is added as
   middleware and guards every route but ``/health`` (the dev-mode ones included). The key travels in the
@@ -127,7 +129,9 @@ def command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
            "--weight-transfer-config", '{"backend": "%s"}' % backend,
            "--middleware", f"{__name__}.RequireAPIKey",
            # the log-probs of the distribution each token is sampled from, as the learner's importance weights take
-           "--logprobs-mode", LOGPROBS_MODE]
+           "--logprobs-mode", LOGPROBS_MODE,
+           # /inference/v1/generate: each token's weight version (AsyncRollout in_flight="keep" or "abort")
+           "--enable-scale-out"]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if args.served_model_name:

@@ -49,3 +49,9 @@ def test_off_policy_refuses_a_colocated_engine_and_turns_the_correction_on():
         GRPO(max_off_policy_steps=-1, **TINY)
     with pytest.raises(ValueError, match="max_off_policy_steps=2 with dynamic_sampling_mode='refill'"):
         GRPO(max_off_policy_steps=2, dynamic_sampling=True, dynamic_sampling_mode="refill", **TINY)
+    with pytest.raises(ValueError, match="in_flight='later' is invalid; accepted: 'finish', 'keep', 'abort'"):
+        GRPO(max_off_policy_steps=1, in_flight="later", **TINY)
+    with pytest.raises(ValueError, match="in_flight='keep' is only used by an asynchronous rollout"):
+        GRPO(in_flight="keep", **TINY)
+    with pytest.raises(ValueError, match="in_flight='abort' is only used by an asynchronous rollout"):
+        AsyncRollout(max_off_policy_steps=0, in_flight="abort").check("AsyncRollout")

@@ -12,13 +12,28 @@ staleness (learner step - the weight version that generated a sample) never exce
 engine makes the learner wait rather than exceed it; a slow learner leaves the engine idle once the
 pipeline is full.
 
-Weights in flight: the producer generates one batch at a time and holds a lock while it does; the push
-takes that lock before the next batch starts, so an update falls between two batches (on rank 0's servers also vLLM's
-``/pause?mode=wait``): every completion comes from one weight version, recorded exactly per sample
-(``Experience.versions``). Partial rollouts (vLLM's ``mode=keep``, a completion continued on new weights)
-are not offered: vLLM's completion API reports no weight version per token, so the versions recorded
-would not be exact; abort-and-requeue (``mode=abort``) would throw away generated tokens, and with the
-update between batches nothing is ever in flight to abort.
+Weights in flight (``in_flight``; rank 0 pauses the servers, sends the weights, labels them with the learner's
+step and resumes; every rank's engine handles its own requests):
+
+* ``"finish"`` (default): the producer generates one batch at a time and holds a lock while it does; the
+  push takes that lock before the next batch starts, so an update falls between two batches (vLLM's
+  ``/pause?mode=wait``): every completion comes from one weight version, recorded per sample.
+* ``"keep"`` (partial rollouts): the push does not wait for the batch; the servers pause with ``mode=keep``,
+  the requests in flight are frozen, take the new weights and continue on them after ``/resume``. Each token
+  records the version that sampled it (vLLM's ``/inference/v1/generate`` reports version spans per output
+  token, labelled on the server by the push: exact, no race with the client's reads), so a completion may
+  span versions; the engine's per-token log-probs are those of the weights that sampled each token, and the
+  correction (TIS, per token) weights each token exactly.
+* ``"abort"``: the servers pause with ``mode=abort``; the requests in flight end as aborted and the engine
+  sends their samples again, generated on the new weights (what had been generated is thrown away):
+  every completion comes from one version; ``async/aborted`` counts the samples aborted.
+
+``"finish"`` is the default: every sample is on one version with nothing thrown away and no endpoint beyond
+``/v1/completions``; its cost is that a push waits for the batch generating, which delays the learner only
+when that batch is not the one it trains next (``max_off_policy_steps >= 2`` with a fast engine). ``"keep"``
+never waits and wastes nothing, at the price of samples mixing weights (the oldest token sets the staleness);
+``"abort"`` never waits and keeps samples on one version, at the price of the tokens thrown away. A sample's
+version (``Experience.versions``, the bound, ``staleness/*``) is the oldest among its tokens.
 
 Only the main thread runs collectives (the push's gathers, reward models, log-prob forwards); the producer
 thread only calls the engine's ``generate`` (HTTP). Scoring (rewards) runs in the main thread when a batch
@@ -46,6 +61,7 @@ from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.refill import training_sampler
 from lightrft_lightning.algorithms.rollout import Rollout
 from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from lightrft_lightning.engines.server import IN_FLIGHT_PAUSE
 
 log = logging.getLogger(__name__)
 DEFAULT_WAIT_TIMEOUT_S = 3600.0
@@ -150,22 +166,30 @@ class AsyncRollout(Rollout):
     (``engine_type="vllm_server"``) and a DataLoader with a :class:`~lightrft_lightning.data.ResumableSampler`.
 
     Logged per step: ``staleness/mean``, ``staleness/steps_max`` and ``staleness/frac_<s>`` (the fraction of
-    samples ``s`` steps stale, ``s`` = 0 .. ``max_off_policy_steps``); ``async/learner_wait_s`` (the learner
-    waiting for its batch), ``async/engine_idle_s`` (the producer with nothing to generate, since the last
-    step), ``rollout/sync_s`` (the push).
+    samples ``s`` steps stale, ``s`` = 0 .. ``max_off_policy_steps``; a sample's staleness: the learner's step
+    - the oldest weight version among its tokens); ``async/learner_wait_s`` (the learner waiting for its
+    batch), ``async/engine_idle_s`` (the producer with nothing to generate, since the last step),
+    ``rollout/sync_s`` (the push). ``in_flight="keep"`` adds ``staleness/token_mean``, ``staleness/token_max``
+    (per token) and ``async/mixed_frac`` (the fraction of samples spanning versions); ``"abort"`` adds
+    ``async/aborted`` (samples aborted by the pushes since the last step, generated again).
 
     Args:
         max_off_policy_steps: how many weight versions a trained sample may lag the learner; 0: the
             synchronous :class:`Rollout`, exactly (any engine). Off-policy (>= 1), the learner corrects with
             importance weights (``rollout_is="token"`` unless a correction is set).
         wait_timeout_s: the longest the learner waits for one batch before it raises.
+        in_flight: what a weight push does to the requests generating: "finish" (default: the push waits for
+            the batch), "keep" (they continue on the new weights: partial rollouts) or "abort" (generated again
+            on the new weights); see the module docstring. "keep" and "abort" need an engine that offers them
+            (``VLLMServerEngine``).
         **kwargs: :class:`~lightrft_lightning.algorithms.rollout.Rollout`'s.
     """
 
     def __init__(self, max_off_policy_steps: int = 1, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
-                 **kwargs: Any) -> None:
+                 in_flight: str = "finish", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_off_policy_steps, self.wait_timeout_s = max_off_policy_steps, wait_timeout_s
+        self.in_flight = in_flight
         self._producer: Optional[_Producer] = None
         self._pipeline: list[_Batch] = []  # handed to the producer, not trained, oldest first
         self._restored: Optional[list[list[dict[str, Any]]]] = None
@@ -180,6 +204,12 @@ class AsyncRollout(Rollout):
         value = self.wait_timeout_s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{owner}.wait_timeout_s={value!r} is invalid; accepted: a number of seconds > 0")
+        if self.in_flight not in IN_FLIGHT_PAUSE:
+            raise ValueError(f"{owner}.in_flight={self.in_flight!r} is invalid; accepted: "
+                             f"{', '.join(map(repr, IN_FLIGHT_PAUSE))}")
+        if self.in_flight != "finish" and not self.off_policy:
+            raise ValueError(f"{owner}.in_flight={self.in_flight!r} is only used by an asynchronous rollout, and "
+                             "max_off_policy_steps=0; accepted: max_off_policy_steps >= 1, or in_flight='finish'")
 
     @property
     def off_policy(self) -> bool:
@@ -198,7 +228,7 @@ class AsyncRollout(Rollout):
         start = time.perf_counter()
         if self._producer is None:
             self._start(module, callback)
-        with self._producer.between_batches():
+        with self._producer.between_batches() if self.in_flight == "finish" else contextlib.nullcontext():
             callback.sync_weights(module)
         restored, self._restored = self._restored or [], None  # a resumed run's pipeline, on the new weights
         for batch_rows in [*restored, rows]:
@@ -210,17 +240,29 @@ class AsyncRollout(Rollout):
         waited = time.perf_counter() - start - sync_s  # for the batch in flight (before the push) and for its own
         exp, metrics = self.score(module, batch.rows, batch.prompts, batch.prompt_ids, batch.completions,
                                   batch.generate_s)
-        exp.versions = torch.full((len(exp),), batch.version, dtype=torch.long, device=exp.rewards.device)
-        stale = module.trainer.global_step - batch.version
-        if not 0 <= stale <= self.max_off_policy_steps:
-            raise RuntimeError(f"a batch generated by weights of step {batch.version} reached the learner at step "
-                               f"{module.trainer.global_step}: more than max_off_policy_steps="
-                               f"{self.max_off_policy_steps} behind")
-        metrics.update({"staleness/mean": float(stale), "staleness/steps_max": float(stale),
-                        **{f"staleness/frac_{s}": float(s == stale) for s in range(self.max_off_policy_steps + 1)},
+        step = module.trainer.global_step
+        versions = [min(c.versions) if c.versions else batch.version for c in batch.completions]
+        exp.versions = torch.tensor(versions, dtype=torch.long, device=exp.rewards.device)
+        stale = [step - v for v in versions]
+        if not all(0 <= s <= self.max_off_policy_steps for s in stale):
+            raise RuntimeError(f"a sample generated by weights of step {min(versions)} reached the learner at step "
+                               f"{step}: more than max_off_policy_steps={self.max_off_policy_steps} behind")
+        metrics.update({"staleness/mean": sum(stale) / len(stale), "staleness/steps_max": float(max(stale)),
+                        **{f"staleness/frac_{s}": stale.count(s) / len(stale)
+                           for s in range(self.max_off_policy_steps + 1)},
                         "async/learner_wait_s": waited, "async/engine_idle_s": self._producer.take_idle(),
-                        "rollout/sync_s": sync_s})
+                        "rollout/sync_s": sync_s, **self._in_flight_metrics(step, batch.completions)})
         return exp, metrics
+
+    def _in_flight_metrics(self, step: int, completions: list[Completion]) -> dict[str, float]:
+        if self.in_flight == "keep":
+            tokens = [step - v for c in completions for v in c.versions]
+            return {"staleness/token_mean": sum(tokens) / max(1, len(tokens)),
+                    "staleness/token_max": float(max(tokens, default=0)),
+                    "async/mixed_frac": sum(len(set(c.versions)) > 1 for c in completions) / len(completions)}
+        if self.in_flight == "abort":
+            return {"async/aborted": float(self._producer.engine.take_aborted())}
+        return {}
 
     # ------------------------------------------------------------------ the pipeline
     def _start(self, module: pl.LightningModule, callback: Any) -> None:
@@ -231,6 +273,12 @@ class AsyncRollout(Rollout):
                              f"{type(engine).__name__} shares the trainer's (a colocated engine cannot generate while "
                              "the learner trains); accepted: engine_type='vllm_server' (RolloutEngineCallback), or "
                              "max_off_policy_steps=0 (synchronous)")
+        if self.in_flight not in getattr(engine, "in_flight_modes", ("finish",)):
+            raise ValueError(f"{type(module).__name__}: AsyncRollout(in_flight={self.in_flight!r}) needs an engine "
+                             f"that can pause with requests in flight, and {type(engine).__name__} cannot; accepted: "
+                             "in_flight='finish', or engine_type='vllm_server' (VLLMServerEngine)")
+        if self.in_flight != "finish":
+            engine.set_in_flight(self.in_flight)
         self._sampler(module)
         engine.wake_up()  # bookkeeping only: a server's memory is not the trainer's
         self._producer = _Producer(engine, self.sampling_params())

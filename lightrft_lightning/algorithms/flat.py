@@ -64,6 +64,7 @@ def flat_parts(
     max_num_gen_batches: int = DEFAULT_MAX_NUM_GEN_BATCHES,
     batch_multiplier: float = 1.0,
     max_off_policy_steps: int = 0,
+    in_flight: str = "finish",
     lora: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The keyword arguments of :class:`~lightrft_lightning.algorithms.RLModule` from flat ones: each flat
@@ -134,6 +135,8 @@ def flat_parts(
         max_off_policy_steps: >= 1: asynchronous rollouts on a server engine, at most this many weight versions
             behind (:class:`~lightrft_lightning.algorithms.async_rollout.AsyncRollout`; truncated importance
             sampling on unless a correction is set); 0: synchronous.
+        in_flight: what a weight push does to the requests generating (max_off_policy_steps >= 1): "finish"
+            (default), "keep" (partial rollouts) or "abort" (generated again); see AsyncRollout.
         lora: {r, alpha, dropout, target_modules}: train LoRA adapters of the actor.
     """
     owner = getattr(loss, "func", loss).__name__.removesuffix("Loss")
@@ -162,7 +165,10 @@ def flat_parts(
             raise ValueError(f"{owner}.max_off_policy_steps={max_off_policy_steps!r} with dynamic_sampling_mode='refill': "
                              "an asynchronous rollout does not refill; accepted: max_off_policy_steps=0, or "
                              "dynamic_sampling_mode='mask'")
-        rollout = AsyncRollout(max_off_policy_steps=max_off_policy_steps, **rollout_args)
+        rollout = AsyncRollout(max_off_policy_steps=max_off_policy_steps, in_flight=in_flight, **rollout_args)
+    elif in_flight != "finish":
+        raise ValueError(f"{owner}.in_flight={in_flight!r} is only used by an asynchronous rollout, and "
+                         "max_off_policy_steps=0; accepted: max_off_policy_steps >= 1, or in_flight='finish'")
     return {
         "policy": Policy(model=model, tokenizer=tokenizer, tokenizer_chars=tokenizer_chars, model_config=model_config,
                          lora=lora, gradient_checkpointing=gradient_checkpointing),

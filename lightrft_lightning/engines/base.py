@@ -45,6 +45,9 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"
+    #: the weight version that sampled each token, where the engine reports it (a server generating while
+    #: weights change: :attr:`VLLMServerEngine.in_flight` "keep" or "abort"); empty otherwise
+    versions: list[int] = field(default_factory=list)
 
 
 class RolloutEngine(ABC):

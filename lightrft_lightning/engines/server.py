@@ -21,6 +21,16 @@ trainer's processes.
   previous one, and generation names it. Merged is the default: it needs no LoRA support in the server and
   its generation costs no adapter kernels; adapter-only moves far fewer bytes and keeps the base weights
   exact (merging onto the bf16 grid rounds the update away, NeMo-RL#3696).
+* **Requests in flight at a push** (:meth:`VLLMServerEngine.set_in_flight`, chosen by
+  :class:`~lightrft_lightning.algorithms.AsyncRollout`): ``"finish"`` (default) pauses with ``mode=wait``, so the
+  requests running finish on the old weights (the caller starts no new ones during a push); ``"keep"`` pauses
+  with ``mode=keep``: the requests are frozen and continue on the new weights after ``/resume`` (partial
+  rollouts); ``"abort"`` pauses with ``mode=abort``: the requests end with ``finish_reason="abort"`` and the
+  engine sends the aborted samples again, to be generated on the new weights. ``"keep"`` and ``"abort"``
+  generate through vLLM's token-in-token-out ``POST /inference/v1/generate`` (``serve`` enables it with
+  ``--enable-scale-out``), whose answer gives each token's weight version (the version the server's weights
+  were labelled with by ``/finish_weight_update`` when it sampled the token): ``Completion.versions``, exact,
+  with no race between the client's reads and the push.
 * **Sleep/wake**: the servers do not share the trainer's devices, so there is nothing to free:
   ``sleep``/``wake_up`` only keep the bookkeeping, and the weights survive every level.
 """
@@ -31,6 +41,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional, Sequence
@@ -40,6 +51,8 @@ import torch
 from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams
 
 LORA_MODES = ("merged", "adapter")
+#: what a weight push does to the requests in flight -> vLLM's ``/pause`` mode
+IN_FLIGHT_PAUSE = {"finish": "wait", "keep": "keep", "abort": "abort"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -73,6 +86,7 @@ class VLLMServerEngine(LifecycleEngine):
     """
 
     separate_devices = True
+    in_flight_modes = tuple(IN_FLIGHT_PAUSE)
 
     def __init__(self, urls: Sequence[str] | str, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  setup_timeout_s: float = 10.0, dtype: Optional[str | torch.dtype] = None,
@@ -109,6 +123,11 @@ class VLLMServerEngine(LifecycleEngine):
         if self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
         self._pool = ThreadPoolExecutor(max_workers=min(32, 4 * len(self.urls)))
+        # pause/resume never queue behind generation requests (frozen by a pause with mode=keep)
+        self._control = ThreadPoolExecutor(max_workers=len(self.urls))
+        self.in_flight = "finish"
+        self._aborted = 0  # samples aborted by a push (in_flight="abort") and sent again, since take_aborted
+        self._aborted_lock = threading.Lock()
         self._next = itertools.count()  # round-robin over the servers
         self.model_names: list[str] = []
         self.worker_counts: list[int] = []
@@ -141,6 +160,10 @@ class VLLMServerEngine(LifecycleEngine):
         if response.status_code == 404 and path in ("/weight_info", "/pause", "/init_weight_transfer_engine"):
             raise ServerError(f"vLLM server {url}: {path} is missing (404): the server was not started in dev mode; "
                               "start it with `lightrft-lightning serve` (VLLM_SERVER_DEV_MODE=1)")
+        if response.status_code == 403 and path.startswith("/inference/"):
+            raise ServerError(f"vLLM server {url}: {path} is disabled (403): VLLMServerEngine in_flight="
+                              f"{self.in_flight!r} needs vLLM's token-in-token-out endpoint; start the server with "
+                              "`lightrft-lightning serve` (it passes --enable-scale-out)")
         if response.status_code >= 400:
             raise ServerError(f"vLLM server {url}: {method} {path} answered {response.status_code}: "
                               f"{response.text[:500]}")
@@ -184,6 +207,8 @@ class VLLMServerEngine(LifecycleEngine):
         return [c for future in futures for c in future.result()]
 
     def _complete(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
+        if self.in_flight != "finish":
+            return self._complete_versioned(url, index, prompt, params)
         greedy = params.temperature == 0
         body: dict[str, Any] = {
             "model": self.adapter or self.model_names[self.urls.index(url)], "prompt": prompt, "n": 1 if greedy else params.n,
@@ -202,6 +227,54 @@ class VLLMServerEngine(LifecycleEngine):
             logprobs = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
             completions.append(Completion(index, ids, logprobs, "eos" if choice.get("finish_reason") == "stop"
                                           else "length"))
+        return completions
+
+    def set_in_flight(self, mode: str) -> None:
+        """What a weight push does to the requests in flight: "finish", "keep" or "abort" (module docstring).
+        Set on every rank (each rank's requests); rank 0's push pauses the servers with the matching mode."""
+        if mode not in IN_FLIGHT_PAUSE:
+            raise ValueError(f"VLLMServerEngine: in_flight={mode!r} is invalid; accepted: {', '.join(IN_FLIGHT_PAUSE)}")
+        self.in_flight = mode
+
+    def take_aborted(self) -> int:
+        """The samples aborted by a push and generated again since the last call."""
+        with self._aborted_lock:
+            count, self._aborted = self._aborted, 0
+        return count
+
+    def _complete_versioned(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
+        """One prompt's samples through ``/inference/v1/generate``, with each token's weight version; samples
+        aborted by a push are sent again (they wait on the server for ``/resume``: the new weights)."""
+        greedy = params.temperature == 0
+        wanted, fallback = 1 if greedy else params.n, self.version
+        sampling: dict[str, Any] = {
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_tokens": params.max_new_tokens, "logprobs": 0, "ignore_eos": not params.stop_at_eos,
+            "skip_special_tokens": False, "detokenize": False}
+        if params.stop_at_eos and self.eos_token_ids:
+            sampling["stop_token_ids"] = self.eos_token_ids
+        choices: list[dict[str, Any]] = []
+        while len(choices) < wanted:
+            if params.seed is not None:
+                sampling["seed"] = params.seed + index * params.n + len(choices)
+            body = {"model": self.adapter or self.model_names[self.urls.index(url)], "token_ids": prompt,
+                    "sampling_params": {**sampling, "n": wanted - len(choices)}}
+            out = self._call("POST", url, "/inference/v1/generate", json=body)
+            finished = [c for c in out["choices"] if c.get("finish_reason") != "abort"]
+            with self._aborted_lock:
+                self._aborted += len(out["choices"]) - len(finished)
+            choices += sorted(finished, key=lambda c: c["index"])
+        completions = []
+        for choice in choices * (params.n if greedy else 1):  # greedy samples of one prompt are equal
+            ids = [int(t) for t in choice["token_ids"]]
+            logprobs = [float(x["logprob"]) for x in (choice.get("logprobs") or {}).get("content") or []]
+            versions = [fallback] * len(ids)
+            for span in choice.get("weight_versions") or []:  # "default": the weights the server started with
+                label = str(span["version"])
+                version = int(label) if label.lstrip("-").isdigit() else fallback
+                versions[span["start"]:span["end"]] = [version] * (span["end"] - span["start"])
+            completions.append(Completion(index, ids, logprobs, "eos" if choice.get("finish_reason") == "stop"
+                                          else "length", versions))
         return completions
 
     # ------------------------------------------------------------------ weights
@@ -236,7 +309,7 @@ class VLLMServerEngine(LifecycleEngine):
                 pass
             return
         sender = self._weight_sender()
-        self._each(lambda url: self._call("POST", url, "/pause", params={"mode": "wait"}))
+        self._each(lambda url: self._call("POST", url, "/pause", params={"mode": IN_FLIGHT_PAUSE[self.in_flight]}))
         try:
             self.last_push_bytes = sender.send_buckets((b for b, _ in buckets), str(version))
         finally:
@@ -257,7 +330,7 @@ class VLLMServerEngine(LifecycleEngine):
         return [self._call("GET", url, "/weight_info")["weight_version"] for url in self.urls]
 
     def _each(self, call: Any) -> None:
-        for future in [self._pool.submit(call, url) for url in self.urls]:
+        for future in [self._control.submit(call, url) for url in self.urls]:
             future.result()
 
     def _weight_sender(self) -> Any:
@@ -329,6 +402,7 @@ class VLLMServerEngine(LifecycleEngine):
             self._sender.shutdown()
         self._sender = None
         self._pool.shutdown(wait=False)
+        self._control.shutdown(wait=False)
         self._session.close()
 
 

@@ -2,10 +2,14 @@
 process (LightRFTFake): with a deliberately slow engine and with a deliberately slow learner the staleness
 never exceeds ``max_off_policy_steps`` and every prompt drawn is trained once (or is in the pipeline at the
 end); a run resumed from a checkpoint in the middle trains the same prompts in the same order as an
-uninterrupted one; an engine error surfaces in the trainer and the producer stops."""
+uninterrupted one; an engine error surfaces in the trainer and the producer stops. With a push landing while a
+batch generates: in_flight="keep" continues its completions on the new weights (versions per token),
+in_flight="abort" generates them again (one version each)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 
@@ -41,25 +45,77 @@ class SlowEngine(VLLMServerEngine):
         return super()._generate(prompt_token_ids, params)
 
 
+class HeldPush(VLLMServerEngine):
+    """A server engine whose pushes land while a batch generates: batch ``b`` (``b`` in ``held``; with
+    max_off_policy_steps=1 the push of step ``b - 1`` finds it generating) is sent once push ``b`` has begun,
+    streamed (test-side) and without stopping at EOS, and push ``b`` pauses the server once the first of its
+    tokens has arrived. A push that the server serves later than a whole batch (a loaded machine) lands between
+    batches instead, so several are held."""
+
+    def __init__(self, *args, held: range, **kwargs) -> None:
+        self.held, self.batches, self.pushes = held, 0, 0
+        self.push_begun = {b: threading.Event() for b in held}
+        self.first_tokens = {b: threading.Event() for b in held}
+        super().__init__(*args, **kwargs)
+
+    def _generate(self, prompt_token_ids, params):
+        self.batches += 1
+        if self.batches in self.held:
+            assert self.push_begun[self.batches].wait(60)
+            params = dataclasses.replace(params, stop_at_eos=False)
+        return super()._generate(prompt_token_ids, params)
+
+    def _send(self, buckets, version):
+        self.pushes += 1
+        if self.pushes in self.held:
+            self.push_begun[self.pushes].set()
+            assert self.first_tokens[self.pushes].wait(60)
+        super()._send(buckets, version)
+
+    def _call(self, method, url, path, timeout=None, **kwargs):
+        batch = self.batches
+        if path != "/inference/v1/generate" or batch not in self.held:
+            return super()._call(method, url, path, timeout, **kwargs)
+        response = self._session.post(f"{url}{path}", json={**kwargs["json"], "stream": True}, stream=True, timeout=60)
+        assert response.status_code == 200, response.text
+        choices: dict[int, dict] = {}  # the answer of a request not streamed, from the chunks
+        for line in response.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            for chunk in json.loads(line[len(b"data: "):]).get("choices", []):
+                choice = choices.setdefault(chunk["index"], {"index": chunk["index"], "token_ids": [],
+                                                             "logprobs": {"content": []}})
+                choice["token_ids"] += chunk.get("token_ids") or []
+                choice["logprobs"]["content"] += (chunk.get("logprobs") or {}).get("content") or []
+                choice.update(finish_reason=chunk.get("finish_reason"), weight_versions=chunk.get("weight_versions"))
+                if choice["token_ids"]:
+                    self.first_tokens[batch].set()
+        return {"choices": list(choices.values())}
+
+
 class Record(pl.Callback):
-    """Per step: the prompt indices trained, the logged metrics; ``learner_delay`` s more per step."""
+    """Per step: the prompt indices trained, the logged metrics, each sample's token versions; ``learner_delay``
+    s more per step."""
 
     def __init__(self, learner_delay: float = 0.0) -> None:
         self.learner_delay, self.trained, self.metrics = learner_delay, [], []
+        self.versions, self.lengths = [], []  # per step, per sample: each token's weight version; tokens
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         time.sleep(self.learner_delay)
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def module(model: str, steps_off: int) -> GRPO:
-    grpo = GRPO(model=model, n_samples_per_prompt=2, max_new_tokens=4, micro_train_batch_size=4,
-                actor_learning_rate=1e-3, max_off_policy_steps=steps_off)
+def module(model: str, steps_off: int, max_new_tokens: int = 4, in_flight: str = "finish", n: int = 2) -> GRPO:
+    grpo = GRPO(model=model, n_samples_per_prompt=n, max_new_tokens=max_new_tokens, micro_train_batch_size=4,
+                actor_learning_rate=1e-3, max_off_policy_steps=steps_off, in_flight=in_flight)
     score = grpo.rollout.score
 
-    def recording_score(module, rows, *args):  # the rows each step trains on, in order
+    def recording_score(module, rows, prompts, prompt_ids, completions, *args):  # what each step trains on
         record.trained.append([row["index"] for row in rows])
-        return score(module, rows, *args)
+        record.versions.append([c.versions for c in completions])
+        record.lengths.append([len(c.token_ids) for c in completions])
+        return score(module, rows, prompts, prompt_ids, completions, *args)
 
     grpo.rollout.score = recording_score
     record = Record()
@@ -67,7 +123,8 @@ def module(model: str, steps_off: int) -> GRPO:
     return grpo
 
 
-def fit(grpo: GRPO, engine: VLLMServerEngine, steps: int, tmp_path, learner_delay: float = 0.0, ckpt=None) -> Record:
+def fit(grpo: GRPO, engine: VLLMServerEngine, steps: int, tmp_path, learner_delay: float = 0.0, ckpt=None,
+        prompts: int = PROMPTS) -> Record:
     record = grpo.record
     record.learner_delay = learner_delay
     callbacks = [RolloutEngineCallback(engine=engine), record] + ([ckpt] if ckpt else [])
@@ -75,7 +132,7 @@ def fit(grpo: GRPO, engine: VLLMServerEngine, steps: int, tmp_path, learner_dela
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, enable_checkpointing=ckpt is not None, callbacks=callbacks,
                          default_root_dir=tmp_path)
-    trainer.fit(grpo, PromptDataModule(prompts=counting_prompts(40, seed=3), batch_size=PROMPTS, seed=1))
+    trainer.fit(grpo, PromptDataModule(prompts=counting_prompts(40, seed=3), batch_size=prompts, seed=1))
     return record
 
 
@@ -158,3 +215,40 @@ def test_one_step_off_grpo_on_two_fsdp_ranks_from_the_example_yaml(tiny_servers,
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
     assert [float(r["staleness/steps_max"]) for r in rows] == [0.0, 1.0, 1.0]
     assert all(float(r["staleness/frac_0"]) + float(r["staleness/frac_1"]) == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("in_flight", ["keep", "abort"])
+def test_a_push_while_a_batch_generates_keeps_or_aborts_its_requests(in_flight, tiny_servers, tmp_path):
+    """The pushes of steps 1..3 land while the batch trained at that step generates (HeldPush): "keep" continues
+    its completions on the new weights, each token tagged with the version that sampled it; "abort" generates
+    them again on the new weights. Either way the bound holds and every prompt is trained once."""
+    model, servers = tiny_servers
+    k, steps, prompts = 1, 4, 4
+    pl.seed_everything(0, verbose=False)
+    grpo = module(model, k, max_new_tokens=200, in_flight=in_flight, n=16)
+    engine = HeldPush([servers[0].url], api_key=KEY, timeout_s=60, held=range(2, steps + 1))
+    record = fit(grpo, engine, steps, tmp_path, prompts=prompts)
+    spans = [sum(len(set(v)) > 1 for v in step) for step in record.versions]
+    print(f"FIGURE async in_flight={in_flight} k={k}: samples spanning two versions per step {spans} "
+          f"(of {prompts * 16}), "
+          f"staleness {[m['staleness/steps_max'] for m in record.metrics]}, "
+          + (f"token staleness mean {[round(m['staleness/token_mean'], 3) for m in record.metrics]}, mixed "
+             f"{[m['async/mixed_frac'] for m in record.metrics]}" if in_flight == "keep" else
+             f"aborted {[m['async/aborted'] for m in record.metrics]}"))
+    assert [[len(v) for v in step] for step in record.versions] == record.lengths  # a version per token
+    assert all(0 <= m["staleness/steps_max"] <= k for m in record.metrics)
+    for step, (metrics, versions) in enumerate(zip(record.metrics, record.versions)):
+        oldest = [min(v) for v in versions if v]
+        assert metrics["staleness/steps_max"] == step - min(oldest)  # a sample's oldest token sets its staleness
+    if in_flight == "keep":
+        mixed = [v for step in record.versions for v in step if len(set(v)) > 1]
+        assert mixed and all(v == sorted(v) and len(set(v)) == 2 for v in mixed)  # old tokens, then new ones
+        assert max(m["async/mixed_frac"] for m in record.metrics) > 0
+        assert any(0 < m["staleness/token_mean"] < m["staleness/steps_max"] for m in record.metrics)
+    else:
+        assert all(len(set(v)) == 1 for step in record.versions for v in step)  # one version per completion
+        assert sum(m["async/aborted"] for m in record.metrics) > 0  # and the aborted ones generated again
+    trained = [i for step in record.trained for i in step]
+    pending = [row["index"] for rows in grpo.rollout.pending_rows() for row in rows]
+    assert len(trained) == steps * prompts and len(set(trained + pending)) == len(trained + pending)
+    assert not producers()
