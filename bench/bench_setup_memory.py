@@ -1,7 +1,9 @@
 """Per-rank peak memory (RSS) at setup: GRPO on the real SmolLM2-135M-Instruct with a KL reference, 2 CPU
 ranks (gloo), ``Trainer.fit`` stopped once the strategy has set the models up (FSDP2 shards, ZeRO-3
 partitions). Prints per rank: RSS after imports, after building the module (actor and reference), the
-peak up to the end of the strategy's setup, what setup left, and that plus the rollout engine; in MB and in units of the model's fp32 bytes (4P).
+peak while the models are loaded and sharded or partitioned (up to ``configure_optimizers``), the peak up
+to the end of the strategy's setup (DeepSpeed also allocates its optimizer states there; FSDP2 at the first
+step), what setup left, and that plus the rollout engine; in MB and in units of the model's fp32 bytes (4P).
 
 ``--bf16``: the same model saved in bf16 first (most published checkpoints are): loading it in fp32 makes a
 private fp32 copy where the whole model is loaded.
@@ -64,6 +66,13 @@ def worker(strategy: str, model: str) -> None:
     module = GRPO(model=model, tokenizer="smollm2-135m-instruct", kl_coef=0.05, max_new_tokens=4, n_samples_per_prompt=2,
                   micro_train_batch_size=4)
     marks["built"], marks["anon_built"] = rss(), anon()
+    configure_optimizers = module.configure_optimizers
+
+    def models_loaded():  # the strategy calls it once the models are sharded or partitioned
+        marks["peak_models"] = peak()
+        return configure_optimizers()
+
+    module.configure_optimizers = models_loaded
     marks["model_fp32"] = sum(p.numel() for p in module.actor.parameters()) * 4
     data = PromptDataModule(prompts=["1+1="] * 4, batch_size=2, shuffle=False)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
@@ -94,12 +103,14 @@ def bf16_copy(name: str) -> str:
 def main(strategies: tuple[str, ...], bf16: bool) -> None:
     model = bf16_copy(NAME) if bf16 else NAME
     print(f"checkpoint: {NAME} in {'bf16' if bf16 else 'fp32'}")
-    print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak setup MB':>13} "
-          f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak-imports)/4P':>17} {'anon built/setup MB':>19}")
+    print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak models MB':>14} {'peak setup MB':>13} "
+          f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak models-imports)/4P':>24} {'(peak-imports)/4P':>17} "
+          f"{'anon built/setup MB':>19}")
     for strategy in strategies:
         for rank, m in enumerate(launch(2, strategy, model, script=__file__)):
             print(f"{strategy:>28} {rank:>4} {m['imports'] / 2**20:>10.0f} {m['built'] / 2**20:>9.0f} "
-                  f"{m['peak_setup'] / 2**20:>13.0f} {m['after_setup'] / 2**20:>14.0f} {m['with_engine'] / 2**20:>11.0f} "
+                  f"{m['peak_models'] / 2**20:>14.0f} {m['peak_setup'] / 2**20:>13.0f} {m['after_setup'] / 2**20:>14.0f} "
+                  f"{m['with_engine'] / 2**20:>11.0f} {(m['peak_models'] - m['imports']) / m['model_fp32']:>24.2f} "
                   f"{(m['peak_setup'] - m['imports']) / m['model_fp32']:>17.2f} "
                   f"{(m['anon_built'] - m['anon_imports']) / 2**20:>9.0f}/{(m['anon_setup'] - m['anon_imports']) / 2**20:<9.0f}")
 

@@ -1,5 +1,5 @@
 """A pretrained actor is built on the meta device and takes the checkpoint's weights at the strategy's set-up:
-FSDP2 shards it first and each rank reads only its rows, so no rank holds it whole; the trained numbers are
+FSDP2 shards it first and each rank reads only its rows (ZeRO-3: its flat ranges), so no rank holds it whole; the trained numbers are
 those of the actor loaded whole on every rank before the Trainer (tests/scripts/pretrained_setup.py)."""
 
 from __future__ import annotations
@@ -39,23 +39,54 @@ def test_a_pretrained_actor_is_built_on_the_meta_device_and_materializes_to_its_
     assert not any(p.requires_grad for p in ref.parameters()) and actor.lm_head.weight is actor.model.embed_tokens.weight
 
 
-def _run(pretrained_dir: str, strategy: str, algo: str, mode: str) -> dict:
-    return script_result(torchrun("pretrained_setup.py", 2, pretrained_dir, strategy, algo, mode, timeout=300))
+def _run(pretrained_dir: str, strategy: str, algo: str, mode: str, precision: str) -> dict:
+    return script_result(torchrun("pretrained_setup.py", 2, pretrained_dir, strategy, algo, mode, precision, timeout=300))
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy, algo", [("lightrft_fsdp", "grpo"), ("lightrft_deepspeed_stage_3", "ppo")])
-def test_no_rank_holds_the_pretrained_actor_at_set_up_and_the_numbers_are_the_loaded_ones(pretrained_dir, strategy, algo):
-    meta = _run(pretrained_dir, strategy, algo, "meta")
-    loaded = _run(pretrained_dir, strategy, algo, "loaded")
+@pytest.mark.parametrize("strategy, algo, precision", [
+    ("lightrft_fsdp", "grpo", "32-true"), ("lightrft_deepspeed_stage_3", "ppo", "32-true"),
+    # the engines train in bf16: the critic's head and DeepSpeed's own F.linear as when it partitions a model itself
+    ("lightrft_deepspeed_stage_3", "ppo", "bf16-mixed")])
+def test_no_rank_holds_the_pretrained_actor_at_set_up_and_the_numbers_are_the_loaded_ones(pretrained_dir, strategy, algo,
+                                                                                           precision):
+    meta = _run(pretrained_dir, strategy, algo, "meta", precision)
+    loaded = _run(pretrained_dir, strategy, algo, "loaded", precision)
     models = ("actor", "ref") if algo == "grpo" else ("actor", "critic")
     assert meta["meta_before_setup"] == dict.fromkeys(models, True)  # nothing real until the strategy's set-up
+    assert meta["whole_model_loads"] == 0  # and then no rank loads the whole checkpoint
     assert loaded["meta_before_setup"] == dict.fromkeys(models, False)
     for name in models:
         assert meta["held"][name] == pytest.approx(0.5, abs=0.01), name  # then half of each per rank
-    if strategy == "lightrft_fsdp":  # each rank read its rows: the gathered weights are the checkpoint's
+    if precision == "32-true":  # each rank read its rows (FSDP2) or its flat range (ZeRO-3): the checkpoint's weights
         assert meta["weights_are_the_checkpoints"] == dict.fromkeys(models, True)
     assert len(meta["steps"]) == 2 and any(step["loss/policy"] != 0 for step in meta["steps"])
     for got, expected in zip(meta["steps"], loaded["steps"]):
         numbers = {k: v for k, v in expected.items() if not k.startswith(TIMING)}
         assert {k: got[k] for k in numbers} == numbers
+
+
+@pytest.mark.parametrize("shard_size", [None, "20KB"])
+def test_zero3_partitions_read_exactly_their_flat_range_of_each_checkpoint_tensor(tmp_path, shard_size):
+    from safetensors.torch import load_file
+
+    from lightrft_lightning.parallel.deepspeed import SafetensorsRanges
+
+    model = tiny_causal_lm(vocab_size=len(CHARS) + 3, tie_word_embeddings=False)
+    model.save_pretrained(str(tmp_path), **({"max_shard_size": shard_size} if shard_size else {}))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 1) == (shard_size is not None)  # one file, or shards behind an index
+    full = {k: v for f in files for k, v in load_file(str(f)).items()}
+    reader = SafetensorsRanges(str(tmp_path))
+    for name, tensor in full.items():
+        flat = tensor.reshape(-1)
+        for start, count in [(0, flat.numel()), (0, 1), (flat.numel() // 3, flat.numel() // 2), (flat.numel() - 5, 5),
+                             (flat.numel(), 0)]:
+            assert torch.equal(reader.flat_range(name, tuple(tensor.shape), start, count), flat[start:start + count]), name
+    with pytest.raises(ValueError, match="has no weight 'nope'"):
+        reader.flat_range("nope", (1,), 0, 1)
+    name, tensor = next(iter(full.items()))
+    with pytest.raises(ValueError, match="of shape"):
+        reader.flat_range(name, (tensor.numel() + 1,), 0, 1)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        SafetensorsRanges(str(tmp_path / "missing"))

@@ -39,7 +39,8 @@ class CriticModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.value_head(hidden.float()).squeeze(-1)
+        # the head in its parameters' dtype (an engine or FSDP2 may run them in bf16), the values in fp32
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
 
 
 class PPOLoss(ClippedPolicyLoss):

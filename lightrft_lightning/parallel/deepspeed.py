@@ -1,6 +1,7 @@
 """DeepSpeed as plain functions over explicit arguments (no Lightning): the engine config built from a
-``StrategyConfig``, a user's config merged over it, the clipping norm an engine steps with, and ZeRO-3
-weights read back from a checkpoint. ``LightRFTDeepSpeed`` (under a Trainer and standalone) calls them."""
+``StrategyConfig``, a user's config merged over it, the clipping norm an engine steps with, ZeRO-3
+partitions read straight from a pretrained checkpoint, and ZeRO-3 weights read back from a checkpoint.
+``LightRFTDeepSpeed`` (under a Trainer and standalone) calls them. DeepSpeed's private names stay here."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lightrft_lightning.config import StrategyConfig
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
+from lightrft_lightning.parallel.meta_init import pretrained_weights
 
 FP16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
         "min_loss_scale": 1}
@@ -135,3 +138,103 @@ def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del marker
+
+
+def load_pretrained_partitions(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Turn every parameter of ``model`` into a ZeRO-3 partitioned one, as ``deepspeed.zero.Init(config)``
+    would have built it (its dtype, device and partition group), without ever holding the whole model: a
+    parameter on the meta device under a module marked with a checkpoint
+    (:func:`~lightrft_lightning.parallel.meta_init.causal_lm_on_meta`) takes only this rank's flat range of its
+    tensor, read from the safetensors; a real one (PPO's value head) is partitioned from its values, as
+    ``zero.Init`` does. Shared (tied) parameters stay shared. The engine built on ``model`` then finds it
+    partitioned (a "zero-init model") and leaves it as it is."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    keys = {id(param): (source.path, source.prefix + name) for sub in model.modules()
+            if (source := pretrained_weights(sub)) is not None for name, param in sub.named_parameters()}
+    files: dict[str, SafetensorsRanges] = {}
+    new: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or is_zero_param(param):
+                    continue
+                if id(param) not in new:
+                    if param.is_meta and id(param) not in keys:
+                        raise ValueError(f"load_pretrained_partitions: {type(module).__name__}.{name} is on the meta "
+                                         "device and no checkpoint is marked for it; accepted: parameters that are real "
+                                         "or under a module built by causal_lm_on_meta")
+                    new[id(param)] = _partitioned(init, param, keys.get(id(param)), files)
+                module._parameters[name] = new[id(param)]
+    # the rest of what zero.Init(module=model) does (all its parameters are partitioned now, it converts none):
+    # the buffers a model names for fp32 stay in fp32, and DeepSpeed's memory-efficient F.linear replaces
+    # torch's for the process, as when an engine partitions a model itself (the same numbers either way)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+
+
+def _partitioned(init: Any, param: nn.Parameter, key: Optional[tuple[str, str]],
+                 files: dict[str, SafetensorsRanges]) -> nn.Parameter:
+    """A ZeRO-3 parameter of ``param``'s shape: partitioned from ``param``'s values (broadcast from rank 0 first,
+    as ``zero.Init``), or, for a meta ``param``, its partition filled with this rank's range of checkpoint ``key``."""
+    if not param.is_meta:
+        out = nn.Parameter(param.detach().to(init.local_device, init.dtype), requires_grad=param.requires_grad)
+        init._zero_init_param(out)
+        return out
+    # uninitialized and never read as a whole: the pages of the full tensor are not touched, only the range
+    # that partition() copies (then overwritten), and partition() frees it
+    out = nn.Parameter(torch.empty(param.shape, dtype=init.dtype, device=init.local_device),
+                       requires_grad=param.requires_grad)
+    init._convert_to_deepspeed_param(out)
+    out.partition()
+    path, name = key  # type: ignore[misc]
+    if path not in files:
+        files[path] = SafetensorsRanges(path)
+    part = out.ds_tensor
+    start = part.numel() * out.ds_zero_partition_rank
+    count = max(0, min(part.numel(), out.ds_numel - start))
+    part.narrow(0, 0, count).copy_(files[path].flat_range(name, tuple(param.shape), start, count))
+    part.narrow(0, count, part.numel() - count).zero_()  # padding of the last partition
+    return out
+
+
+class SafetensorsRanges:
+    """The tensors of a Hugging Face checkpoint directory (``model.safetensors`` or an indexed set of shards),
+    read a flat element range at a time."""
+
+    def __init__(self, path: str) -> None:
+        index = Path(path) / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: str(Path(path) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+
+            single = str(Path(path) / "model.safetensors")
+            if not os.path.isfile(single):
+                raise FileNotFoundError(f"{path} holds no model.safetensors nor model.safetensors.index.json; accepted: "
+                                        "a Hugging Face checkpoint directory saved with safetensors")
+            with safe_open(single, framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        self.path = path
+
+    def flat_range(self, name: str, shape: tuple[int, ...], start: int, count: int) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of tensor ``name`` flattened (row-major), reading only the rows
+        that hold them; the tensor must have ``shape``."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ValueError(f"load_pretrained_partitions: {self.path} has no weight {name!r}; accepted: a checkpoint "
+                             "of the model's own config")
+        with safe_open(self.files[name], framework="pt") as f:
+            rows = f.get_slice(name)
+            if tuple(rows.get_shape()) != shape:
+                raise ValueError(f"load_pretrained_partitions: {self.path} has {name!r} of shape "
+                                 f"{tuple(rows.get_shape())}, the model {shape}; accepted: a checkpoint of the model's own config")
+            if count == 0:
+                return torch.empty(0)
+            if len(shape) == 0:
+                return rows[...].reshape(1)
+            row = max(1, int(torch.Size(shape[1:]).numel()))
+            first, last = start // row, -(-(start + count) // row)
+            return rows[first:last].reshape(-1).narrow(0, start - first * row, count)

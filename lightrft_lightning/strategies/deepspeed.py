@@ -43,6 +43,7 @@ from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
 from lightrft_lightning.parallel import ulysses
 from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
+from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta
 from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
 
@@ -496,6 +497,19 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         if self.zero_stage_3 and not meta_init and dist.is_initialized():
             return parallel_deepspeed.zero3_init(self.ds_config(train=True))
         return super().init_model_context(meta_init)
+
+    def _materialize_lightning_module(self) -> None:
+        # under ZeRO-3 a pretrained actor built on the meta device (and its reference, PPO's critic) is
+        # partitioned straight from its checkpoint, each rank reading only its own ranges
+        module = self.lightning_module
+        if module is None or not self.zero_stage_3 or not has_meta(module):
+            return super()._materialize_lightning_module()
+        materialize_meta(module, torch.device("cpu"), self.config.seed, leave_pretrained=True)
+        trained = {name for name, child in module.named_children() if any(p.requires_grad for p in child.parameters())}
+        # in the order init_deepspeed builds their engines: DeepSpeed numbers the parameters as they are partitioned
+        for _, child in parallel_deepspeed.engine_build_order(list(module.named_children()), trained):
+            if has_meta(child):
+                parallel_deepspeed.load_pretrained_partitions(child, self.ds_config(train=True))
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model

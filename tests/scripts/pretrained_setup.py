@@ -1,15 +1,17 @@
 """GRPO with a KL reference (or PPO, with its critic) on a pretrained tiny Qwen2 directory under a Trainer, 2 steps
 of greedy rollouts; reports each step's metrics and what each rank held at set-up.
 
-    torchrun --nproc_per_node=N pretrained_setup.py MODEL_DIR STRATEGY ALGO MODE
+    torchrun --nproc_per_node=N pretrained_setup.py MODEL_DIR STRATEGY ALGO MODE [PRECISION]
 
 ``MODE`` "meta": the module as built (a pretrained actor is on the meta device until the strategy's set-up);
 "loaded": its weights loaded whole on every rank before the Trainer starts, the path every rank took before the
-actor was built on the meta device (the reference sharing the actor's tensors).
+actor was built on the meta device (the reference sharing the actor's tensors). ``PRECISION``: the Trainer's
+(default "32-true").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -50,12 +52,11 @@ class Held(pl.Callback):
         for name, model in self._models(pl_module).items():
             params = list(model.parameters())
             held[name] = sum(map(local_numel, params)) / sum(getattr(p, "ds_numel", p.numel()) for p in params)
-            if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions: the numbers check them
-                continue
             prefix = "model." if name == "critic" else ""
-            full = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
-            same[name] = all(torch.equal(full[k[len(prefix):]], v) for k, v in self.checkpoint.items()
-                             if k[len(prefix):] in full)
+            with gathered(params):
+                full = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+                same[name] = all(torch.equal(full[k[len(prefix):]], v) for k, v in self.checkpoint.items()
+                                 if k[len(prefix):] in full)
         self.summary.update(held=held, weights_are_the_checkpoints=same)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -68,6 +69,15 @@ class Held(pl.Callback):
         return {k: v for k, v in models.items() if v is not None}
 
 
+def gathered(params: list) -> contextlib.AbstractContextManager:
+    """ZeRO-3 partitions gathered whole while the context lives (a collective); anything else as it is."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
 def local_numel(param: torch.Tensor) -> int:
     """The elements of ``param`` this rank holds: its FSDP2 shard, its ZeRO-3 partition, or all of it."""
     if isinstance(param, DTensor):
@@ -75,8 +85,24 @@ def local_numel(param: torch.Tensor) -> int:
     return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
 
 
+def whole_model_loads() -> list:
+    """From now on, the ``from_pretrained`` calls that load a whole model on this rank (listed as they happen)."""
+    import transformers
+
+    calls: list = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls.append(args[:1])
+        return original(cls, *args, **kwargs)
+
+    transformers.AutoModelForCausalLM.from_pretrained = classmethod(counted)
+    return calls
+
+
 def main() -> None:
     path, strategy, algo, mode = sys.argv[1:5]
+    precision = sys.argv[5] if len(sys.argv) > 5 else "32-true"
     world = int(os.environ.get("WORLD_SIZE", 1))
     pl.seed_everything(0, verbose=False)
     common = dict(model=path, tokenizer="char", tokenizer_chars=CHARS, rewards={"tests.scripts.pretrained_setup:digit_reward": 1.0},
@@ -87,11 +113,12 @@ def main() -> None:
         materialize_meta(module, torch.device("cpu"), seed=0)
     held = Held(load_file(f"{path}/model.safetensors"))
     data = PromptDataModule(prompts=["1+2=", "3+4=", "5+6=", "7+8="] * 2, batch_size=4 // world, shuffle=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=2, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, precision=precision, max_steps=2, logger=False,
                          callbacks=[held], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    loads = whole_model_loads()
     trainer.fit(module, data)
-    report(held.summary)
+    report({**held.summary, "whole_model_loads": len(loads)})
 
 
 if __name__ == "__main__":
