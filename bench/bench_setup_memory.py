@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 
 from bench_fsdp import launch  # same folder: run as python bench/bench_setup_memory.py
@@ -102,6 +103,14 @@ def bf16_copy(name: str) -> str:
 
 def main(strategies: tuple[str, ...], bf16: bool) -> None:
     model = bf16_copy(NAME) if bf16 else NAME
+    try:
+        table(strategies, model, bf16)
+    finally:
+        if bf16:
+            shutil.rmtree(model, ignore_errors=True)
+
+
+def table(strategies: tuple[str, ...], model: str, bf16: bool) -> None:
     print(f"checkpoint: {NAME} in {'bf16' if bf16 else 'fp32'}")
     print(f"{'strategy':>28} {'rank':>4} {'imports MB':>10} {'built MB':>9} {'peak models MB':>14} {'peak setup MB':>13} "
           f"{'after setup MB':>14} {'+ engine MB':>11} {'(peak models-imports)/4P':>24} {'(peak-imports)/4P':>17} "

@@ -379,6 +379,14 @@ class ResumableSampler(DistributedSampler):
         self.consumed += rows * self.num_replicas
         return out
 
+    def draw_rows(self, rows: int) -> list[Any]:
+        """The dataset rows of :meth:`draw` (none for ``rows <= 0``)."""
+        return [self.dataset[i] for i in self.draw(rows)] if rows > 0 else []
+
+    def rows_left(self) -> int:
+        """How many rows :meth:`draw` can still give this rank in this epoch."""
+        return (len(self.epoch_order()) - self.consumed) // self.num_replicas
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.consumed, self.pending, self._batches = 0, [], []

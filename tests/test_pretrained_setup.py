@@ -90,3 +90,16 @@ def test_zero3_partitions_read_exactly_their_flat_range_of_each_checkpoint_tenso
         reader.flat_range(name, (tensor.numel() + 1,), 0, 1)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         SafetensorsRanges(str(tmp_path / "missing"))
+
+
+def test_zero3_reads_partitions_unless_deepspeed_keeps_a_second_copy_of_each():
+    from lightrft_lightning.parallel.deepspeed import reads_pretrained_partitions
+
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert reads_pretrained_partitions(zero3)
+    assert reads_pretrained_partitions({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    assert not reads_pretrained_partitions({"zero_optimization": {"stage": 2}})  # whole weights per rank anyway
+    assert not reads_pretrained_partitions({})
+    for extra in ({"zero_hpz_partition_size": 2}, {"zero_quantized_weights": True},
+                  {"zero_quantized_nontrainable_weights": True}, {"offload_param": {"device": "nvme"}}):
+        assert not reads_pretrained_partitions({"zero_optimization": {"stage": 3, **extra}}), extra

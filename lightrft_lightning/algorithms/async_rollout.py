@@ -60,8 +60,7 @@ import torch
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.refill import training_sampler
 from lightrft_lightning.algorithms.rollout import Rollout
-from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams
-from lightrft_lightning.engines.server import IN_FLIGHT_PAUSE
+from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, check_in_flight
 
 log = logging.getLogger(__name__)
 DEFAULT_WAIT_TIMEOUT_S = 3600.0
@@ -204,9 +203,7 @@ class AsyncRollout(Rollout):
         value = self.wait_timeout_s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{owner}.wait_timeout_s={value!r} is invalid; accepted: a number of seconds > 0")
-        if self.in_flight not in IN_FLIGHT_PAUSE:
-            raise ValueError(f"{owner}.in_flight={self.in_flight!r} is invalid; accepted: "
-                             f"{', '.join(map(repr, IN_FLIGHT_PAUSE))}")
+        check_in_flight(self.in_flight, f"{owner}(AsyncRollout)")
         if self.in_flight != "finish" and not self.off_policy:
             raise ValueError(f"{owner}.in_flight={self.in_flight!r} is only used by an asynchronous rollout, and "
                              "max_off_policy_steps=0; accepted: max_off_policy_steps >= 1, or in_flight='finish'")
@@ -273,7 +270,7 @@ class AsyncRollout(Rollout):
                              f"{type(engine).__name__} shares the trainer's (a colocated engine cannot generate while "
                              "the learner trains); accepted: engine_type='vllm_server' (RolloutEngineCallback), or "
                              "max_off_policy_steps=0 (synchronous)")
-        if self.in_flight not in getattr(engine, "in_flight_modes", ("finish",)):
+        if self.in_flight not in engine.in_flight_modes:
             raise ValueError(f"{type(module).__name__}: AsyncRollout(in_flight={self.in_flight!r}) needs an engine "
                              f"that can pause with requests in flight, and {type(engine).__name__} cannot; accepted: "
                              "in_flight='finish', or engine_type='vllm_server' (VLLMServerEngine)")
@@ -295,10 +292,9 @@ class AsyncRollout(Rollout):
         sampler = self._sampler(module)
         size = len(self._pipeline[-1].rows)
         while len(self._pipeline) <= self.max_off_policy_steps:
-            left = (len(sampler.epoch_order()) - sampler.consumed) // sampler.num_replicas
-            if left < size:
+            if sampler.rows_left() < size:
                 break  # the epoch's last prompts: the pipeline runs shorter until the next epoch's batches
-            self._hand_over([sampler.dataset[i] for i in sampler.draw(size)])
+            self._hand_over(sampler.draw_rows(size))
 
     def _sampler(self, module: pl.LightningModule) -> Any:
         return training_sampler(module.trainer, "an asynchronous rollout (AsyncRollout) fills its pipeline with prompts",

@@ -106,7 +106,7 @@ class RefillRollout(Rollout):
         global_max = lambda values: module.trainer.strategy.all_reduce(  # noqa: E731
             torch.tensor(values, dtype=torch.float64), op="max")
         cap = math.ceil(need * self.batch_multiplier)
-        batch = list(rows) + self._draw(sampler, cap - need)
+        batch = list(rows) + sampler.draw_rows(cap - need)
         signal: list[Experience] = []
         tied: list[Experience] = []
         totals: dict[str, float] = defaultdict(float)
@@ -134,7 +134,7 @@ class RefillRollout(Rollout):
             if short == 0 or rounds == self.max_num_gen_batches:
                 break
             rate = -signal_seen / -groups_seen if groups_seen else 0.0  # the lowest rank's counts: a cautious rate
-            batch = self._draw(sampler, min(cap, math.ceil(short / rate) if rate > 0 else cap))
+            batch = sampler.draw_rows(min(cap, math.ceil(short / rate) if rate > 0 else cap))
         kept = signal[:need]
         exhausted = len(kept) < need
         kept += tied[: need - len(kept)]
@@ -147,10 +147,6 @@ class RefillRollout(Rollout):
                         "dynamic_sampling/generated_signal_fraction": with_signal / generated,
                         "dynamic_sampling/exhausted": float(exhausted)})
         return out, metrics
-
-    @staticmethod
-    def _draw(sampler: ResumableSampler, count: int) -> list[dict[str, Any]]:
-        return [sampler.dataset[i] for i in sampler.draw(count)] if count > 0 else []
 
 
 def training_sampler(trainer: pl.Trainer, user: str = "a refilling rollout (dynamic_sampling_mode='refill') draws "

@@ -36,6 +36,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens!r} is invalid; accepted: an integer >= 1")
 
 
+#: what a weight push does to the requests in flight: "finish" (they finish on the old weights first), "keep"
+#: (they continue on the new ones) or "abort" (they are sampled again on the new ones)
+IN_FLIGHT_MODES = ("finish", "keep", "abort")
+
+
 @dataclass
 class Completion:
     """One sampled completion: the prompt it came from, its token ids and their log-probs under the
@@ -60,6 +65,9 @@ class RolloutEngine(ABC):
     #: whether the engine generates on devices of its own (a server), so that generation can overlap
     #: training (asynchronous rollouts); colocated engines share the trainer's devices
     separate_devices: bool = False
+    #: what a weight push may do to the requests generating (:data:`IN_FLIGHT_MODES`): an engine that cannot pause
+    #: mid-request lets them finish first
+    in_flight_modes: tuple[str, ...] = ("finish",)
 
     @abstractmethod
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
@@ -208,6 +216,13 @@ def check_sleep_level(level: int) -> int:
     if level not in (1, 2):
         raise ValueError(f"sleep_level={level!r} is invalid; accepted: 1 (weights kept in CPU memory) or 2 (weights dropped)")
     return level
+
+
+def check_in_flight(mode: str, owner: str) -> str:
+    """``mode`` if it is one of :data:`IN_FLIGHT_MODES`; otherwise a ``ValueError`` naming ``owner``."""
+    if mode not in IN_FLIGHT_MODES:
+        raise ValueError(f"{owner}: in_flight={mode!r} is invalid; accepted: {', '.join(map(repr, IN_FLIGHT_MODES))}")
+    return mode
 
 
 def require_package(package: str, extra: str) -> Any:

@@ -48,11 +48,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from lightrft_lightning.engines.base import Completion, LifecycleEngine, SamplingParams
+from lightrft_lightning.engines.base import (IN_FLIGHT_MODES, Completion, LifecycleEngine, SamplingParams,
+                                             check_in_flight)
 
 LORA_MODES = ("merged", "adapter")
-#: what a weight push does to the requests in flight -> vLLM's ``/pause`` mode
-IN_FLIGHT_PAUSE = {"finish": "wait", "keep": "keep", "abort": "abort"}
+#: what a weight push does to the requests in flight (``IN_FLIGHT_MODES``) -> vLLM's ``/pause`` mode
+IN_FLIGHT_PAUSE = dict(zip(IN_FLIGHT_MODES, ("wait", "keep", "abort")))
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -86,7 +87,7 @@ class VLLMServerEngine(LifecycleEngine):
     """
 
     separate_devices = True
-    in_flight_modes = tuple(IN_FLIGHT_PAUSE)
+    in_flight_modes = IN_FLIGHT_MODES
 
     def __init__(self, urls: Sequence[str] | str, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  setup_timeout_s: float = 10.0, dtype: Optional[str | torch.dtype] = None,
@@ -209,31 +210,32 @@ class VLLMServerEngine(LifecycleEngine):
     def _complete(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
         if self.in_flight != "finish":
             return self._complete_versioned(url, index, prompt, params)
-        greedy = params.temperature == 0
-        body: dict[str, Any] = {
-            "model": self.adapter or self.model_names[self.urls.index(url)], "prompt": prompt, "n": 1 if greedy else params.n,
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "max_tokens": params.max_new_tokens, "logprobs": 0, "return_token_ids": True,
-            "return_tokens_as_token_ids": True, "ignore_eos": not params.stop_at_eos, "skip_special_tokens": False}
-        if params.stop_at_eos and self.eos_token_ids:
-            body["stop_token_ids"] = self.eos_token_ids
+        body: dict[str, Any] = {"model": self._model(url), "prompt": prompt, "n": _requested(params),
+                                **self._sampling(params), "return_token_ids": True, "return_tokens_as_token_ids": True}
         if params.seed is not None:
             body["seed"] = params.seed + index * params.n
         out = self._call("POST", url, "/v1/completions", json=body)
-        choices = sorted(out["choices"], key=lambda c: c["index"])
-        completions = []
-        for choice in choices * (params.n if greedy else 1):  # greedy samples of one prompt are equal
-            ids = [int(t) for t in choice["token_ids"]]
-            logprobs = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
-            completions.append(Completion(index, ids, logprobs, "eos" if choice.get("finish_reason") == "stop"
-                                          else "length"))
-        return completions
+        return [Completion(index, [int(t) for t in c["token_ids"]],
+                           [float(x) for x in (c.get("logprobs") or {}).get("token_logprobs") or []], _finish(c))
+                for c in _each_sample(sorted(out["choices"], key=lambda c: c["index"]), params)]
+
+    def _model(self, url: str) -> str:
+        return self.adapter or self.model_names[self.urls.index(url)]
+
+    def _sampling(self, params: SamplingParams) -> dict[str, Any]:
+        """The sampling fields both endpoints take."""
+        fields: dict[str, Any] = {
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "max_tokens": params.max_new_tokens, "logprobs": 0, "ignore_eos": not params.stop_at_eos,
+            "skip_special_tokens": False}
+        if params.stop_at_eos and self.eos_token_ids:
+            fields["stop_token_ids"] = self.eos_token_ids
+        return fields
 
     def set_in_flight(self, mode: str) -> None:
         """What a weight push does to the requests in flight: "finish", "keep" or "abort" (module docstring).
         Set on every rank (each rank's requests); rank 0's push pauses the servers with the matching mode."""
-        if mode not in IN_FLIGHT_PAUSE:
-            raise ValueError(f"VLLMServerEngine: in_flight={mode!r} is invalid; accepted: {', '.join(IN_FLIGHT_PAUSE)}")
+        check_in_flight(mode, "VLLMServerEngine.set_in_flight")
         self.in_flight = mode
 
     def take_aborted(self) -> int:
@@ -245,27 +247,20 @@ class VLLMServerEngine(LifecycleEngine):
     def _complete_versioned(self, url: str, index: int, prompt: list[int], params: SamplingParams) -> list[Completion]:
         """One prompt's samples through ``/inference/v1/generate``, with each token's weight version; samples
         aborted by a push are sent again (they wait on the server for ``/resume``: the new weights)."""
-        greedy = params.temperature == 0
-        wanted, fallback = 1 if greedy else params.n, self.version
-        sampling: dict[str, Any] = {
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "max_tokens": params.max_new_tokens, "logprobs": 0, "ignore_eos": not params.stop_at_eos,
-            "skip_special_tokens": False, "detokenize": False}
-        if params.stop_at_eos and self.eos_token_ids:
-            sampling["stop_token_ids"] = self.eos_token_ids
+        wanted, fallback = _requested(params), self.version
+        sampling = {**self._sampling(params), "detokenize": False}
         choices: list[dict[str, Any]] = []
         while len(choices) < wanted:
             if params.seed is not None:
                 sampling["seed"] = params.seed + index * params.n + len(choices)
-            body = {"model": self.adapter or self.model_names[self.urls.index(url)], "token_ids": prompt,
-                    "sampling_params": {**sampling, "n": wanted - len(choices)}}
+            body = {"model": self._model(url), "token_ids": prompt, "sampling_params": {**sampling, "n": wanted - len(choices)}}
             out = self._call("POST", url, "/inference/v1/generate", json=body)
             finished = [c for c in out["choices"] if c.get("finish_reason") != "abort"]
             with self._aborted_lock:
                 self._aborted += len(out["choices"]) - len(finished)
             choices += sorted(finished, key=lambda c: c["index"])
         completions = []
-        for choice in choices * (params.n if greedy else 1):  # greedy samples of one prompt are equal
+        for choice in _each_sample(choices, params):
             ids = [int(t) for t in choice["token_ids"]]
             logprobs = [float(x["logprob"]) for x in (choice.get("logprobs") or {}).get("content") or []]
             versions = [fallback] * len(ids)
@@ -273,8 +268,7 @@ class VLLMServerEngine(LifecycleEngine):
                 label = str(span["version"])
                 version = int(label) if label.lstrip("-").isdigit() else fallback
                 versions[span["start"]:span["end"]] = [version] * (span["end"] - span["start"])
-            completions.append(Completion(index, ids, logprobs, "eos" if choice.get("finish_reason") == "stop"
-                                          else "length", versions))
+            completions.append(Completion(index, ids, logprobs, _finish(choice), versions))
         return completions
 
     # ------------------------------------------------------------------ weights
@@ -445,6 +439,20 @@ class _BucketSource:
 
     def __iter__(self) -> Any:
         return iter(self.bucket)
+
+
+def _requested(params: SamplingParams) -> int:
+    """Samples asked of a server per prompt: one when greedy (the samples of one prompt are equal)."""
+    return 1 if params.temperature == 0 else params.n
+
+
+def _each_sample(choices: list[dict[str, Any]], params: SamplingParams) -> list[dict[str, Any]]:
+    """A server's choices, one per sample asked for: a greedy one repeated ``n`` times."""
+    return choices * (params.n if params.temperature == 0 else 1)
+
+
+def _finish(choice: dict[str, Any]) -> str:
+    return "eos" if choice.get("finish_reason") == "stop" else "length"
 
 
 def wait_healthy(url: str, timeout_s: float, process: Any = None, api_key: Optional[str] = None) -> None:

@@ -140,6 +140,17 @@ def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
         del marker
 
 
+def reads_pretrained_partitions(ds_config: dict[str, Any]) -> bool:
+    """Whether :func:`load_pretrained_partitions` can build this config's partitions: not with hpZ
+    (``zero_hpz_partition_size > 1``), quantized weights or parameters offloaded to NVMe, where DeepSpeed keeps
+    a second copy of each partition (secondary, quantized, swapped out) that it fills from the whole parameter."""
+    zero = ds_config.get("zero_optimization", {})
+    offload = (zero.get("offload_param") or {}).get("device")
+    return (zero.get("stage") == 3 and int(zero.get("zero_hpz_partition_size", 1)) <= 1
+            and not zero.get("zero_quantized_weights") and not zero.get("zero_quantized_nontrainable_weights")
+            and offload != "nvme")
+
+
 def load_pretrained_partitions(model: nn.Module, ds_config: dict[str, Any]) -> None:
     """Turn every parameter of ``model`` into a ZeRO-3 partitioned one, as ``deepspeed.zero.Init(config)``
     would have built it (its dtype, device and partition group), without ever holding the whole model: a

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -46,60 +46,12 @@ from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta
 from lightrft_lightning.parallel.stepper import Stepper
 from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
+from lightrft_lightning.strategies.deepspeed_engines import (DeepSpeedModel, loss_sources, optimizer_children,
+                                                            route_forward)
 
 log = logging.getLogger(__name__)
 
 _INSTALL_HINT = "install the `deepspeed` extra: pip install 'lightrft-lightning[deepspeed]'"
-
-
-class DeepSpeedModel(nn.Module):
-    """A model prepared by :class:`LightRFTDeepSpeed`'s standalone ``prepare`` (LightRFT's ``prepare``
-    returns an engine too): calls go through its DeepSpeed engine, which is built on first use (so ``create_optimizer`` may still turn a model prepared for inference into
-    a training engine). ``.module`` is the original model, ``.engine`` the ``DeepSpeedEngine``;
-    other attributes (``generate``, ``config``...) are read from the original model."""
-
-    def __init__(self, module: nn.Module, strategy: "LightRFTDeepSpeed", optimizer: Optional[Optimizer] = None) -> None:
-        super().__init__()
-        self.module = module
-        self.__dict__["_strategy"] = strategy
-        self.__dict__["_optimizer"] = optimizer
-        self.__dict__["_engine"] = None
-        self.train(optimizer is not None)
-
-    @property
-    def is_training_engine(self) -> bool:
-        return self._optimizer is not None
-
-    @property
-    def engine(self) -> Any:
-        if self._engine is None:
-            self.__dict__["_engine"] = self._strategy._build_engine(self.module, self._optimizer)
-        return self._engine
-
-    @property
-    def built(self) -> bool:
-        return self._engine is not None
-
-    def _set_optimizer(self, optimizer: Optimizer) -> None:
-        if self.built:
-            raise RuntimeError(
-                "create_optimizer: this model already ran as a DeepSpeed inference engine; call "
-                "create_optimizer before its first forward (or prepare it with (model, optimizer, scheduler))"
-            )
-        self.__dict__["_optimizer"] = optimizer
-
-    def train(self, mode: bool = True) -> "DeepSpeedModel":
-        # a frozen model stays in eval mode when Lightning puts the LightningModule in train mode
-        return super().train(mode and self.is_training_engine)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.engine(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["module"], name)
 
 
 class EngineClippingPrecision(DeepSpeedPrecision):
@@ -440,7 +392,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             return training[0]
         pending = [h for h in training if h in self._forwarded]
         if len(pending) > 1:
-            pending = _loss_sources(loss, {h: self._forwarded[h] for h in pending})
+            pending = loss_sources(loss, {h: self._forwarded[h] for h in pending})
         if len(pending) != 1:
             names = ", ".join(n for n, h in self._training_handles() if h in pending) or "none"
             raise RuntimeError(
@@ -465,7 +417,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         DeepSpeed strategy redirects the module's ``forward``) until the next ``setup``.
         ``trainer.strategy.optimizers`` become the engines' optimizers; :meth:`engine_of` gives a child's engine."""
         module = self.lightning_module
-        owners = _optimizer_children(module, self.optimizers)
+        owners = optimizer_children(module, self.optimizers)
         self._release_engines()
         for name, child in parallel_deepspeed.engine_build_order(list(module.named_children()), owners):
             params = list(child.parameters())
@@ -475,7 +427,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
                 handle = DeepSpeedModel(child, self)
             else:
                 continue
-            _route_forward(child, handle, self._forwarded)  # built now: every rank builds them in the same order
+            route_forward(child, handle, self._forwarded)  # built now: every rank builds them in the same order
             self._handles.append((name, handle))
             if handle.is_training_engine:
                 self.stepper(child, handle.engine.optimizer, name=name)
@@ -502,14 +454,15 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         # under ZeRO-3 a pretrained actor built on the meta device (and its reference, PPO's critic) is
         # partitioned straight from its checkpoint, each rank reading only its own ranges
         module = self.lightning_module
-        if module is None or not self.zero_stage_3 or not has_meta(module):
+        config = self.ds_config(train=True) if module is not None and has_meta(module) else {}
+        if not parallel_deepspeed.reads_pretrained_partitions(config):
             return super()._materialize_lightning_module()
         materialize_meta(module, torch.device("cpu"), self.config.seed, leave_pretrained=True)
         trained = {name for name, child in module.named_children() if any(p.requires_grad for p in child.parameters())}
         # in the order init_deepspeed builds their engines: DeepSpeed numbers the parameters as they are partitioned
         for _, child in parallel_deepspeed.engine_build_order(list(module.named_children()), trained):
             if has_meta(child):
-                parallel_deepspeed.load_pretrained_partitions(child, self.ds_config(train=True))
+                parallel_deepspeed.load_pretrained_partitions(child, config)
 
     def model_sharded_context(self) -> AbstractContextManager:
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
@@ -742,80 +695,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
 DeepspeedStrategy = LightRFTDeepSpeed  # LightRFT's name
 
 
-
-
 def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
     owner = module.get_submodule(buffer_name.rpartition(".")[0]) if "." in buffer_name else module
     return owner._non_persistent_buffers_set
-
-
-def _optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[str, Optimizer]:
-    """Map each optimizer to the child module whose trainable parameters it holds."""
-    owners: dict[str, Optimizer] = {}
-    children = {name: {id(p) for p in child.parameters() if p.requires_grad} for name, child in module.named_children()}
-    for i, optimizer in enumerate(optimizers):
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        name = next((n for n, ids in children.items() if ids and ids == params), None)
-        if name is None:
-            raise ValueError(
-                f"LightRFTDeepSpeed: optimizer {i} of configure_optimizers must hold exactly the trainable parameters "
-                f"of one child module of the LightningModule (one of: {', '.join(n for n, ids in children.items() if ids)}); "
-                "each becomes its own DeepSpeed engine"
-            )
-        owners[name] = optimizer
-    return owners
-
-
-def _route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: dict[DeepSpeedModel, set[Any]]) -> None:
-    """Make ``module(...)`` run through ``handle``'s engine (DeepSpeed's forward registers the hooks its
-    backward needs), while the engine itself still calls the module's own ``forward``; a training engine's
-    forward with gradients records its outputs' autograd nodes in ``forwarded``."""
-    own_forward, engine = module.forward, handle.engine
-    inside = False
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        nonlocal inside
-        if inside:
-            return own_forward(*args, **kwargs)
-        inside = True
-        try:
-            output = engine(*args, **kwargs)
-            if handle.is_training_engine and torch.is_grad_enabled():
-                forwarded.setdefault(handle, set()).update(_output_nodes(output))
-            return output
-        finally:
-            inside = False
-
-    module.forward = forward
-
-
-def _output_nodes(output: Any) -> Iterator[Any]:
-    """The autograd nodes of the tensors in a forward's output (a tensor, a mapping such as a Hugging Face
-    ``ModelOutput``, or a sequence of them)."""
-    if isinstance(output, torch.Tensor):
-        if output.grad_fn is not None:
-            yield output.grad_fn
-    elif isinstance(output, Mapping):
-        for value in output.values():
-            yield from _output_nodes(value)
-    elif isinstance(output, (list, tuple)):
-        for value in output:
-            yield from _output_nodes(value)
-
-
-def _loss_sources(loss: torch.Tensor, outputs: dict[DeepSpeedModel, set[Any]]) -> list[DeepSpeedModel]:
-    """The engines among ``outputs`` whose recorded output nodes ``loss``'s graph reaches; the search stops
-    at those nodes, so it covers the loss's own computation, not the models'."""
-    owner = {node: handle for handle, nodes in outputs.items() for node in nodes}
-    seen, stack, found = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in owner:
-            if owner[node] not in found:
-                found.append(owner[node])
-            continue
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return found

@@ -3,6 +3,7 @@ checkpoint round trip and a CPU-offloaded model. Rank 0 prints ``GPU {json}``.""
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -59,6 +60,8 @@ def main() -> None:
     if strategy.is_rank_0():
         print("GPU " + json.dumps(result), flush=True)
     dist.barrier()
+    if strategy.is_rank_0():
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
