@@ -10,7 +10,8 @@ import torch
 from lightrft_lightning.algorithms import (CombinedReward, RewardModel, aggregate, compute_advantages, gae,
                                            group_norm, kl_penalty, load_function, policy_loss, rloo, value_loss)
 from lightrft_lightning.algorithms.losses import kl_loss
-from lightrft_lightning.data import PromptDataModule, PromptDataset, ResumableSampler
+from lightrft_lightning.data import PromptDataModule, PromptDataset
+from lightrft_lightning.sampler import ResumableSampler
 from lightrft_lightning.tasks import counting_prompts, counting_reward
 from lightrft_lightning.tokenizer import char_tokenizer, load_tokenizer
 

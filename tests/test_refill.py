@@ -13,7 +13,8 @@ from lightrft_lightning.algorithms import GRPO, Advantages, GRPOLoss, Policy, Re
 from lightrft_lightning.algorithms.refill import concat, select
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.callbacks.dcp_checkpoint import DCPCheckpoint
-from lightrft_lightning.data import PromptDataModule, PromptDataset, ResumableSampler, collate_prompts
+from lightrft_lightning.data import PromptDataModule, PromptDataset, collate_prompts
+from lightrft_lightning.sampler import ResumableSampler
 from lightrft_lightning.tasks import counting_prompts
 from tests.scripts.ckpt_common import max_diff, params
 

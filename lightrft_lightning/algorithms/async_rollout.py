@@ -5,7 +5,7 @@ Each rank runs a pipeline of ``max_off_policy_steps + 1`` batches of prompt rows
 thread pushes the weights of step ``t`` (if an optimizer stepped), hands the step's rows to a producer
 thread and trains on the oldest batch of the pipeline, which it waits for if the engine has not finished
 it. The first step fills the pipeline with the step's rows and ``max_off_policy_steps`` batches drawn from
-the training sampler (:meth:`~lightrft_lightning.data.ResumableSampler.draw`, the DataLoader's own stream):
+the training sampler (:meth:`~lightrft_lightning.sampler.ResumableSampler.draw`, the DataLoader's own stream):
 every prompt is trained once, in the order the sampler gave it. A batch handed over at step ``t`` starts
 generating with weights of step ``t`` or later and is trained at step ``t + max_off_policy_steps``: the
 staleness (learner step - the weight version that generated a sample) never exceeds the bound, and a slow
@@ -58,9 +58,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightrft_lightning.algorithms.experience import Experience
-from lightrft_lightning.algorithms.refill import training_sampler
 from lightrft_lightning.algorithms.rollout import Rollout
 from lightrft_lightning.engines.base import Completion, RolloutEngine, SamplingParams, check_in_flight
+from lightrft_lightning.sampler import training_sampler
 
 log = logging.getLogger(__name__)
 DEFAULT_WAIT_TIMEOUT_S = 3600.0
@@ -162,7 +162,7 @@ class _Producer:
 class AsyncRollout(Rollout):
     """A :class:`~lightrft_lightning.algorithms.rollout.Rollout` whose generation runs ahead of training on an
     engine with devices of its own (see the module docstring). Needs a server engine
-    (``engine_type="vllm_server"``) and a DataLoader with a :class:`~lightrft_lightning.data.ResumableSampler`.
+    (``engine_type="vllm_server"``) and a DataLoader with a :class:`~lightrft_lightning.sampler.ResumableSampler`.
 
     Logged per step: ``staleness/mean``, ``staleness/steps_max`` and ``staleness/frac_<s>`` (the fraction of
     samples ``s`` steps stale, ``s`` = 0 .. ``max_off_policy_steps``; a sample's staleness: the learner's step

@@ -12,8 +12,8 @@ loss (LightRFT's masking, the other mode). Extra groups with signal are dropped,
 do. verl and NeMo-RL raise when ``max_num_gen_batches`` runs out; here the step trains on the groups
 it has and logs it.
 
-Prompts for the refill come from the DataLoader's :class:`~lightrft_lightning.data.ResumableSampler`
-(:meth:`~lightrft_lightning.data.ResumableSampler.draw`): the same stream as the step's batches, so a
+Prompts for the refill come from the DataLoader's :class:`~lightrft_lightning.sampler.ResumableSampler`
+(:meth:`~lightrft_lightning.sampler.ResumableSampler.draw`): the same stream as the step's batches, so a
 prompt drawn for a refill is not drawn again in the epoch, and the checkpointed position covers it.
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor
 from lightrft_lightning.algorithms.advantages import tied_groups
 from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.rollout import Rollout
-from lightrft_lightning.data import ResumableSampler
+from lightrft_lightning.sampler import training_sampler
 
 DEFAULT_MAX_NUM_GEN_BATCHES = 4
 #: Experience fields padded with the pad token (the others with 0) when groups of rounds are joined
@@ -66,7 +66,7 @@ def concat(parts: list[Experience], pad_token_id: int) -> Experience:
 class RefillRollout(Rollout):
     """A :class:`~lightrft_lightning.algorithms.rollout.Rollout` that over-samples prompts and generates
     again until each rank holds as many prompt groups with signal as it got prompts (see the module
-    docstring). Needs a DataLoader whose sampler is a :class:`~lightrft_lightning.data.ResumableSampler`
+    docstring). Needs a DataLoader whose sampler is a :class:`~lightrft_lightning.sampler.ResumableSampler`
     (:class:`~lightrft_lightning.data.PromptDataModule`'s) and ``n_samples_per_prompt >= 2``.
 
     Logged per step: ``dynamic_sampling/rounds`` (generations), ``dynamic_sampling/signal_fraction``
@@ -101,7 +101,8 @@ class RefillRollout(Rollout):
 
     @torch.no_grad()
     def __call__(self, module: pl.LightningModule, rows: list[dict[str, Any]]) -> tuple[Experience, dict[str, float]]:
-        sampler = training_sampler(module.trainer)
+        sampler = training_sampler(module.trainer, "a refilling rollout (dynamic_sampling_mode='refill') draws more "
+                                   "prompts", "dynamic_sampling_mode='mask'")
         n, need = self.n_samples_per_prompt, len(rows)
         global_max = lambda values: module.trainer.strategy.all_reduce(  # noqa: E731
             torch.tensor(values, dtype=torch.float64), op="max")
@@ -147,18 +148,3 @@ class RefillRollout(Rollout):
                         "dynamic_sampling/generated_signal_fraction": with_signal / generated,
                         "dynamic_sampling/exhausted": float(exhausted)})
         return out, metrics
-
-
-def training_sampler(trainer: pl.Trainer, user: str = "a refilling rollout (dynamic_sampling_mode='refill') draws "
-                     "more prompts", alternative: str = "dynamic_sampling_mode='mask'") -> ResumableSampler:
-    """The :class:`~lightrft_lightning.data.ResumableSampler` of the Trainer's training DataLoader (``user``
-    and ``alternative`` word the error without one)."""
-    loader = trainer.train_dataloader
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, ResumableSampler):
-        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    if not isinstance(sampler, ResumableSampler):
-        raise ValueError(f"{user} from the training DataLoader's sampler, and this one has {type(sampler).__name__}; "
-                         "accepted: a DataLoader with a lightrft_lightning.data.ResumableSampler (PromptDataModule's), "
-                         f"or {alternative}")
-    return sampler

@@ -77,6 +77,28 @@ def fit(strategy: str, workdir: Path) -> None:
              "checkpoints": saved})
 
 
+def fit_pretrained_zero3(workdir: Path) -> None:
+    """Issue 29 risk 4 on the device: PPO on a pretrained tiny checkpoint under ``Trainer(strategy=
+    "lightrft_deepspeed_stage_3", precision="bf16-mixed")``, 2 steps: the actor and the critic's backbone are
+    partitioned straight from the safetensors (no whole-model ``from_pretrained`` during ``fit``), the value head
+    runs in bf16 (tests/scripts/pretrained_setup.py, the CPU test's script)."""
+    import torch
+
+    import pretrained_setup
+    from lightrft_lightning.tiny_models import tiny_causal_lm
+
+    path = workdir / "pretrained"
+    tiny_causal_lm(vocab_size=len(pretrained_setup.CHARS) + 3, tie_word_embeddings=True).save_pretrained(str(path))
+    summary = pretrained_setup.fit(str(path), "lightrft_deepspeed_stage_3", "ppo", "meta", "bf16-mixed",
+                                   accelerator="gpu" if torch.cuda.is_available() else "cpu")
+    losses = [s["loss/policy"] for s in summary["steps"]]
+    assert summary["meta_before_setup"] == {"actor": True, "critic": True}, summary
+    assert summary["whole_model_loads"] == 0, summary
+    assert summary["held"] == {"actor": 1.0, "critic": 1.0}, summary  # one rank: its partitions are whole
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), f"logged losses {losses}"
+    _report({"losses": losses, "held": summary["held"], "whole_model_loads": summary["whole_model_loads"]})
+
+
 def fsdp_actor(**config):
     """A standalone LightRFTFSDP (one rank per process, bf16) and its prepared tiny actor and optimizer."""
     from lightrft_lightning import get_strategy
@@ -170,6 +192,7 @@ BODIES: dict[str, Callable[[Path], None]] = {
     "engine_budget": engine_budget,
     "fit_fsdp": lambda workdir: fit("fsdp", workdir),
     "fit_deepspeed": lambda workdir: fit("deepspeed", workdir),
+    "fit_pretrained_zero3": fit_pretrained_zero3,
     "offload_clip_push": offload_clip_push,
     "engine_dtype": engine_dtype,
 }
@@ -198,6 +221,7 @@ CHECKS = (
     Check("offload_clip_push", 120),
     Check("fit_fsdp", 180, needs=("jsonargparse",)),  # the LightningCLI reads the example YAML
     Check("fit_deepspeed", 240, needs=("jsonargparse", "deepspeed")),
+    Check("fit_pretrained_zero3", 180, needs=("deepspeed",)),
     Check("pytest_fsdp", 180, needs=("pytest",), pytest_file="tests/test_fsdp.py"),
     Check("pytest_lightrft_port", 120, needs=("pytest",), pytest_file="tests/test_lightrft_port.py"),
     Check("pytest_deepspeed", 420, needs=("pytest", "deepspeed"), pytest_file="tests/test_deepspeed.py"),

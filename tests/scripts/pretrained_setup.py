@@ -55,7 +55,7 @@ class Held(pl.Callback):
             prefix = "model." if name == "critic" else ""
             with gathered(params):
                 full = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
-                same[name] = all(torch.equal(full[k[len(prefix):]], v) for k, v in self.checkpoint.items()
+                same[name] = all(torch.equal(full[k[len(prefix):]].cpu(), v) for k, v in self.checkpoint.items()
                                  if k[len(prefix):] in full)
         self.summary.update(held=held, weights_are_the_checkpoints=same)
 
@@ -100,10 +100,11 @@ def whole_model_loads() -> list:
     return calls
 
 
-def main() -> None:
-    path, strategy, algo, mode = sys.argv[1:5]
-    precision = sys.argv[5] if len(sys.argv) > 5 else "32-true"
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def fit(path: str, strategy: str, algo: str, mode: str, precision: str = "32-true", accelerator: str = "cpu",
+        world: int = 1) -> dict:
+    """Two steps of GRPO (with a KL reference) or PPO on the pretrained directory ``path`` under
+    ``Trainer(strategy, precision)`` on ``world`` devices; what each rank held at set-up, each step's metrics and how
+    many whole-model ``from_pretrained`` calls ``fit`` made."""
     pl.seed_everything(0, verbose=False)
     common = dict(model=path, tokenizer="char", tokenizer_chars=CHARS, rewards={"tests.scripts.pretrained_setup:digit_reward": 1.0},
                   max_new_tokens=4, temperature=1.0, micro_train_batch_size=8 // world, actor_learning_rate=1e-2)
@@ -113,12 +114,18 @@ def main() -> None:
         materialize_meta(module, torch.device("cpu"), seed=0)
     held = Held(load_file(f"{path}/model.safetensors"))
     data = PromptDataModule(prompts=["1+2=", "3+4=", "5+6=", "7+8="] * 2, batch_size=4 // world, shuffle=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, precision=precision, max_steps=2, logger=False,
-                         callbacks=[held], enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy=strategy, precision=precision, max_steps=2,
+                         logger=False, callbacks=[held], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     loads = whole_model_loads()
     trainer.fit(module, data)
-    report({**held.summary, "whole_model_loads": len(loads)})
+    return {**held.summary, "whole_model_loads": len(loads)}
+
+
+def main() -> None:
+    path, strategy, algo, mode = sys.argv[1:5]
+    precision = sys.argv[5] if len(sys.argv) > 5 else "32-true"
+    report(fit(path, strategy, algo, mode, precision, world=int(os.environ.get("WORLD_SIZE", 1))))
 
 
 if __name__ == "__main__":
