@@ -43,6 +43,9 @@ class Rollouts(LightningModule):
         self.steps = steps
         self.actor = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if lora:  # rank 8 on every projection; lr 0.05 moves the adapter enough to change greedy decodes
+            # the adapters' random init the same in every run (importing vLLM seeds torch from the clock), so
+            # whether a step changes the greedy decodes is decided here, not by the run
+            torch.manual_seed(0)
             apply_lora(self.actor, LoRASettings.parse({"r": 8, "alpha": 16}, "Rollouts"), "Rollouts")
         self.matched, self.diffs, self.sharded, self.rollouts = [], [], [], []
 
