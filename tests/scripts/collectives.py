@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from lightrft_lightning import StrategyBase, StrategyConfig
+from lightrft_lightning.process_group import leave_process_group
 
 strategy = StrategyBase(StrategyConfig(train_batch_size=8, micro_train_batch_size=2))
 strategy.setup_distributed()
@@ -20,4 +21,4 @@ assert torch.equal(strategy.all_gather(torch.tensor([rank, rank])), torch.tensor
 assert torch.equal(strategy.all_gather(rank * 2), torch.tensor([0, 2]))
 strategy.print(f"PRINTED-BY-RANK-{rank}")
 dist.barrier()
-dist.destroy_process_group()
+leave_process_group()
