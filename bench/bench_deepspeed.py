@@ -44,7 +44,6 @@ import lightning as L  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from lightrft_lightning.process_group import leave_process_group  # noqa: E402
 from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed  # noqa: E402
 from lightrft_lightning.tiny_models import tiny_causal_lm  # noqa: E402
 
@@ -219,7 +218,7 @@ def main() -> None:
         for stage, size in sizes.items():
             print(f"| ZeRO-{stage}, 2 ranks | {size / 2**20:.2f} | {size / single:.3f} |")
     dist.barrier()
-    leave_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightrft_lightning.engines import HFEngine, SamplingParams, push_weights  # noqa: E402
-from lightrft_lightning.process_group import leave_process_group  # noqa: E402
 from lightrft_lightning.tiny_models import tiny_qwen2_config  # noqa: E402
 
 
@@ -103,7 +102,7 @@ def sync_worker(mode: str, bucket_bytes: int, layers: int) -> None:
     if dist.get_rank() == 0:
         print("SYNC " + json.dumps({"mode": mode, "time_s": min(times), "peak_extra": peak.item(),
                                     "bytes": nbytes, "params": params, "largest_param_bytes": largest}), flush=True)
-    leave_process_group()
+    dist.destroy_process_group()
 
 
 def run_sync(mode: str, bucket_bytes: int, layers: int) -> dict:

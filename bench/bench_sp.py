@@ -39,7 +39,6 @@ def rank_case(tokens: int, steps: int, out: str) -> None:
     from lightrft_lightning import pretrained
     from lightrft_lightning.algorithms.log_probs import log_probs
     from lightrft_lightning.parallel import ulysses
-    from lightrft_lightning.process_group import leave_process_group
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, 2 // world))
@@ -76,7 +75,7 @@ def rank_case(tokens: int, steps: int, out: str) -> None:
     print("CASE " + json.dumps(result), flush=True)
     if world > 1:
         dist.barrier()
-        leave_process_group()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -12,7 +12,9 @@ finalization, which is too late.
 
 Importing this module registers :func:`leave_process_group` with ``atexit``: atexit handlers run while
 the interpreter still serves other threads. It releases the GIL until every gloo worker is idle
-(asleep and not woken over a short interval), then destroys the process group.
+(asleep and not woken over a short interval), then destroys the process group if the script has not. It
+waits even when the script destroyed the group itself (``dist.barrier(); dist.destroy_process_group()``):
+the workers outlive the group, and the barrier's work may still be theirs to drop.
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ def wait_for_idle_gloo_workers(interval: float = 0.005, timeout: float = 5.0) ->
 
 
 def leave_process_group() -> None:
-    """Wait for idle gloo workers, then destroy the default process group (and the groups made from it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
+    """Wait for idle gloo workers (those of a group already destroyed too), then destroy the default process
+    group (and the groups made from it) if it is still there."""
     wait_for_idle_gloo_workers()
-    dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 atexit.register(leave_process_group)

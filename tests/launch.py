@@ -20,14 +20,12 @@ def report(summary: dict) -> None:
     (one process without a process group just prints)."""
     import torch.distributed as dist
 
-    from lightrft_lightning.process_group import leave_process_group
-
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         print("RESULT " + json.dumps(summary), flush=True)
     if distributed:
         dist.barrier()
-        leave_process_group()  # once gloo's workers let go of the barrier: destroyed sooner, a rank can abort at exit
+        dist.destroy_process_group()
 
 
 def script_result(proc: subprocess.CompletedProcess) -> dict:

@@ -77,17 +77,17 @@ def test_zero3_partitions_read_exactly_their_flat_range_of_each_checkpoint_tenso
     files = sorted(tmp_path.glob("*.safetensors"))
     assert (len(files) > 1) == (shard_size is not None)  # one file, or shards behind an index
     full = {k: v for f in files for k, v in load_file(str(f)).items()}
-    reader = SafetensorsRanges(str(tmp_path))
-    for name, tensor in full.items():
-        flat = tensor.reshape(-1)
-        for start, count in [(0, flat.numel()), (0, 1), (flat.numel() // 3, flat.numel() // 2), (flat.numel() - 5, 5),
-                             (flat.numel(), 0)]:
-            assert torch.equal(reader.flat_range(name, tuple(tensor.shape), start, count), flat[start:start + count]), name
-    with pytest.raises(ValueError, match="has no weight 'nope'"):
-        reader.flat_range("nope", (1,), 0, 1)
-    name, tensor = next(iter(full.items()))
-    with pytest.raises(ValueError, match="of shape"):
-        reader.flat_range(name, (tensor.numel() + 1,), 0, 1)
+    with SafetensorsRanges(str(tmp_path)) as reader:
+        for name, tensor in full.items():
+            flat = tensor.reshape(-1)
+            for start, count in [(0, flat.numel()), (0, 1), (flat.numel() // 3, flat.numel() // 2), (flat.numel() - 5, 5),
+                                 (flat.numel(), 0)]:
+                assert torch.equal(reader.flat_range(name, tuple(tensor.shape), start, count), flat[start:start + count]), name
+        with pytest.raises(ValueError, match="has no weight 'nope'"):
+            reader.flat_range("nope", (1,), 0, 1)
+        name, tensor = next(iter(full.items()))
+        with pytest.raises(ValueError, match="of shape"):
+            reader.flat_range(name, (tensor.numel() + 1,), 0, 1)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         SafetensorsRanges(str(tmp_path / "missing"))
 

@@ -163,21 +163,22 @@ def load_pretrained_partitions(model: nn.Module, ds_config: dict[str, Any]) -> N
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
     init = deepspeed.zero.Init(config_dict_or_path=ds_config)
-    keys = {id(param): (source.path, source.prefix + name) for sub in model.modules()
-            if (source := pretrained_weights(sub)) is not None for name, param in sub.named_parameters()}
-    files: dict[str, SafetensorsRanges] = {}
+    sources = {id(param): (source.path, source.prefix + name) for sub in model.modules()
+               if (source := pretrained_weights(sub)) is not None for name, param in sub.named_parameters()}
     new: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        readers = {path: stack.enter_context(SafetensorsRanges(path)) for path, _ in sources.values()}
         for module in model.modules():
             for name, param in list(module._parameters.items()):
                 if param is None or is_zero_param(param):
                     continue
                 if id(param) not in new:
-                    if param.is_meta and id(param) not in keys:
+                    if param.is_meta and id(param) not in sources:
                         raise ValueError(f"load_pretrained_partitions: {type(module).__name__}.{name} is on the meta "
                                          "device and no checkpoint is marked for it; accepted: parameters that are real "
                                          "or under a module built by causal_lm_on_meta")
-                    new[id(param)] = _partitioned(init, param, keys.get(id(param)), files)
+                    path, key = sources.get(id(param), (None, ""))
+                    new[id(param)] = _partitioned(init, param, readers.get(path), key)
                 module._parameters[name] = new[id(param)]
     # the rest of what zero.Init(module=model) does (all its parameters are partitioned now, it converts none):
     # the buffers a model names for fp32 stay in fp32, and DeepSpeed's memory-efficient F.linear replaces
@@ -185,10 +186,10 @@ def load_pretrained_partitions(model: nn.Module, ds_config: dict[str, Any]) -> N
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
 
 
-def _partitioned(init: Any, param: nn.Parameter, key: Optional[tuple[str, str]],
-                 files: dict[str, SafetensorsRanges]) -> nn.Parameter:
+def _partitioned(init: Any, param: nn.Parameter, reader: Optional[SafetensorsRanges], key: str) -> nn.Parameter:
     """A ZeRO-3 parameter of ``param``'s shape: partitioned from ``param``'s values (broadcast from rank 0 first,
-    as ``zero.Init``), or, for a meta ``param``, its partition filled with this rank's range of checkpoint ``key``."""
+    as ``zero.Init``), or, for a meta ``param``, its partition filled with this rank's range of ``reader``'s
+    tensor ``key``."""
     if not param.is_meta:
         out = nn.Parameter(param.detach().to(init.local_device, init.dtype), requires_grad=param.requires_grad)
         init._zero_init_param(out)
@@ -199,53 +200,51 @@ def _partitioned(init: Any, param: nn.Parameter, key: Optional[tuple[str, str]],
                        requires_grad=param.requires_grad)
     init._convert_to_deepspeed_param(out)
     out.partition()
-    path, name = key  # type: ignore[misc]
-    if path not in files:
-        files[path] = SafetensorsRanges(path)
+    assert reader is not None
     part = out.ds_tensor
     start = part.numel() * out.ds_zero_partition_rank
     count = max(0, min(part.numel(), out.ds_numel - start))
-    part.narrow(0, 0, count).copy_(files[path].flat_range(name, tuple(param.shape), start, count))
+    part.narrow(0, 0, count).copy_(reader.flat_range(key, tuple(param.shape), start, count))
     part.narrow(0, count, part.numel() - count).zero_()  # padding of the last partition
     return out
 
 
-class SafetensorsRanges:
+class SafetensorsRanges(contextlib.AbstractContextManager):
     """The tensors of a Hugging Face checkpoint directory (``model.safetensors`` or an indexed set of shards),
-    read a flat element range at a time."""
+    read a flat element range at a time; each file is opened once, and closed when the context ends."""
 
     def __init__(self, path: str) -> None:
-        index = Path(path) / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: str(Path(path) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            single = str(Path(path) / "model.safetensors")
-            if not os.path.isfile(single):
-                raise FileNotFoundError(f"{path} holds no model.safetensors nor model.safetensors.index.json; accepted: "
-                                        "a Hugging Face checkpoint directory saved with safetensors")
-            with safe_open(single, framework="pt") as f:
-                self.files = dict.fromkeys(f.keys(), single)
-        self.path = path
+        self.path, self._open = path, contextlib.ExitStack()
+        index = Path(path) / "model.safetensors.index.json"
+        names = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+        if names is None and not (Path(path) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no model.safetensors nor model.safetensors.index.json; accepted: "
+                                    "a Hugging Face checkpoint directory saved with safetensors")
+        handles: dict[str, Any] = {}
+        for file in sorted(set(names.values())) if names else ["model.safetensors"]:
+            handles[file] = self._open.enter_context(safe_open(str(Path(path) / file), framework="pt"))
+        self._handles = {name: handles[file] for name, file in names.items()} if names else dict.fromkeys(
+            handles["model.safetensors"].keys(), handles["model.safetensors"])
+
+    def __exit__(self, *exc: Any) -> None:
+        self._open.close()
 
     def flat_range(self, name: str, shape: tuple[int, ...], start: int, count: int) -> torch.Tensor:
         """Elements ``[start, start + count)`` of tensor ``name`` flattened (row-major), reading only the rows
         that hold them; the tensor must have ``shape``."""
-        from safetensors import safe_open
-
-        if name not in self.files:
+        if name not in self._handles:
             raise ValueError(f"load_pretrained_partitions: {self.path} has no weight {name!r}; accepted: a checkpoint "
                              "of the model's own config")
-        with safe_open(self.files[name], framework="pt") as f:
-            rows = f.get_slice(name)
-            if tuple(rows.get_shape()) != shape:
-                raise ValueError(f"load_pretrained_partitions: {self.path} has {name!r} of shape "
-                                 f"{tuple(rows.get_shape())}, the model {shape}; accepted: a checkpoint of the model's own config")
-            if count == 0:
-                return torch.empty(0)
-            if len(shape) == 0:
-                return rows[...].reshape(1)
-            row = max(1, int(torch.Size(shape[1:]).numel()))
-            first, last = start // row, -(-(start + count) // row)
-            return rows[first:last].reshape(-1).narrow(0, start - first * row, count)
+        rows = self._handles[name].get_slice(name)
+        if tuple(rows.get_shape()) != shape:
+            raise ValueError(f"load_pretrained_partitions: {self.path} has {name!r} of shape "
+                             f"{tuple(rows.get_shape())}, the model {shape}; accepted: a checkpoint of the model's own config")
+        if count == 0:
+            return torch.empty(0)
+        if len(shape) == 0:
+            return rows[...].reshape(1)
+        row = max(1, int(torch.Size(shape[1:]).numel()))
+        first, last = start // row, -(-(start + count) // row)
+        return rows[first:last].reshape(-1).narrow(0, start - first * row, count)

@@ -454,7 +454,9 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         # under ZeRO-3 a pretrained actor built on the meta device (and its reference, PPO's critic) is
         # partitioned straight from its checkpoint, each rank reading only its own ranges
         module = self.lightning_module
-        config = self.ds_config(train=True) if module is not None and has_meta(module) else {}
+        if module is None or not has_meta(module):
+            return
+        config = self.ds_config(train=True)
         if not parallel_deepspeed.reads_pretrained_partitions(config):
             return super()._materialize_lightning_module()
         materialize_meta(module, torch.device("cpu"), self.config.seed, leave_pretrained=True)

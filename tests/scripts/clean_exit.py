@@ -1,14 +1,17 @@
 """A user's script as it is usually written: two ``Trainer.fit`` runs on ``LightRFTFSDP`` and then the
-seed's standalone loop with ``fsdp=True``, ending right after its last ``all_reduce``, with no
-``destroy_process_group``. Every rank must exit 0 (gloo used to abort some ranks at interpreter exit).
+seed's standalone loop with ``fsdp=True``, ending right after its last ``all_reduce`` with no
+``destroy_process_group``, or (``--destroy``) with ``dist.barrier(); dist.destroy_process_group()``. Every rank
+must exit 0 (gloo used to abort some ranks at interpreter exit).
 
-    torchrun --nproc_per_node=2 tests/scripts/clean_exit.py
+    torchrun --nproc_per_node=2 tests/scripts/clean_exit.py [--destroy]
 """
 
 import argparse
+import sys
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightrft_lightning import get_strategy
@@ -50,3 +53,6 @@ for step in range(4):
     strategy.optimizer_step(optimizer, actor, None)
     mean = strategy.all_reduce(loss.item())
 strategy.print(f"RESULT {{\"loss\": {mean}}}")
+if "--destroy" in sys.argv[1:]:
+    dist.barrier()
+    dist.destroy_process_group()

@@ -4,7 +4,6 @@ import torch
 import torch.distributed as dist
 
 from lightrft_lightning import StrategyBase, StrategyConfig
-from lightrft_lightning.process_group import leave_process_group
 
 strategy = StrategyBase(StrategyConfig(train_batch_size=8, micro_train_batch_size=2))
 strategy.setup_distributed()
@@ -21,4 +20,4 @@ assert torch.equal(strategy.all_gather(torch.tensor([rank, rank])), torch.tensor
 assert torch.equal(strategy.all_gather(rank * 2), torch.tensor([0, 2]))
 strategy.print(f"PRINTED-BY-RANK-{rank}")
 dist.barrier()
-leave_process_group()
+dist.destroy_process_group()

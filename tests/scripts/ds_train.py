@@ -16,7 +16,6 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from lightrft_lightning import get_strategy
-from lightrft_lightning.process_group import leave_process_group
 from lightrft_lightning.tiny_models import tiny_causal_lm
 
 GLOBAL_MICRO = 4  # samples per micro-step over all ranks
@@ -38,7 +37,7 @@ def main() -> None:
             run(args.strategy, stage, order, os.path.join(args.out, f"{args.strategy}-z{stage}-{order}"), args.adam_offload)
     if dist.is_initialized():
         dist.barrier()
-        leave_process_group()
+        dist.destroy_process_group()
 
 
 def run(name: str, stage: int, order: str, out: str, adam_offload: bool = False) -> None:

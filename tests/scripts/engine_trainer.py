@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from lightrft_lightning.callbacks import RolloutEngineCallback, find_rollout_callback
 from lightrft_lightning.callbacks.rollout_engine import hf_model
 from lightrft_lightning.engines import EngineStateError, HFEngine, SamplingParams, iter_weight_buckets, push_weights
-from lightrft_lightning.process_group import leave_process_group
 from lightrft_lightning.tiny_models import tiny_causal_lm
 
 CONFIG = dict(bf16=False, train_batch_size=2, micro_train_batch_size=1, max_norm=0.0, zero_stage=3,
@@ -80,7 +79,7 @@ def main(backend: str) -> None:
     assert result.get("row_gather_exact", True), result
     # leave together: a rank that exits while gloo's threads still run aborts at teardown
     dist.barrier()
-    leave_process_group()
+    dist.destroy_process_group()
 
 
 def row_gather_exact() -> bool:
