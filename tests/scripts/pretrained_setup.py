@@ -1,12 +1,13 @@
 """GRPO with a KL reference (or PPO, with its critic) on a pretrained tiny Qwen2 directory under a Trainer, 2 steps
 of greedy rollouts; reports each step's metrics and what each rank held at set-up.
 
-    torchrun --nproc_per_node=N pretrained_setup.py MODEL_DIR STRATEGY ALGO MODE [PRECISION]
+    torchrun --nproc_per_node=N pretrained_setup.py MODEL_DIR STRATEGY ALGO MODE [PRECISION [TOKENIZER]]
 
 ``MODE`` "meta": the module as built (a pretrained actor is on the meta device until the strategy's set-up);
 "loaded": its weights loaded whole on every rank before the Trainer starts, the path every rank took before the
 actor was built on the meta device (the reference sharing the actor's tensors). ``PRECISION``: the Trainer's
-(default "32-true").
+(default "32-true"). ``TOKENIZER``: the model's own (a name or directory) instead of the character tokenizer of
+the tiny test checkpoints (bench/check_pretrained_real.py: the real SmolLM2).
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def whole_model_loads() -> list:
 
 
 def fit(path: str, strategy: str, algo: str, mode: str, precision: str = "32-true", accelerator: str = "cpu",
-        world: int = 1) -> dict:
+        world: int = 1, tokenizer: str = "char") -> dict:
     """Two steps of GRPO (with a KL reference) or PPO on the pretrained directory ``path`` under
     ``Trainer(strategy, precision)`` on ``world`` devices; what each rank held at set-up, each step's metrics and how
     many whole-model ``from_pretrained`` calls ``fit`` made."""
     pl.seed_everything(0, verbose=False)
-    common = dict(model=path, tokenizer="char", tokenizer_chars=CHARS, rewards={"tests.scripts.pretrained_setup:digit_reward": 1.0},
+    chars = {"tokenizer_chars": CHARS} if tokenizer == "char" else {}
+    common = dict(model=path, tokenizer=tokenizer, **chars, rewards={"tests.scripts.pretrained_setup:digit_reward": 1.0},
                   max_new_tokens=4, temperature=1.0, micro_train_batch_size=8 // world, actor_learning_rate=1e-2)
     module = (GRPO(kl_coef=0.1, n_samples_per_prompt=2, **common) if algo == "grpo"
               else PPO(n_samples_per_prompt=2, critic_learning_rate=1e-2, **common))
@@ -125,7 +127,8 @@ def fit(path: str, strategy: str, algo: str, mode: str, precision: str = "32-tru
 def main() -> None:
     path, strategy, algo, mode = sys.argv[1:5]
     precision = sys.argv[5] if len(sys.argv) > 5 else "32-true"
-    report(fit(path, strategy, algo, mode, precision, world=int(os.environ.get("WORLD_SIZE", 1))))
+    tokenizer = sys.argv[6] if len(sys.argv) > 6 else "char"
+    report(fit(path, strategy, algo, mode, precision, world=int(os.environ.get("WORLD_SIZE", 1)), tokenizer=tokenizer))
 
 
 if __name__ == "__main__":
