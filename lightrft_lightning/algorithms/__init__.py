@@ -10,7 +10,8 @@ from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.grpo import GRPO, GRPOLoss
 from lightrft_lightning.algorithms.losses import aggregate, kl_loss, policy_loss, value_loss
 from lightrft_lightning.algorithms.models import Policy
-from lightrft_lightning.algorithms.module import RLModule, Training
+from lightrft_lightning.algorithms.module import RLModule
+from lightrft_lightning.algorithms.training import Training
 from lightrft_lightning.algorithms.ppo import PPO, CriticModel, PPOLoss
 from lightrft_lightning.algorithms.rewards import CombinedReward, RewardModel, exact_match, load_function
 from lightrft_lightning.algorithms.refill import RefillRollout

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 from lightrft_lightning.algorithms.advantages import Advantages
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
 from lightrft_lightning.algorithms.models import Policy
-from lightrft_lightning.algorithms.module import DEFAULT_MIN_LR_RATIO, Training
+from lightrft_lightning.algorithms.training import DEFAULT_MIN_LR_RATIO, Training
 from lightrft_lightning.algorithms.refill import DEFAULT_MAX_NUM_GEN_BATCHES, RefillRollout
 from lightrft_lightning.algorithms.async_rollout import AsyncRollout
 from lightrft_lightning.algorithms.rollout import Rollout
@@ -77,7 +77,7 @@ def flat_parts(
     :class:`~lightrft_lightning.algorithms.advantages.Advantages` (``advantage_estimator`` is its
     ``estimator``; the shaping settings), the loss (kl_coef, kl_estimator, kl_in_reward,
     loss_agg, policy_loss_type and the rollout correction's rollout_is* / rollout_rs*: ``loss`` builds it
-    from them; :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`) and :class:`~lightrft_lightning.algorithms.module.Training`
+    from them; :class:`~lightrft_lightning.algorithms.losses.ClippedPolicyLoss`) and :class:`~lightrft_lightning.algorithms.training.Training`
     (the batch sizes, epochs, learning rate and schedule); val_samples and val_temperature are RLModule's own.
     The parts' docstrings say more.
 

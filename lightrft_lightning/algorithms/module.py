@@ -1,16 +1,15 @@
 """`RLModule`: the learner. It takes a :class:`~lightrft_lightning.algorithms.rollout.Rollout` (prompt
 rows to scored experience), :class:`~lightrft_lightning.algorithms.advantages.Advantages` and a loss
 object, and owns what Lightning drives: optimizers and learning-rate schedules, the training step
-(rollout, advantages, loss, optimizer steps), metrics and validation."""
+(rollout, advantages, loss, optimizer steps) and metrics; its settings are in ``training.py``, its validation
+in ``validation.py``."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
@@ -23,116 +22,15 @@ from lightrft_lightning.algorithms.experience import Experience
 from lightrft_lightning.algorithms.log_probs import log_probs
 from lightrft_lightning.algorithms.losses import ClippedPolicyLoss
 from lightrft_lightning.algorithms.models import Policy, own_storage
-from lightrft_lightning.algorithms.rollout import Rollout, row_metadata
-from lightrft_lightning.callbacks.rollout_engine import hf_model
-from lightrft_lightning.config import StrategyConfig
+from lightrft_lightning.algorithms.rollout import Rollout
+from lightrft_lightning.algorithms.training import Training, check_lightrft_strategy, sync_strategy_config
+from lightrft_lightning.algorithms.validation import ValidationMixin
 from lightrft_lightning.engines.base import SamplingParams
 from lightrft_lightning.lora import adapters_disabled, frozen_base_keys
-from lightrft_lightning.parallel.sharding import forward_is_collective
-from lightrft_lightning.strategies.base import StrategyBase
 
 log = logging.getLogger(__name__)
 _GLOBAL_METRICS = ("reward", "reward_std", "adv", "adv_std")
-LR_SCHEDULERS = ("constant", "cosine")
-DEFAULT_MIN_LR_RATIO = 0.1
-
-
-@dataclass
-class Training:
-    """Batching, optimization passes and the learning-rate schedule.
-
-    Each ``training_step`` runs ``epochs`` passes of micro-batches of ``micro_train_batch_size`` samples
-    over its rollout; the strategy accumulates gradients and steps the optimizer every
-    ``train_batch_size`` samples (over all ranks; None: once per pass). Each optimizer gets a schedule
-    over the optimizer steps of the fit: a linear warmup from 0 over ``lr_warmup_ratio`` of them
-    (rounded up), then a constant rate or a cosine decay to ``min_lr_ratio`` x the rate.
-
-    Args:
-        micro_train_batch_size: samples per forward/backward.
-        train_batch_size: samples per optimizer step over all ranks (None: a whole rollout).
-        epochs: optimization passes over each rollout.
-        micro_rollout_batch_size: samples per no-grad forward when scoring a rollout (the actor's and
-            reference's log-probs, PPO's values); None: ``micro_train_batch_size``. The engine gets
-            the whole rollout in one call.
-        actor_learning_rate: AdamW learning rate of the policy.
-        lr_scheduler: "constant" or "cosine" (decay to ``min_lr_ratio`` x the learning rate), after warmup.
-        lr_warmup_ratio: the fraction of the optimizer steps with a linear warmup from 0.
-        min_lr_ratio: where the cosine ends, as a fraction of the learning rate ("cosine" only).
-    """
-
-    micro_train_batch_size: int = 8
-    train_batch_size: Optional[int] = None
-    epochs: int = 1
-    micro_rollout_batch_size: Optional[int] = None
-    actor_learning_rate: float = 1e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_ratio: float = 0.0
-    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO
-
-    def check(self, owner: str) -> None:
-        """Raise on a bad field, naming it as ``owner.field``."""
-        counts = {"micro_train_batch_size": self.micro_train_batch_size, "epochs": self.epochs}
-        if self.train_batch_size is not None:
-            counts["train_batch_size"] = self.train_batch_size
-        for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: an integer >= 1")
-        value = self.actor_learning_rate
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"{owner}.actor_learning_rate={value!r} is invalid; accepted: a number >= 0 (finite)")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"{owner}.lr_scheduler={self.lr_scheduler!r} is invalid; accepted: "
-                             f"{', '.join(LR_SCHEDULERS)}")
-        for name in ("lr_warmup_ratio", "min_lr_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{owner}.{name}={value!r} is invalid; accepted: a number in [0, 1]")
-        if self.lr_scheduler != "cosine" and self.min_lr_ratio != DEFAULT_MIN_LR_RATIO:
-            raise ValueError(f"{owner}.min_lr_ratio={self.min_lr_ratio!r} is only used by lr_scheduler='cosine', and "
-                             f"lr_scheduler={self.lr_scheduler!r}; accepted: lr_scheduler='cosine', or min_lr_ratio "
-                             f"left at {DEFAULT_MIN_LR_RATIO}")
-        size = self.micro_rollout_batch_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"{owner}.micro_rollout_batch_size={size!r} is invalid; accepted: None or an integer >= 1")
-
-    @property
-    def scoring_batch_size(self) -> int:
-        """Samples per no-grad scoring forward of a rollout."""
-        return self.micro_rollout_batch_size or self.micro_train_batch_size
-
-
-def check_lightrft_strategy(strategy: Any, owner: str) -> None:
-    """Refuse a strategy without the LightRFT API (``owner`` names the module in the message)."""
-    if not isinstance(strategy, StrategyBase):
-        raise ValueError(f"{owner} needs a LightRFT strategy, got {type(strategy).__name__}; "
-                         "accepted: 'lightrft_fake', 'lightrft_fsdp', 'lightrft_deepspeed' or a StrategyBase subclass")
-
-
-def sync_strategy_config(strategy: StrategyBase, owner: str, settings: dict[str, Any],
-                         sizes: dict[str, Any]) -> StrategyConfig:
-    """Make ``strategy.config`` (what LightRFT's trainers read) hold the module's values under a Trainer.
-
-    Refuses a config that gives one of ``settings`` a value that is neither the default nor the module's
-    (it would be overwritten silently); ``sizes`` are written without that check. Returns the new config."""
-    defaults = {f.name: f.default for f in dataclasses.fields(StrategyConfig)}
-    for name, value in settings.items():
-        given = getattr(strategy.config, name)
-        if given != defaults[name] and given != value:
-            source = "prompts per step x ranks" if name == "rollout_batch_size" else f"{owner}.{name}"
-            raise ValueError(f"StrategyConfig.{name}={given!r} (the strategy's config) disagrees with the "
-                             f"module's {value!r} ({source}), which is the one used under a Trainer; accepted: "
-                             f"{value!r} or the default {defaults[name]!r}")
-    # the module's sizes are the ones the strategy accumulates with (and DeepSpeed is configured with)
-    strategy.config = dataclasses.replace(strategy.config, **sizes, **settings)
-    steps = strategy.config.accumulation_steps(strategy.dp_world_size)  # raises if the sizes do not divide
-    if strategy.accumulation_steps != steps:
-        raise ValueError(f"{type(strategy).__name__} accumulates {strategy.accumulation_steps} micro-batches, not the "
-                         f"{steps} of the module's batch sizes; build the strategy with a config "
-                         "(trainer.strategy.init_args.config) so that it follows StrategyConfig")
-    return strategy.config
-
-
-class RLModule(pl.LightningModule):
+class RLModule(ValidationMixin, pl.LightningModule):
     """The learner of the RLHF algorithms (manual optimization through the LightRFT strategy API),
     built from parts; :class:`~lightrft_lightning.algorithms.GRPO` and
     :class:`~lightrft_lightning.algorithms.PPO` build them from flat arguments.
@@ -497,49 +395,6 @@ class RLModule(pl.LightningModule):
                 values.update(self.trainer.strategy.all_reduce({k: local[k] for k in names}, op=op))
         for key, value in values.items():
             self.log(key, value, prog_bar=key in ("reward", "kl"), batch_size=1)
-
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions (one per prompt) and, with ``val_samples``, sampled ones, generated by the
-        actor itself (no engine is needed, so ``validate`` runs outside ``fit``). Logs ``val/reward``,
-        ``val/accuracy`` and ``val/mean@n``, averaged over all validation prompts."""
-        rows = batch["rows"]
-        prompts, prompt_ids = self.rollout.render(rows)
-        meta = [row_metadata(row) for row in rows]
-        reward_fn = self.rollout.reward_fn
-        if reward_fn is None:
-            raise ValueError(f"{type(self).__name__}: validation scores single-turn completions with the rollout's "
-                             f"reward functions and {type(self.rollout).__name__} has none; accepted: rollout "
-                             "rewards={...}, or no validation data (held-out episodes: MultiTurnRollout.run_episodes)")
-        first = reward_fn.names[0]
-        greedy = self._actor_generate(prompt_ids, num=1, do_sample=False)
-        scores = reward_fn.scores(prompts, greedy, meta)
-        log = {"val/reward": reward_fn.combine(scores).mean().item(), "val/accuracy": scores[first].mean().item()}
-        n = self.val_samples
-        if n:
-            sampled = self._actor_generate(prompt_ids, num=n, do_sample=True)
-            repeat = [i for i in range(len(rows)) for _ in range(n)]
-            log[f"val/mean@{n}"] = reward_fn.scores([prompts[i] for i in repeat], sampled,
-                                                    [meta[i] for i in repeat])[first].mean().item()
-        for key, value in log.items():
-            self.log(key, value, prog_bar=key == "val/accuracy", batch_size=len(rows), sync_dist=False)
-
-    def _actor_generate(self, prompt_ids: list[list[int]], num: int, do_sample: bool) -> list[str]:
-        width = max(map(len, prompt_ids))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if do_sample:
-            sampling = {"do_sample": True, "temperature": self.val_temperature, "top_p": 1.0, "top_k": 0}
-        model = hf_model(self.actor)
-        # a sharded actor's forward is a collective: ranks whose completions ended keep joining it
-        out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=num,
-                             max_new_tokens=self.rollout.max_new_tokens, pad_token_id=pad,
-                             eos_token_id=self.tokenizer.eos_token_id, synced_gpus=forward_is_collective(model),
-                             **sampling)
-        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def with_advantage(action_mask: Tensor, advantages: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ ranks for sequence parallelism, ``dp_rank`` / ``dp_world_size``, ``all_reduce`` 
 data-parallel ranks, rank-0 printing),
 :class:`~lightrft_lightning.strategies.checkpointing.CheckpointMixin` (``save_ckpt`` / ``load_ckpt``,
 Lightning's ``save_checkpoint`` / ``load_checkpoint`` with the step counters, ``save_model``),
-:class:`~lightrft_lightning.strategies.lightrft_compat.LightRFTCompatMixin` (model set-up,
+:class:`~lightrft_lightning.strategies.lightrft_compat.LightRFTCompatMixin` (LightRFT's constructor attributes and ``args``, model set-up,
 meta init, data loaders, offload, EMA, weight files, memory reports) and
 :class:`~lightrft_lightning.strategies.lightrft_engines.LightRFTEngineMixin` (LightRFT's rollout
 engine calls).
@@ -33,7 +33,6 @@ engine calls).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
@@ -55,6 +54,7 @@ from lightrft_lightning.strategies.checkpointing import TRAIN_STATES, Checkpoint
 from lightrft_lightning.strategies.data_parallel import DataParallelMixin
 from lightrft_lightning.strategies.lightrft_compat import (  # noqa: F401  (re-exported: importable from here)
     LightRFTCompatMixin,
+    lightrft_config,
     ResumableDistributedSampler,
     _is_hf_model,
     is_actor,
@@ -68,36 +68,6 @@ from lightrft_lightning.strategies.lightrft_engines import (  # noqa: F401  (re-
 )
 
 log = logging.getLogger(__name__)
-
-# LightRFT's constructor arguments, which are StrategyConfig fields here
-LIGHTRFT_INIT_FIELDS = ("seed", "max_norm", "micro_train_batch_size", "train_batch_size", "bf16", "zero_stage")
-
-
-def lightrft_config(owner: str, config: Any, args: Any, values: dict[str, Any]) -> StrategyConfig:
-    """The config of a strategy built either the Lightning way (``config``) or the LightRFT way
-    (``seed=..., max_norm=..., ..., args=args``): read from ``config`` or ``args``, then the LightRFT
-    constructor values that were given override the fields of the same name (one source of truth:
-    ``strategy.max_norm`` is ``strategy.config.max_norm``)."""
-    if isinstance(config, (int, float)) and not isinstance(config, bool):
-        raise TypeError(f"{owner}({config!r}, ...): pass LightRFT's constructor values as keywords ({owner}(seed=..., "
-                        "max_norm=..., micro_train_batch_size=..., train_batch_size=..., args=...)); the first "
-                        "positional argument is a StrategyConfig or an args object")
-    if config is not None and args is not None:
-        raise TypeError(f"{owner}: got both config= and args=; accepted: one of them (args is LightRFT's name)")
-    cfg = StrategyConfig.from_args(config if config is not None else args)
-    given = {k: v for k, v in values.items() if v is not None}
-    return dataclasses.replace(cfg, **given) if given else cfg
-
-
-def _config_field(name: str) -> property:
-    def get(self: Any) -> Any:
-        return getattr(self.config, name)
-
-    def set_(self: Any, value: Any) -> None:
-        self.config = dataclasses.replace(self.config, **{name: value})
-
-    return property(get, set_, doc=f"``config.{name}`` (LightRFT's constructor attribute; setting it validates)")
-
 
 class StrategyBase(DataParallelMixin, CheckpointMixin, LightRFTCompatMixin, LightRFTEngineMixin):
     """LightRFT's strategy API. Mixed into each Lightning strategy (``LightRFTFake``,
@@ -117,12 +87,6 @@ class StrategyBase(DataParallelMixin, CheckpointMixin, LightRFTCompatMixin, Ligh
         self._init_lightrft_compat()
         self._init_lightrft_engines()
 
-    # LightRFT's constructor attributes: views of the config (one source of truth)
-    seed = _config_field("seed")
-    max_norm = _config_field("max_norm")
-    micro_train_batch_size = _config_field("micro_train_batch_size")
-    train_batch_size = _config_field("train_batch_size")
-
     @property
     def world_size(self) -> int:
         """All processes: the Trainer's cluster environment under a Trainer, else the process group's size (1
@@ -137,11 +101,6 @@ class StrategyBase(DataParallelMixin, CheckpointMixin, LightRFTCompatMixin, Ligh
         if value != self.world_size:
             raise AttributeError(f"{type(self).__name__}.world_size is the process group's size ({self.world_size}); "
                                  f"it cannot be set to {value}")
-
-    @property
-    def args(self) -> Any:
-        """The object the config was read from (LightRFT code reads ``strategy.args.x``)."""
-        return self.config.args if self.config.args is not None else self.config
 
     # ------------------------------------------------------------------ process group
     def setup_distributed(self, timeout: Optional[timedelta] = None, num_gpu_per_node: Optional[int] = None) -> None:
@@ -161,14 +120,6 @@ class StrategyBase(DataParallelMixin, CheckpointMixin, LightRFTCompatMixin, Ligh
         """Under a Trainer, join with :func:`~lightrft_lightning.process_group.default_backend` unless a backend
         was given (Lightning's own default is NCCL-only on CUDA)."""
         lightning_api.set_process_group_backend(self, process_group.default_backend(self.root_device.type))  # type: ignore[attr-defined]
-
-    def get_rank(self) -> int:
-        """This process's rank (0 without a process group)."""
-        return self._process_rank()
-
-    def set_seed(self, seed: int) -> None:
-        """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""
-        seed_everything(seed, verbose=False)
 
     def sync_and_clear_cache(self) -> None:
         """Wait for the device, meet every rank, and return cached accelerator memory to the driver."""
@@ -266,11 +217,6 @@ class StrategyBase(DataParallelMixin, CheckpointMixin, LightRFTCompatMixin, Ligh
         if model is None:
             return None
         return self._unwrapped(self._inner(model))
-
-    def _args_config(self, args: Any) -> StrategyConfig:
-        if args is None or args is self.config.args or args is self.config:
-            return self.config
-        return StrategyConfig.from_args(args)
 
     def _enable_gradient_checkpointing(self, models: Iterable[nn.Module]) -> None:
         """With ``StrategyConfig.gradient_checkpointing``, recompute the activations of each Hugging Face

@@ -14,6 +14,10 @@ Accumulation scaling, gradient clipping, non-finite step skipping and (standalon
 step happen inside ``engine.backward``/``engine.step``, as DeepSpeed does them. The clipping norm
 follows the call shape: ``StrategyConfig.max_norm`` with a stepper (LightRFT's semantics), and for
 Lightning's shape only what ``Trainer(gradient_clip_val=...)`` or ``self.clip_gradients(...)`` asks for.
+
+The engine handles and the routing of forwards and losses to them are in ``deepspeed_engines.py``, the
+checkpoints in ``deepspeed_checkpointing.py`` and the full weights and LightRFT's model helpers in
+``deepspeed_weights.py`` (mixins of :class:`LightRFTDeepSpeed`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -32,22 +35,21 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed, seed_everything
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 from torch.optim import Optimizer
 
-from lightrft_lightning import checkpoint, lightning_api, process_group
+from lightrft_lightning import lightning_api, process_group
 from lightrft_lightning.lightning_api import unwrap_optimizer
-from lightrft_lightning.lora import has_lora
 from lightrft_lightning.parallel import deepspeed as parallel_deepspeed
 from lightrft_lightning.parallel import ulysses
-from lightrft_lightning.parallel.deepspeed_loading import weights_only_loads
 from lightrft_lightning.parallel.meta_init import has_meta, materialize_meta
 from lightrft_lightning.parallel.stepper import Stepper
-from lightrft_lightning.strategies.base import TRAIN_STATES, StrategyBase, lightrft_config
-from lightrft_lightning.strategies.deepspeed_engines import (DeepSpeedModel, loss_sources, optimizer_children,
-                                                            route_forward)
+from lightrft_lightning.strategies.base import StrategyBase, lightrft_config
+from lightrft_lightning.strategies.deepspeed_checkpointing import DeepSpeedCheckpointMixin
+from lightrft_lightning.strategies.deepspeed_engines import (DeepSpeedModel, handle_for_loss, handle_for_optimizer,
+                                                            optimizer_children, route_forward)
+from lightrft_lightning.strategies.deepspeed_weights import DeepSpeedWeightsMixin
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class EngineClippingPrecision(DeepSpeedPrecision):
         return value
 
 
-class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
+class LightRFTDeepSpeed(DeepSpeedCheckpointMixin, DeepSpeedWeightsMixin, StrategyBase, DeepSpeedStrategy):
     """DeepSpeed ZeRO with the LightRFT API and several engines, usable standalone or in a ``Trainer``.
 
     Args:
@@ -349,7 +351,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         module = self.lightning_module
         self.pre_backward(loss)
         loss = self.precision_plugin.pre_backward(loss, module)
-        handle = self._handle_for_optimizer(optimizer) if optimizer is not None else self._handle_for_loss(loss)
+        handle = (handle_for_optimizer(self._handles, optimizer) if optimizer is not None
+                  else handle_for_loss(self._handles, self._forwarded, loss))
         self._forwarded.pop(handle, None)
         if module.automatic_optimization:
             # Lightning's closure already divided the loss by accumulate_grad_batches: not again
@@ -365,7 +368,7 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         model = (args[1] if len(args) > 1 else kwargs.pop("model", None)) or self.lightning_module
         closure()
         lightning_api.before_optimizer_step(self.precision_plugin, model, optimizer)  # hooks, automatic clipping
-        handle = self._handle_for_optimizer(optimizer)
+        handle = handle_for_optimizer(self._handles, optimizer)
         name = next(n for n, h in self._handles if h is handle)
         plugin = self.precision_plugin
         requested = plugin.take_requested_max_norm() if isinstance(plugin, EngineClippingPrecision) else 0.0
@@ -374,32 +377,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
     def _lightning_max_norm(self) -> float:
         # the Lightning shape clips only when asked to, or when the user's ds_config says so
         return float(self.user_ds_config.get("gradient_clipping", 0.0))
-
-    def _handle_for_optimizer(self, optimizer: Any) -> DeepSpeedModel:
-        optimizer = unwrap_optimizer(optimizer)
-        for _, handle in self._handles:
-            if handle.built and handle.is_training_engine and handle.engine.optimizer is optimizer:
-                return handle
-        raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
-
-    def _handle_for_loss(self, loss: torch.Tensor) -> DeepSpeedModel:
-        """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, the
-        one whose forward ran with gradients since its last backward, or, where several did (an actor
-        and a critic forward, then a backward for each), the one whose outputs ``loss`` was computed from
-        (the graph is searched from the loss back to those outputs, never into the models)."""
-        training = [h for _, h in self._training_handles()]
-        if len(training) == 1:
-            return training[0]
-        pending = [h for h in training if h in self._forwarded]
-        if len(pending) > 1:
-            pending = loss_sources(loss, {h: self._forwarded[h] for h in pending})
-        if len(pending) != 1:
-            names = ", ".join(n for n, h in self._training_handles() if h in pending) or "none"
-            raise RuntimeError(
-                f"manual_backward: {len(training)} DeepSpeed training engines, and the loss comes from the outputs "
-                f"of {names}; accepted: a loss computed from one model's outputs, or "
-                "manual_backward(loss, stepper=trainer.strategy.stepper(model))")
-        return pending[0]
 
     # ------------------------------------------------------------------ Lightning setup
     def _init_config_if_needed(self) -> None:
@@ -470,58 +447,6 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
         # engines partition their models at setup; no deepspeed.zero.Init around configure_model
         return nullcontext()
 
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The ``LightningModule``'s full state dict, keyed as under every other strategy (ZeRO-3
-        partitions gathered bucket by bucket), on rank 0; ``{}`` on the other ranks. A collective."""
-        from lightrft_lightning.engines.weight_sync import iter_weight_buckets
-
-        module = self.lightning_module
-        assert module is not None
-        params = iter(module.named_parameters())
-        full: dict[int, torch.Tensor] = {}
-        for bucket in iter_weight_buckets(module, 256 * 2**20):
-            for _, tensor in bucket:
-                param = next(params)[1]
-                if self.is_global_zero:
-                    full[id(param)] = tensor.detach().to("cpu", copy=True)
-        if not self.is_global_zero:
-            return {}
-        return {key: full[id(value)] if id(value) in full else value.detach().to("cpu", copy=True)
-                for key, value in module.state_dict(keep_vars=True).items()}
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return {}  # DeepSpeed saves the optimizer states itself, partitioned
-
-    # ------------------------------------------------------------------ checkpoints
-    def _write_ckpt(self, model: nn.Module, tmp: Path, extra: dict[str, Any], options: dict[str, Any]) -> None:
-        # the engine's own checkpoint: weights, optimizer and scheduler, partitioned as trained
-        exclude_frozen = options.pop("exclude_frozen_parameters", False)
-        if options:
-            raise ValueError(f"save_ckpt: {sorted(options)} are not supported by {type(self).__name__}; accepted: "
-                             "optimizer=, scheduler=, exclude_frozen_parameters=")
-        self._engine_of_stepper(model).save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=extra,
-                                                       save_latest=False, exclude_frozen_parameters=exclude_frozen)
-
-    @staticmethod
-    def _is_ckpt_dir(path: Path) -> bool:
-        return any(path.glob("*model_states.pt"))
-
-    def _read_ckpt(self, model: nn.Module, load_dir: str, tag: Optional[str], strict: bool, optimizer_states: bool,
-                   scheduler_states: bool, module_only: bool) -> tuple[str, dict]:
-        if tag is None and not (Path(load_dir) / checkpoint.LATEST).is_file():
-            raise FileNotFoundError(f"no checkpoint to load: {Path(load_dir) / checkpoint.LATEST} does not exist")
-        engine = self._engine_of_stepper(model)
-        if module_only and engine.zero_optimization_partition_weights():
-            tag = tag or (Path(load_dir) / checkpoint.LATEST).read_text().strip()
-            return parallel_deepspeed.load_zero3_weights(engine, load_dir, tag), {}
-        with weights_only_loads():
-            path, extra = engine.load_checkpoint(
-                load_dir, tag=tag, load_module_strict=strict, load_optimizer_states=optimizer_states,
-                load_lr_scheduler_states=scheduler_states, load_module_only=module_only)
-        if path is None:
-            raise FileNotFoundError(f"loading DeepSpeed checkpoint {load_dir} (tag={tag}) failed: no such checkpoint")
-        return path, extra or {}
-
     def _engine_of_stepper(self, model: nn.Module) -> Any:
         """``model``'s engine, holding the scheduler its stepper steps (the engine saves and loads it)."""
         engine, scheduler = self._engine(model), self.stepper(model).scheduler
@@ -529,174 +454,8 @@ class LightRFTDeepSpeed(StrategyBase, DeepSpeedStrategy):
             engine.lr_scheduler = scheduler
         return engine
 
-    def save_checkpoint(self, checkpoint_dict: dict, filepath: Any,
-                        storage_options: Optional[checkpoint.Publish] = None) -> checkpoint.SaveHandle:
-        """Lightning checkpoint: a DCP directory ``filepath`` laid out as under ``LightRFTFSDP`` (the
-        module's full ``state_dict``, keyed as on every backend, and the Trainer's state and step
-        counters in ``extra_state.pt``), plus one DeepSpeed checkpoint per training engine in
-        ``filepath/<child name>/`` (partitioned weights, optimizer and engine state), which resuming
-        loads, written through the checkpoint writer. Frozen children are in ``state_dict`` only.
-        ``storage_options`` may be a :class:`~lightrft_lightning.checkpoint.Publish` (not asynchronous:
-        DeepSpeed writes its files synchronously)."""
-        options = checkpoint.Publish.of(storage_options, type(self).__name__)
-        if options.async_save:
-            raise ValueError("LightRFTDeepSpeed.save_checkpoint: Publish.async_save=True is not supported (DeepSpeed "
-                             "writes its checkpoints synchronously); accepted: async_save=False")
-        path = Path(self.broadcast(str(filepath)))
-        dcp_state = {"state_dict": checkpoint_dict.pop("state_dict", {})}
-        checkpoint_dict.pop("optimizer_states", None)
-        checkpoint_dict[TRAIN_STATES] = self.train_states_dict()
-
-        def fill(tmp: Path) -> None:
-            checkpoint.write_dcp(tmp, dcp_state, checkpoint_dict, is_rank_0=self.is_global_zero)
-            for name, handle in self._training_handles():
-                # a LoRA model's frozen base is rebuilt from its model: its engine saves the adapters
-                handle.engine.save_checkpoint(str(tmp / name), tag="checkpoint",
-                                              exclude_frozen_parameters=self.exclude_frozen_parameters
-                                              or has_lora(handle.module))
-
-        return checkpoint.write_checkpoint(path, fill, options, is_rank_0=self.is_global_zero, barrier=self.barrier)
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load a checkpoint written by :meth:`save_checkpoint` into the engines (optimizer states only
-        when fitting) and return the Trainer's state."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not (path / checkpoint.EXTRA_STATE).is_file():
-            raise FileNotFoundError(f"{path} is not a LightRFTDeepSpeed checkpoint: {path / checkpoint.EXTRA_STATE} is missing")
-        extra = checkpoint.load_extra(str(path))
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        for name, handle in self._training_handles():
-            directory = path / name
-            if not (directory / checkpoint.LATEST).is_file():
-                raise FileNotFoundError(f"{path} is not a LightRFTDeepSpeed checkpoint of this module: "
-                                        f"{directory / checkpoint.LATEST} is missing")
-            with weights_only_loads():
-                loaded, _ = handle.engine.load_checkpoint(
-                    str(directory), load_optimizer_states=fitting, load_lr_scheduler_states=False,
-                    load_module_strict=self.lightning_module.strict_loading and not has_lora(handle.module))
-            if loaded is None:
-                raise RuntimeError(f"DeepSpeed could not load {directory}")
-        self.load_train_states_dict(extra.pop(TRAIN_STATES, {}))
-        return extra
-
     def _training_handles(self) -> list[tuple[str, DeepSpeedModel]]:
         return [(name, handle) for name, handle in self._handles if handle.is_training_engine]
 
-    # ------------------------------------------------------------------ weights
-    def named_parameter_buckets(self, model: nn.Module, bucket_bytes: int = 256 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """``(name, full tensor)`` buckets of ``model``'s parameters, ZeRO-3 partitions gathered one
-        bucket at a time with ``deepspeed.zero.GatheredParameters`` (the engines' weight sync does
-        the same). Every rank must consume the whole iterator; a tensor is valid until the next bucket."""
-        from lightrft_lightning.engines.weight_sync import iter_weight_buckets
-
-        module = model.module if isinstance(model, DeepSpeedModel) else model
-        yield from iter_weight_buckets(module, bucket_bytes)
-
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full (gathered) weights and persistent buffers of ``model`` as CPU tensors, on every rank."""
-        module = model.module if isinstance(model, DeepSpeedModel) else model
-        state = {name: t.detach().to("cpu", copy=True) for bucket in self.named_parameter_buckets(module) for name, t in bucket}
-        for name, buf in module.named_buffers():
-            if name.rpartition(".")[2] not in _non_persistent(module, name):
-                state[name] = buf.detach().to("cpu", copy=True)
-        return state
-
-    def _unwrapped(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, DeepSpeedModel) else model
-
-    # ------------------------------------------------------------------ LightRFT memory, EMA, weight files
-    def prepare_model(self, model: Any, is_training: bool = False, shard_size: Any = -1,
-                      reshard_after_forward: bool = True) -> Any:
-        """As ``StrategyBase.prepare_model``: a :class:`DeepSpeedModel` whose engine is built on first
-        use (a training engine once ``create_optimizer`` gave it an optimizer)."""
-        return super().prepare_model(model, is_training, shard_size, reshard_after_forward)
-
-    def _torch_optimizer(self, optimizer: Any) -> Any:
-        opt = unwrap_optimizer(optimizer)
-        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # DeepSpeed's ZeRO/bf16 wrappers
-            opt = opt.optimizer
-        return opt
-
-    def offload_model(self, models: Any, empty_cache: bool = True) -> int:
-        """As ``StrategyBase.offload_model``. On CUDA a ZeRO-3 training engine offloads all its states
-        with DeepSpeed's ``offload_states``; ZeRO-0/1/2 keep parameters in flat buffers that cannot move
-        piecewise, so those are refused (on CPU nothing needs to move and 0 is returned)."""
-        moved = 0
-        on_cpu = self._accelerator_device().type == "cpu"
-        for model in [m for m in (models if isinstance(models, (list, tuple)) else [models]) if m is not None]:
-            module = self.unwrap_model(model)
-            if on_cpu:  # the weights (and ZeRO-3 partitions) already are in CPU memory
-                continue
-            engine = self._engine(self._inner(model))
-            if not self.zero_stage_3 or not getattr(engine, "optimizer", None):
-                raise NotImplementedError(
-                    "LightRFTDeepSpeed.offload_model on CUDA needs a ZeRO-3 training engine (DeepSpeed's "
-                    f"offload_states); zero_stage={self.zero_stage}; accepted: zero_stage=3, or LightRFTFSDP")
-            before = torch.cuda.memory_allocated()
-            engine.offload_states()
-            moved += max(before - torch.cuda.memory_allocated(), 0)
-            self._offloaded[id(module)] = self._accelerator_device()
-        if empty_cache:
-            self.sync_and_clear_cache()
-        return moved
-
-    def reload_model(self, models: Any) -> int:
-        moved = 0
-        for model in [m for m in (models if isinstance(models, (list, tuple)) else [models]) if m is not None]:
-            module = self.unwrap_model(model)
-            if self._offloaded.pop(id(module), None) is None:
-                continue
-            before = torch.cuda.memory_allocated()
-            self._engine(self._inner(model)).reload_states()
-            moved += max(torch.cuda.memory_allocated() - before, 0)
-        return moved
-
-    @staticmethod
-    def _is_zero3_module(module: nn.Module) -> bool:
-        return any(hasattr(p, "ds_id") for p in module.parameters())
-
-    def _ema_update(self, param: torch.Tensor, ema_param: torch.Tensor, beta: float) -> None:
-        """ZeRO-3 partitions are gathered (both the model's and the EMA's), as LightRFT does."""
-        partitioned = [t for t in (param, ema_param) if hasattr(t, "ds_id")]
-        if not partitioned:
-            return super()._ema_update(param, ema_param, beta)
-        import deepspeed
-
-        modifier = 0 if hasattr(ema_param, "ds_id") else None
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier):
-            if modifier is None or dist.get_rank() == 0:
-                ema_param.data.mul_(beta).add_(param.data.to(ema_param.device, ema_param.dtype), alpha=1 - beta)
-
-    def load_model(self, model: nn.Module, path: str, map_location: Any = "cpu", strict: bool = False,
-                   key_replace_fn: Any = None) -> tuple[list[str], list[str]]:
-        """As ``StrategyBase.load_model``; a training engine's fp32 master weights follow the loaded ones."""
-        out = super().load_model(model, path, map_location, strict, key_replace_fn)
-        inner = self._inner(model)
-        if isinstance(inner, DeepSpeedModel) and inner.built and inner.is_training_engine:
-            restore = getattr(inner.engine.optimizer, "_restore_from_bit16_weights", None)
-            if restore is not None:
-                restore()
-        return out
-
-    def _load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if not self._is_zero3_module(module):
-            return super()._load_full_state(module, state)
-        import deepspeed
-
-        params = dict(module.named_parameters())
-        for name, tensor in state.items():
-            if name in params:
-                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                    if dist.get_rank() == 0:
-                        params[name].data.copy_(tensor)
-        buffers = {k: v for k, v in state.items() if k not in params}
-        if buffers:
-            module.load_state_dict(buffers, strict=False)
-
 
 DeepspeedStrategy = LightRFTDeepSpeed  # LightRFT's name
-
-
-def _non_persistent(module: nn.Module, buffer_name: str) -> set[str]:
-    owner = module.get_submodule(buffer_name.rpartition(".")[0]) if "." in buffer_name else module
-    return owner._non_persistent_buffers_set

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightrft_lightning.lightning_api import unwrap_optimizer
+
 if TYPE_CHECKING:
     from lightrft_lightning.strategies.deepspeed import LightRFTDeepSpeed
 
@@ -81,6 +83,36 @@ def optimizer_children(module: nn.Module, optimizers: list[Optimizer]) -> dict[s
             )
         owners[name] = optimizer
     return owners
+
+
+def handle_for_optimizer(handles: list[tuple[str, DeepSpeedModel]], optimizer: Any) -> DeepSpeedModel:
+    """The handle among ``handles`` (``(child name, handle)``) whose training engine steps ``optimizer``."""
+    optimizer = unwrap_optimizer(optimizer)
+    for _, handle in handles:
+        if handle.built and handle.is_training_engine and handle.engine.optimizer is optimizer:
+            return handle
+    raise ValueError("LightRFTDeepSpeed: this optimizer belongs to none of the strategy's DeepSpeed engines")
+
+
+def handle_for_loss(handles: list[tuple[str, DeepSpeedModel]], forwarded: dict[DeepSpeedModel, set[Any]],
+                    loss: torch.Tensor) -> DeepSpeedModel:
+    """The training engine a ``manual_backward(loss)`` without an optimizer goes to: the only one, the
+    one whose forward ran with gradients since its last backward (``forwarded``), or, where several did (an
+    actor and a critic forward, then a backward for each), the one whose outputs ``loss`` was computed from
+    (the graph is searched from the loss back to those outputs, never into the models)."""
+    training = [(n, h) for n, h in handles if h.is_training_engine]
+    if len(training) == 1:
+        return training[0][1]
+    pending = [h for _, h in training if h in forwarded]
+    if len(pending) > 1:
+        pending = loss_sources(loss, {h: forwarded[h] for h in pending})
+    if len(pending) != 1:
+        names = ", ".join(n for n, h in training if h in pending) or "none"
+        raise RuntimeError(
+            f"manual_backward: {len(training)} DeepSpeed training engines, and the loss comes from the outputs "
+            f"of {names}; accepted: a loss computed from one model's outputs, or "
+            "manual_backward(loss, stepper=trainer.strategy.stepper(model))")
+    return pending[0]
 
 
 def route_forward(module: nn.Module, handle: DeepSpeedModel, forwarded: dict[DeepSpeedModel, set[Any]]) -> None:

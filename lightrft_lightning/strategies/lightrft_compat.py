@@ -13,12 +13,14 @@ resumable sampler, the ``is_actor`` / ``is_engine`` conventions). Meta init itse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
+from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 from torch.optim import Optimizer
 
@@ -40,10 +42,60 @@ def is_engine(model: Any) -> bool:
     return hasattr(model, "wake_up")
 
 
+def lightrft_config(owner: str, config: Any, args: Any, values: dict[str, Any]) -> StrategyConfig:
+    """The config of a strategy built either the Lightning way (``config``) or the LightRFT way
+    (``seed=..., max_norm=..., ..., args=args``): read from ``config`` or ``args``, then the LightRFT
+    constructor values that were given override the fields of the same name (one source of truth:
+    ``strategy.max_norm`` is ``strategy.config.max_norm``)."""
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        raise TypeError(f"{owner}({config!r}, ...): pass LightRFT's constructor values as keywords ({owner}(seed=..., "
+                        "max_norm=..., micro_train_batch_size=..., train_batch_size=..., args=...)); the first "
+                        "positional argument is a StrategyConfig or an args object")
+    if config is not None and args is not None:
+        raise TypeError(f"{owner}: got both config= and args=; accepted: one of them (args is LightRFT's name)")
+    cfg = StrategyConfig.from_args(config if config is not None else args)
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
+def _config_field(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set_, doc=f"``config.{name}`` (LightRFT's constructor attribute; setting it validates)")
+
+
 class LightRFTCompatMixin:
     """LightRFT's model, data, memory and weight-file helpers, mixed into :class:`StrategyBase` (which
     provides ``config``, ``prepare``, ``create_optimizer``, ``unwrap_model``, ``print`` and the rank
     properties they build on)."""
+
+    # LightRFT's constructor attributes: views of the config (one source of truth)
+    seed = _config_field("seed")
+    max_norm = _config_field("max_norm")
+    micro_train_batch_size = _config_field("micro_train_batch_size")
+    train_batch_size = _config_field("train_batch_size")
+
+    @property
+    def args(self) -> Any:
+        """The object the config was read from (LightRFT code reads ``strategy.args.x``)."""
+        return self.config.args if self.config.args is not None else self.config
+
+    def get_rank(self) -> int:
+        """This process's rank (0 without a process group)."""
+        return self._process_rank()
+
+    def set_seed(self, seed: int) -> None:
+        """Seed python, numpy and torch (CPU and CUDA) with ``seed``."""
+        seed_everything(seed, verbose=False)
+
+    def _args_config(self, args: Any) -> StrategyConfig:
+        if args is None or args is self.config.args or args is self.config:
+            return self.config
+        return StrategyConfig.from_args(args)
 
     def _init_lightrft_compat(self) -> None:
         """The mixin's state (called by ``StrategyBase.__init__``)."""
